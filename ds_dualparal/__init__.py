@@ -1,0 +1,1 @@
+"""DualParal: block-wise, pipeline-parallel long-video generation with Wan DiTs on DeepSpeed."""
