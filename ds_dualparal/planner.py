@@ -1,0 +1,293 @@
+"""Discrete-event simulation of the DualParal schedule, and a latency planner on top of it.
+
+The simulator runs every stage's instruction stream (``stage_streams``) against per-instruction
+costs, pairs every send with its receive in FIFO order, and checks the dataflow the engine relies
+on. ``python -m ds_dualparal.planner --help`` predicts the latency of a configuration.
+"""
+
+import argparse
+from collections import deque
+from dataclasses import dataclass, field
+
+from .schedule import (EmitBlock, ForwardLayers, LoadWindow, RecvActivation, RecvPrediction,
+                       SchedulerStep, SendActivation, SendPrediction, stage_streams)
+from .timeline import BlockTimeline
+
+
+@dataclass
+class Costs:
+    """Seconds each instruction takes.
+
+    ``layer_seconds[p]`` is stage p's ForwardLayers time for a window of ``block_size + context``
+    frames; other windows scale linearly with their frame count.
+    """
+
+    layer_seconds: list[float]
+    send_seconds: float = 0.0
+    scheduler_seconds: float = 0.0
+
+
+@dataclass
+class SimResult:
+    """Outcome of :func:`simulate`; ``log[p]`` holds stage p's ``(start, end, instruction)`` in order."""
+
+    total_seconds: float
+    busy_seconds: list[float]
+    bubble_fraction: float
+    matched_messages: int
+    log: list[list[tuple]] = field(repr=False)
+
+
+class DeadlockError(RuntimeError):
+    """No stage can make progress; ``stuck`` maps each unfinished stage to its blocked instruction."""
+
+    def __init__(self, stuck: dict):
+        self.stuck = stuck
+        detail = ", ".join(f"stage {p}: {cmd!r}" for p, cmd in sorted(stuck.items()))
+        super().__init__(f"deadlock: {detail}")
+
+
+class _Stage:
+    def __init__(self, stream):
+        self.stream = stream
+        self.pc = 0
+        self.clock = 0.0
+        self.busy = 0.0
+        self.log = []
+        # Block-steps whose input X / hidden states are present and not yet run through the layers.
+        self.inputs = set()
+        # Block-steps run through the layers whose result is not yet sent.
+        self.outputs = set()
+
+    @property
+    def done(self) -> bool:
+        return self.pc == len(self.stream)
+
+
+class _Simulation:
+    """State of one simulation; each ``_run_*`` method returns False when the instruction must wait."""
+
+    def __init__(self, timeline: BlockTimeline, stages: int, costs: Costs):
+        self.timeline = timeline
+        self.stages = stages
+        self.costs = costs
+        self.reference_frames = timeline.block_size + timeline.context
+        self.state = [_Stage(stream) for stream in stage_streams(timeline, stages)]
+        self.channels: dict[tuple[int, int, str], deque] = {}
+        self.matched = 0
+        # Stage-0 bookkeeping, as (block, step): windows loaded, predictions at hand, updates applied.
+        self.loaded = set()
+        self.predictions = set()
+        self.applied = set()
+        self.emitted = set()
+        self._handlers = {
+            LoadWindow: self._run_load_window,
+            ForwardLayers: self._run_forward_layers,
+            SendActivation: self._run_send,
+            SendPrediction: self._run_send,
+            RecvActivation: self._run_recv,
+            RecvPrediction: self._run_recv,
+            SchedulerStep: self._run_scheduler_step,
+            EmitBlock: self._run_emit_block,
+        }
+
+    def run(self) -> SimResult:
+        while not all(st.done for st in self.state):
+            progressed = False
+            for p, st in enumerate(self.state):
+                while not st.done and self._execute(p, st, st.stream[st.pc]):
+                    st.pc += 1
+                    progressed = True
+            if not progressed:
+                raise DeadlockError({p: st.stream[st.pc] for p, st in enumerate(self.state) if not st.done})
+        leftover = {key: list(queue) for key, queue in self.channels.items() if queue}
+        if leftover:
+            raise AssertionError(f"messages sent but never received: {leftover}")
+        total = max(st.clock for st in self.state)
+        busy = [st.busy for st in self.state]
+        bubble = 1.0 - sum(busy) / (self.stages * total) if total > 0 else 0.0
+        return SimResult(total_seconds=total, busy_seconds=busy, bubble_fraction=bubble,
+                         matched_messages=self.matched, log=[st.log for st in self.state])
+
+    def _execute(self, p: int, st: _Stage, cmd) -> bool:
+        handler = self._handlers.get(type(cmd))
+        if handler is None:
+            raise AssertionError(f"stage {p}: unknown instruction {cmd!r}")
+        return handler(p, st, cmd)
+
+    def _advance(self, st: _Stage, cmd, seconds: float, busy: bool) -> None:
+        start, st.clock = st.clock, st.clock + seconds
+        if busy:
+            st.busy += seconds
+        st.log.append((start, st.clock, cmd))
+
+    def _channel(self, cmd, p: int) -> tuple[int, int, str]:
+        """``(source, destination, kind)`` of the message that ``cmd`` on stage ``p`` sends or receives."""
+        last = self.stages - 1
+        if isinstance(cmd, SendActivation):
+            assert p < last, f"stage {p}: {cmd!r} on the last stage"
+            return p, p + 1, "activation"
+        if isinstance(cmd, RecvActivation):
+            assert p > 0, f"stage {p}: {cmd!r} on stage 0"
+            return p - 1, p, "activation"
+        if isinstance(cmd, SendPrediction):
+            assert p == last > 0, f"stage {p}: {cmd!r} outside the last stage of a pipeline"
+            return last, 0, "prediction"
+        assert isinstance(cmd, RecvPrediction) and p == 0 < last, f"stage {p}: {cmd!r} outside stage 0 of a pipeline"
+        return last, 0, "prediction"
+
+    def _run_load_window(self, p, st, cmd) -> bool:
+        b, s = cmd.block, cmd.step
+        assert p == 0, f"stage {p}: {cmd!r} outside stage 0"
+        for db, di in self.timeline.dependencies(b, b + s):
+            if (db, di - db) not in self.applied:
+                raise AssertionError(f"{cmd!r} before SchedulerStep(block={db}, step={di - db}) it depends on")
+        self.loaded.add((b, s))
+        st.inputs.add((b, s))
+        self._advance(st, cmd, 0.0, busy=False)
+        return True
+
+    def _run_forward_layers(self, p, st, cmd) -> bool:
+        key = (cmd.block, cmd.step)
+        assert key in st.inputs, f"stage {p}: {cmd!r} without its input"
+        st.inputs.remove(key)
+        if p == 0 and self.stages == 1:
+            self.predictions.add(key)
+        else:
+            st.outputs.add(key)
+        start, stop = self.timeline.window_range(cmd.block)
+        seconds = self.costs.layer_seconds[p] * (stop - start) / self.reference_frames
+        self._advance(st, cmd, seconds, busy=True)
+        return True
+
+    def _run_send(self, p, st, cmd) -> bool:
+        key = (cmd.block, cmd.step)
+        assert key in st.outputs, f"stage {p}: {cmd!r} before ForwardLayers"
+        st.outputs.remove(key)
+        self._advance(st, cmd, 0.0, busy=False)
+        arrival = st.clock + self.costs.send_seconds
+        self.channels.setdefault(self._channel(cmd, p), deque()).append((key, arrival, cmd))
+        return True
+
+    def _run_recv(self, p, st, cmd) -> bool:
+        queue = self.channels.get(self._channel(cmd, p))
+        if not queue:
+            return False
+        key, arrival, sent = queue.popleft()
+        if key != (cmd.block, cmd.step):
+            raise AssertionError(f"stage {p}: {cmd!r} received the message of {sent!r}")
+        self.matched += 1
+        if isinstance(cmd, RecvPrediction):
+            self.predictions.add(key)
+        else:
+            st.inputs.add(key)
+        self._advance(st, cmd, max(0.0, arrival - st.clock), busy=False)
+        return True
+
+    def _run_scheduler_step(self, p, st, cmd) -> bool:
+        b, s = cmd.block, cmd.step
+        assert p == 0, f"stage {p}: {cmd!r} outside stage 0"
+        assert (b, s) in self.predictions, f"{cmd!r} without its prediction"
+        assert s == 0 or (b, s - 1) in self.applied, f"{cmd!r} out of step order"
+        self.predictions.remove((b, s))
+        # Block b+1 reads block b's context frames as they stood before this update.
+        i, nxt = b + s, b + 1
+        if self.timeline.context > 0 and nxt < self.timeline.num_blocks and 0 <= i - nxt < self.timeline.num_steps:
+            if (nxt, i - nxt) not in self.loaded:
+                raise AssertionError(f"{cmd!r} before LoadWindow(block={nxt}, step={i - nxt}) read the old frames")
+        self.applied.add((b, s))
+        self._advance(st, cmd, self.costs.scheduler_seconds, busy=True)
+        return True
+
+    def _run_emit_block(self, p, st, cmd) -> bool:
+        assert p == 0, f"stage {p}: {cmd!r} outside stage 0"
+        last_step = self.timeline.num_steps - 1
+        assert (cmd.block, last_step) in self.applied, f"{cmd!r} before its final SchedulerStep"
+        assert cmd.block not in self.emitted, f"{cmd!r} emitted twice"
+        self.emitted.add(cmd.block)
+        self._advance(st, cmd, 0.0, busy=False)
+        return True
+
+
+def simulate(timeline: BlockTimeline, stages: int, costs: Costs) -> SimResult:
+    """Run all stages' instruction streams with ``costs``; raise DeadlockError if they get stuck.
+
+    Sends are non-blocking and their message arrives ``send_seconds`` later; a receive waits for
+    it. Messages must match their receives in FIFO order per (source, destination, kind).
+    """
+    if len(costs.layer_seconds) != stages:
+        raise ValueError(f"costs.layer_seconds needs one entry per stage ({stages}), "
+                         f"got {len(costs.layer_seconds)}")
+    return _Simulation(timeline, stages, costs).run()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ds_dualparal.planner",
+        description="Predict the latency of DualParal generation on a pipeline of N stages.")
+    parser.add_argument("--stages", type=_positive_int, required=True, help="pipeline stages (GPUs)")
+    parser.add_argument("--frames", type=_positive_int, required=True, help="latent frames F")
+    parser.add_argument("--block-size", type=_positive_int, required=True, help="block size B in latent frames")
+    parser.add_argument("--context", type=_non_negative_int, required=True, help="context frames c, 0..B")
+    parser.add_argument("--steps", type=_positive_int, required=True, help="denoising steps T")
+    parser.add_argument("--block-step-seconds", type=_positive_float, required=True,
+                        help="seconds of one block-step (all layers, B + c frames) on one device")
+    parser.add_argument("--send-seconds", type=_non_negative_float, default=0.0,
+                        help="latency of one activation transfer between stages")
+    parser.add_argument("--scheduler-seconds", type=_non_negative_float, default=0.0,
+                        help="seconds of one scheduler step on stage 0")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Print the predicted latency, throughput and bubble fraction of a configuration."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.context > args.block_size:
+        parser.error(f"--context must be in [0, --block-size={args.block_size}], got {args.context}")
+    timeline = BlockTimeline(args.frames, args.block_size, args.context, args.steps)
+    costs = Costs(layer_seconds=[args.block_step_seconds / args.stages] * args.stages,
+                  send_seconds=args.send_seconds, scheduler_seconds=args.scheduler_seconds)
+    result = simulate(timeline, args.stages, costs)
+    one_device = simulate(timeline, 1, Costs([args.block_step_seconds], 0.0, args.scheduler_seconds))
+    block_steps = timeline.num_blocks * timeline.num_steps
+    print(f"blocks: {timeline.num_blocks} (block 0: {timeline.block_len(0)} frames), "
+          f"block-steps: {block_steps}, iterations: {timeline.num_iterations}")
+    print(f"predicted seconds: {result.total_seconds:.3f} "
+          f"(1 device: {one_device.total_seconds:.3f}, "
+          f"speedup {one_device.total_seconds / result.total_seconds:.2f}x)")
+    print(f"block-steps/s: {block_steps / result.total_seconds:.3f}")
+    print(f"bubble fraction: {result.bubble_fraction:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

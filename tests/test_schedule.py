@@ -1,0 +1,312 @@
+"""DualParalSchedule streams, checked in plain Python and by the planner's discrete-event simulator."""
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
+
+from ds_dualparal import planner
+from ds_dualparal.planner import Costs, DeadlockError, main, simulate
+from ds_dualparal.schedule import (DualParalSchedule, EmitBlock, ForwardLayers, LoadWindow, RecvActivation,
+                                   RecvPrediction, SchedulerStep, SendActivation, SendPrediction, stage_streams)
+from ds_dualparal.timeline import BlockTimeline
+
+PACKAGE = Path(__file__).resolve().parent.parent / "ds_dualparal"
+
+
+def make_timeline(blocks, steps, block_size=2, context=1):
+    """A timeline of exactly ``blocks`` blocks whose windows all have block_size + context frames."""
+    tl = BlockTimeline(blocks * block_size + context, block_size, context, steps)
+    assert tl.num_blocks == blocks
+    return tl
+
+
+def unit_costs(stages):
+    return Costs(layer_seconds=[1.0] * stages)
+
+
+def keys(stream, kind):
+    return [(cmd.block, cmd.step) for cmd in stream if type(cmd) is kind]
+
+
+def check_streams(tl, stages):
+    """Invariants every stage's stream must hold, checked without the simulator."""
+    streams = stage_streams(tl, stages)
+    order = [(bs.block, bs.step) for bs in tl.block_steps()]
+    for stream in streams:
+        assert keys(stream, ForwardLayers) == order
+    for p in range(stages - 1):
+        assert keys(streams[p], SendActivation) == keys(streams[p + 1], RecvActivation) == order
+    first, last = streams[0], streams[-1]
+    if stages > 1:
+        assert keys(last, SendPrediction) == keys(first, RecvPrediction) == order
+    assert keys(first, LoadWindow) == order
+    assert sorted(keys(first, SchedulerStep)) == sorted(order)
+    applied = set()
+    for n, cmd in enumerate(first):
+        if isinstance(cmd, SchedulerStep):
+            applied.add((cmd.block, cmd.step))
+        elif isinstance(cmd, LoadWindow):
+            for b, i in tl.dependencies(cmd.block, cmd.block + cmd.step):
+                assert (b, i - b) in applied, f"{cmd!r} before its dependency ({b}, {i - b})"
+        elif isinstance(cmd, EmitBlock):
+            assert first[n - 1] == SchedulerStep(cmd.block, tl.num_steps - 1)
+    assert Counter(cmd.block for cmd in first if isinstance(cmd, EmitBlock)) == Counter(range(tl.num_blocks))
+    return streams
+
+
+@pytest.mark.parametrize("stages", range(1, 9))
+def test_streams_pair_up_and_never_deadlock(stages):
+    for blocks in range(1, 13):
+        for steps in range(1, 7):
+            tl = make_timeline(blocks, steps)
+            check_streams(tl, stages)
+            result = simulate(tl, stages, unit_costs(stages))
+            num = blocks * steps
+            assert result.matched_messages == (stages - 1) * num + (num if stages > 1 else 0)
+            assert result.busy_seconds == pytest.approx([float(num)] * stages)
+            # Dependencies hold in simulated time too: an update ends before a window that reads it.
+            log0 = result.log[0]
+            applied_at = {(c.block, c.step): end for _, end, c in log0 if isinstance(c, SchedulerStep)}
+            for start, _, cmd in log0:
+                if isinstance(cmd, LoadWindow):
+                    for b, i in tl.dependencies(cmd.block, cmd.block + cmd.step):
+                        assert applied_at[(b, i - b)] <= start
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 5, 8])
+def test_every_step_of_the_schedule_only_depends_on_earlier_steps(stages):
+    """DeepSpeed's contract: a barrier between yielded steps cannot deadlock."""
+    tl = make_timeline(blocks=5, steps=4)
+    slot_of = {(bs.block, bs.step): n for n, bs in enumerate(tl.block_steps())}
+    for stage_id in range(stages):
+        sched = DualParalSchedule(tl, stages, stage_id)
+        yielded = list(sched.steps())
+        assert len(yielded) == sched.micro_batches == tl.num_blocks * tl.num_steps
+        for n, cmds in enumerate(yielded):
+            for cmd in cmds:
+                if isinstance(cmd, (RecvPrediction, SchedulerStep)):
+                    assert slot_of[(cmd.block, cmd.step)] <= n
+                    if stages > 1 and n < len(yielded) - 1:
+                        assert slot_of[(cmd.block, cmd.step)] < n
+                elif not isinstance(cmd, EmitBlock):
+                    assert slot_of[(cmd.block, cmd.step)] == n
+
+
+def test_first_stage_golden_stream_two_stages():
+    tl = make_timeline(blocks=2, steps=2)
+    assert stage_streams(tl, 2)[0] == [
+        LoadWindow(0, 0), ForwardLayers(0, 0), SendActivation(0, 0),
+        # (1, 0) reads block 0 after step 0
+        RecvPrediction(0, 0), SchedulerStep(0, 0),
+        LoadWindow(1, 0), ForwardLayers(1, 0), SendActivation(1, 0),
+        LoadWindow(0, 1), ForwardLayers(0, 1), SendActivation(0, 1),
+        # (1, 1) needs (1, 0) and (0, 1): the later-sent one drains both
+        RecvPrediction(1, 0), SchedulerStep(1, 0),
+        RecvPrediction(0, 1), SchedulerStep(0, 1), EmitBlock(0),
+        LoadWindow(1, 1), ForwardLayers(1, 1), SendActivation(1, 1),
+        RecvPrediction(1, 1), SchedulerStep(1, 1), EmitBlock(1),
+    ]
+
+
+def test_single_stage_stream_is_sequential():
+    tl = make_timeline(blocks=3, steps=2)
+    expected = []
+    for bs in tl.block_steps():
+        expected += [LoadWindow(bs.block, bs.step), ForwardLayers(bs.block, bs.step), SchedulerStep(bs.block, bs.step)]
+        if bs.step == 1:
+            expected.append(EmitBlock(bs.block))
+    assert stage_streams(tl, 1) == [expected]
+
+
+def test_middle_and_last_stage_streams():
+    tl = make_timeline(blocks=2, steps=2)
+    streams = stage_streams(tl, 3)
+    order = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert streams[1] == [cmd for b, s in order
+                          for cmd in (RecvActivation(b, s), ForwardLayers(b, s), SendActivation(b, s))]
+    assert streams[2] == [cmd for b, s in order
+                          for cmd in (RecvActivation(b, s), ForwardLayers(b, s), SendPrediction(b, s))]
+
+
+def test_schedule_is_a_deepspeed_pipe_schedule():
+    tl = make_timeline(blocks=3, steps=4)
+    sched = DualParalSchedule(tl, stages=4, stage_id=3)
+    assert isinstance(sched, PipeSchedule)
+    assert sched.micro_batches == 12 and sched.stages == 4 and sched.is_last_stage
+    assert sched.num_pipe_buffers() == 2
+    assert all(isinstance(cmd, PipeInstruction) for stream in stage_streams(tl, 4) for cmd in stream)
+    for kind in (LoadWindow, RecvActivation, ForwardLayers, SendActivation, SendPrediction, RecvPrediction,
+                 SchedulerStep):
+        cmd = kind(block=2, step=1)
+        assert (cmd.block, cmd.step) == (2, 1) and cmd.kwargs == {"block": 2, "step": 1} and kind.__doc__
+    assert EmitBlock(block=2).kwargs == {"block": 2} and EmitBlock.__doc__
+    assert LoadWindow(1, 2) != ForwardLayers(1, 2) and LoadWindow(1, 2) != LoadWindow(2, 1)
+
+
+@pytest.mark.parametrize("stages, stage_id", [(0, 0), (2, 2), (2, -1)])
+def test_schedule_rejects_bad_stages(stages, stage_id):
+    with pytest.raises(ValueError):
+        DualParalSchedule(make_timeline(2, 2), stages, stage_id)
+
+
+def steady_state_window(tl, stages):
+    """Block-steps of the iterations with at least stages + 1 active blocks (a contiguous run)."""
+    return [(bs.block, bs.step) for bs in tl.block_steps() if len(tl.active(bs.iteration)) >= stages + 1]
+
+
+def forward_gaps(result, stage, window):
+    """Idle time on ``stage`` between consecutive ForwardLayers of the window's block-steps."""
+    inside = set(window)
+    spans = [(start, end) for start, end, cmd in result.log[stage]
+             if isinstance(cmd, ForwardLayers) and (cmd.block, cmd.step) in inside]
+    assert len(spans) == len(window)
+    return [nxt[0] - prev[1] for prev, nxt in zip(spans, spans[1:])]
+
+
+@pytest.mark.parametrize("stages", range(1, 7))
+def test_no_bubble_with_stages_plus_one_active_blocks(stages):
+    for blocks in range(stages + 1, stages + 4):
+        for steps in (stages + 1, stages + 3):
+            tl = make_timeline(blocks, steps)
+            window = steady_state_window(tl, stages)
+            assert len(window) > stages
+            result = simulate(tl, stages, unit_costs(stages))
+            for p in range(stages):
+                assert forward_gaps(result, p, window) == [0.0] * (len(window) - 1), (stages, blocks, steps, p)
+
+
+def test_fewer_active_blocks_than_stages_plus_one_leave_bubbles():
+    stages = 4
+    tl = make_timeline(blocks=stages, steps=10)  # at most 4 active blocks
+    result = simulate(tl, stages, unit_costs(stages))
+    middle = [(bs.block, bs.step) for bs in tl.block_steps() if len(tl.active(bs.iteration)) == stages]
+    assert any(gap > 0 for gap in forward_gaps(result, 0, middle))
+
+
+@pytest.mark.parametrize("stages", [2, 4, 8])
+def test_bubble_fraction_drops_as_blocks_grow(stages):
+    fractions = [simulate(make_timeline(blocks, 6), stages, unit_costs(stages)).bubble_fraction
+                 for blocks in (1, 2, 4, 8, 12)]
+    assert all(a > b for a, b in zip(fractions, fractions[1:])), fractions
+    assert fractions[0] == pytest.approx(1 - 1 / stages)
+
+
+def test_one_block_waits_for_the_whole_pipeline_every_step():
+    stages, steps, send = 4, 5, 0.01
+    tl = make_timeline(blocks=1, steps=steps)
+    result = simulate(tl, stages, Costs([0.25] * stages, send_seconds=send))
+    # Each step: all layers (1 s) plus stages - 1 activation hops and one prediction hop.
+    assert result.total_seconds == pytest.approx(steps * (1.0 + stages * send))
+
+
+def test_single_stage_time_is_the_sum_of_costs_and_windows_scale():
+    tl = BlockTimeline(num_frames=13, block_size=4, context=2, num_steps=3)  # windows of 9 and 6 frames
+    result = simulate(tl, 1, Costs([6.0], scheduler_seconds=0.5))
+    assert result.total_seconds == pytest.approx(3 * (9.0 + 6.0) + 6 * 0.5)
+    assert result.bubble_fraction == pytest.approx(0.0)
+
+
+def tamper(monkeypatch, edit):
+    """Make the simulator run streams changed by ``edit(streams)``."""
+    def edited(tl, stages):
+        streams = stage_streams(tl, stages)
+        edit(streams)
+        return streams
+    monkeypatch.setattr(planner, "stage_streams", edited)
+
+
+def test_simulator_reports_out_of_order_messages(monkeypatch):
+    def swap_first_receives(streams):
+        stream = streams[1]
+        a, b = [n for n, cmd in enumerate(stream) if isinstance(cmd, RecvActivation)][:2]
+        stream[a], stream[b] = stream[b], stream[a]
+    tamper(monkeypatch, swap_first_receives)
+    with pytest.raises(AssertionError, match=re.escape("RecvActivation(block=1, step=0)") + ".*"
+                       + re.escape("SendActivation(block=0, step=0)")):
+        simulate(make_timeline(2, 2), 2, unit_costs(2))
+
+
+def test_simulator_reports_deadlock(monkeypatch):
+    def receive_before_sending(streams):
+        stream = streams[0]
+        stream.insert(0, stream.pop(stream.index(RecvPrediction(0, 0))))
+    tamper(monkeypatch, receive_before_sending)
+    with pytest.raises(DeadlockError) as info:
+        simulate(make_timeline(2, 2), 3, unit_costs(3))
+    assert info.value.stuck == {0: RecvPrediction(0, 0), 1: RecvActivation(0, 0), 2: RecvActivation(0, 0)}
+
+
+def test_simulator_reports_a_window_loaded_before_its_dependency(monkeypatch):
+    def load_early(streams):
+        stream = streams[0]
+        recv = stream.index(RecvPrediction(0, 0))
+        load = stream.index(LoadWindow(1, 0))
+        stream[recv:load + 1] = stream[load:load + 1] + stream[recv:load]
+    tamper(monkeypatch, load_early)
+    message = "LoadWindow(block=1, step=0) before SchedulerStep(block=0, step=0)"
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        simulate(make_timeline(2, 2), 2, unit_costs(2))
+
+
+def test_simulator_reports_an_update_before_the_next_block_read_the_old_frames(monkeypatch):
+    def update_early(streams):
+        # Run block-step (0, 1) before (1, 0) of the same iteration: block 1 would see block 0 updated.
+        stream = streams[0]
+        assert stream[3:9] == [LoadWindow(1, 0), ForwardLayers(1, 0), SchedulerStep(1, 0),
+                               LoadWindow(0, 1), ForwardLayers(0, 1), SchedulerStep(0, 1)]
+        stream[3:9] = stream[6:9] + stream[3:6]
+    tamper(monkeypatch, update_early)
+    message = "SchedulerStep(block=0, step=1) before LoadWindow(block=1, step=0)"
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        simulate(make_timeline(2, 3), 1, unit_costs(1))
+
+
+def test_simulator_needs_one_cost_per_stage():
+    with pytest.raises(ValueError, match="layer_seconds"):
+        simulate(make_timeline(2, 2), 3, unit_costs(2))
+
+
+def test_planner_cli_prints_latency_and_bubble(capsys):
+    argv = ["--stages", "8", "--frames", "257", "--block-size", "8", "--context", "8", "--steps", "50",
+            "--block-step-seconds", "0.6", "--send-seconds", "0.002"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    seconds = float(re.search(r"predicted seconds: ([0-9.]+)", out).group(1))
+    bubble = float(re.search(r"bubble fraction: ([0-9.]+)", out).group(1))
+    assert "block-steps/s" in out
+    # 31 blocks x 50 steps of 0.6 s (block 0: 17/16 of that) over 8 stages, with a small ramp.
+    one_device = 0.6 * (50 * 17 / 16 + 30 * 50)
+    assert one_device / 8 < seconds < one_device / 8 * 1.1
+    assert 0 < bubble < 0.1
+
+
+@pytest.mark.parametrize("bad", [
+    ["--stages", "0"],
+    ["--context", "9"],
+    ["--block-step-seconds", "0"],
+    ["--send-seconds", "-1"],
+    ["--frames", "many"],
+])
+def test_planner_cli_rejects_bad_arguments(bad, capsys):
+    argv = dict(zip(["--stages", "--frames", "--block-size", "--context", "--steps", "--block-step-seconds"],
+                    ["2", "48", "8", "8", "10", "0.6"]))
+    argv.update(dict(zip(bad[::2], bad[1::2])))
+    with pytest.raises(SystemExit) as info:
+        main([part for item in argv.items() for part in item])
+    assert info.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+
+
+def test_planner_cli_requires_arguments():
+    with pytest.raises(SystemExit) as info:
+        main(["--stages", "2"])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("module", ["timeline.py", "schedule.py", "planner.py"])
+def test_module_imports_no_torch(module):
+    source = (PACKAGE / module).read_text()
+    assert not re.search(r"^\s*(import torch|from torch)\b", source, re.MULTILINE)
