@@ -1,0 +1,204 @@
+"""Write a tiny random Wan2.1-T2V pipeline in diffusers format, so demos and tests need no download.
+
+    python -m ds_dualparal.tiny OUT_DIR [--two-experts] [--layers N] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import shutil
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+TINY_WAN_PATH = pathlib.Path(__file__).parent / "assets" / "tiny-wan"
+
+TEXT_DIM = 32
+MAX_SEQUENCE_LENGTH = 512
+BOUNDARY_RATIO = 0.875
+# Small enough that even the tiny transformer is written as several shards, as real Wan checkpoints are.
+TRANSFORMER_SHARD_SIZE = "40KB"
+
+# Special tokens first so that their ids are UMT5's: pad 0, eos 1, unk 2.
+_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+_CORPUS = (
+    "a cat walks on the grass in the garden",
+    "a dog runs along the beach at sunset, waves crash on the shore",
+    "an astronaut rides a horse on the moon",
+    "a red car drives through a city street at night with neon lights",
+    "a bird flies over a mountain lake under a blue sky",
+    "close up of a flower in the rain, slow motion",
+    "two people dance in a room while the camera moves slowly",
+    "a boat sails across the sea and clouds drift by",
+    "the forest is green and the river flows between the trees",
+    "bright colors, high quality, static, blurry, worst quality, low quality, jpeg artifacts",
+    "a panda eats bamboo and a fox sleeps in the snow",
+    "time lapse of a busy road, people walking, many cars",
+)
+
+
+def _tiny_transformer_config(num_layers: int) -> dict:
+    # attention_head_dim 12: diffusers' RoPE gives 2*(12//6)=4 dims each to h and w and 4 to t, all even.
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+_VAE_CONFIG = dict(
+    base_dim=8,
+    z_dim=16,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+)
+
+_TEXT_ENCODER_CONFIG = dict(
+    vocab_size=256,
+    d_model=TEXT_DIM,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.0,
+    feed_forward_proj="gated-gelu",
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+
+_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    prediction_type="flow_prediction",
+    use_flow_sigmas=True,
+    flow_shift=3.0,
+)
+
+
+def _seeded(seed: int, build):
+    """Build a module with a private RNG state so the global one is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _build_tokenizer():
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
+    words = pre_tokenizers.Whitespace()
+    for sentence in _CORPUS:
+        for word, _ in words.pre_tokenize_str(sentence.lower()):
+            vocab.setdefault(word, len(vocab))
+    assert len(vocab) <= _TEXT_ENCODER_CONFIG["vocab_size"]
+
+    tokenizer = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    # T5 tokenizers end every sequence with </s>.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=MAX_SEQUENCE_LENGTH,
+        padding_side="right",
+    )
+
+
+def write_tiny_wan(path, *, seed: int = 0, two_experts: bool = False, num_layers: int = 3) -> pathlib.Path:
+    """Write a tiny random fp32 WanPipeline to `path`; the same arguments give byte-identical weights.
+
+    `two_experts` adds a differently-seeded `transformer_2` and a `boundary_ratio`, like Wan2.2-T2V-A14B.
+    """
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    config = _tiny_transformer_config(num_layers)
+    transformer = _seeded(seed, lambda: WanTransformer3DModel(**config))
+    transformer_2 = _seeded(seed + 1, lambda: WanTransformer3DModel(**config)) if two_experts else None
+    vae = _seeded(seed + 2, lambda: AutoencoderKLWan(**_VAE_CONFIG))
+    text_encoder = _seeded(seed + 3, lambda: UMT5EncoderModel(UMT5Config(**_TEXT_ENCODER_CONFIG)))
+    tokenizer = _build_tokenizer()
+    scheduler = UniPCMultistepScheduler(**_SCHEDULER_CONFIG)
+
+    # The pipeline object only serves to write model_index.json with the class names diffusers expects.
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=BOUNDARY_RATIO if two_experts else None,
+    )
+
+    for name in ("transformer", "transformer_2"):
+        target = path / name
+        if target.exists():
+            shutil.rmtree(target)
+    transformer.save_pretrained(path / "transformer", max_shard_size=TRANSFORMER_SHARD_SIZE)
+    if two_experts:
+        transformer_2.save_pretrained(path / "transformer_2", max_shard_size=TRANSFORMER_SHARD_SIZE)
+    vae.save_pretrained(path / "vae")
+    text_encoder.save_pretrained(path / "text_encoder")
+    tokenizer.save_pretrained(path / "tokenizer")
+    scheduler.save_pretrained(path / "scheduler")
+    pipe.save_config(path)
+    logger.info(
+        "wrote tiny Wan (%d layers, two_experts=%s, seed=%d) to %s", num_layers, two_experts, seed, path
+    )
+    return path
+
+
+def main(argv=None) -> int:
+    """CLI: write a tiny Wan checkpoint to OUT_DIR."""
+    parser = argparse.ArgumentParser(prog="python -m ds_dualparal.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument(
+        "--two-experts", action="store_true", help="add transformer_2 and boundary_ratio (Wan2.2 style)"
+    )
+    parser.add_argument("--layers", type=int, default=3, help="transformer blocks per expert (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
+    out = write_tiny_wan(args.out_dir, seed=args.seed, two_experts=args.two_experts, num_layers=args.layers)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
