@@ -1,0 +1,181 @@
+"""Block-wise denoising (DESIGN.md §1): latents and schedulers of the blocks, the per-block-step
+window state that every stage builds for itself, and the single-process reference.
+
+The reference runs the block-steps in the timeline's sequential order through every layer in one
+process. It is the oracle: the pipelined engine must reproduce its latents bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+from .model import Conditioner, FeatureCache, WindowState
+from .timeline import BlockStep, BlockTimeline
+
+SCHEDULERS = ("unipc", "euler")
+
+# Wan's UniPC settings, for folders whose scheduler config is missing.
+_WAN_UNIPC = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000)
+
+
+def make_scheduler(kind: str, flow_shift: float, steps: int, scheduler_folder: Path | None = None, device="cpu"):
+    """A scheduler with its timesteps set; each block gets its own copy (UniPC keeps history)."""
+    if kind == "unipc":
+        config_file = scheduler_folder / "scheduler_config.json" if scheduler_folder else None
+        if config_file is not None and config_file.is_file():
+            config = json.loads(config_file.read_text())
+            config = {k: v for k, v in config.items() if not k.startswith("_")}
+        else:
+            config = dict(_WAN_UNIPC)
+        config["flow_shift"] = flow_shift
+        scheduler = UniPCMultistepScheduler.from_config(config)
+    elif kind == "euler":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift, num_train_timesteps=1000)
+    else:
+        raise ValueError(f"scheduler {kind!r}: allowed {SCHEDULERS}")
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
+@dataclass
+class GenerationPlan:
+    """What every stage knows of one generation; identical on all ranks."""
+
+    timeline: BlockTimeline
+    timesteps: torch.Tensor  # t_0 > ... > t_{T-1}
+    latent_height: int
+    latent_width: int
+    patch_size: tuple[int, int, int]
+    guidance: tuple[float, ...]  # per expert; CFG is off when every value is <= 1
+    boundary_timestep: float | None = None  # Wan2.2: t >= boundary -> expert 0, else expert 1
+
+    @property
+    def cfg(self) -> bool:
+        return any(g > 1.0 for g in self.guidance)
+
+    @property
+    def batch(self) -> int:
+        return 2 if self.cfg else 1
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return self.latent_height // self.patch_size[1], self.latent_width // self.patch_size[2]
+
+    def tokens_per_frame(self) -> int:
+        h, w = self.patch_grid
+        return h * w
+
+    def window_frames(self, block: int) -> int:
+        start, stop = self.timeline.window_range(block)
+        return stop - start
+
+    def expert(self, step: int) -> int:
+        if self.boundary_timestep is None or float(self.timesteps[step]) >= self.boundary_timestep:
+            return 0
+        return 1
+
+    def hidden_shape(self, block: int, dim: int) -> tuple[int, int, int]:
+        """Shape of the activations that travel between stages for a block-step of `block`."""
+        return (self.batch, self.window_frames(block) * self.tokens_per_frame(), dim)
+
+    def prediction_shape(self, block: int, channels: int) -> tuple[int, ...]:
+        frames = self.timeline.block_len(block)
+        return (1, channels, frames, self.latent_height, self.latent_width)
+
+
+class WindowBuilder:
+    """Makes a block-step's `WindowState` on one stage: its own timestep embedding, RoPE, cache flags."""
+
+    def __init__(self, plan: GenerationPlan, conditioners: list[Conditioner], text: torch.Tensor, device):
+        self.plan = plan
+        self.conditioners = conditioners
+        self.text = text  # (batch, L, text_dim): cond then uncond
+        self.device = torch.device(device)
+        self.cache = FeatureCache()
+
+    def __call__(self, step: BlockStep) -> WindowState:
+        plan, timeline = self.plan, self.plan.timeline
+        b, s, i = step.block, step.step, step.iteration
+        expert = plan.expert(s)
+        t = plan.timesteps[s].to(self.device)
+        temb, timestep_proj, text = self.conditioners[expert].embed(t.expand(plan.batch), self.text)
+        frames = plan.window_frames(b)
+        read_cache = timeline.has_cache(b, i)
+        height, width = plan.patch_grid
+        rope_frames = frames + (timeline.context if read_cache else 0)
+        capture = None
+        if b >= 1 and i - (b - 1) < timeline.num_steps and timeline.has_cache(b - 1, i):
+            hw = height * width
+            capture = slice(timeline.context * hw, 2 * timeline.context * hw)
+        guidance = plan.guidance[expert] if plan.cfg else None
+        return WindowState(
+            block=b,
+            grid=(frames, height, width),
+            own_frames=timeline.block_len(b),
+            guidance=guidance,
+            temb=temb,
+            timestep_proj=timestep_proj,
+            text=text,
+            rope=self.conditioners[expert].rotary(rope_frames, height, width, self.device),
+            cache=self.cache,
+            read_cache=read_cache,
+            capture=capture,
+        )
+
+
+class BlockLatents:
+    """The first stage's state: every block's latents and its own scheduler."""
+
+    def __init__(self, plan: GenerationPlan, noise: list[torch.Tensor], scheduler, device):
+        self.plan = plan
+        self.latents = [n.to(device=device, dtype=torch.float32) for n in noise]
+        self.schedulers = [copy.deepcopy(scheduler) for _ in noise]
+
+    def window(self, block: int) -> torch.Tensor:
+        """Model input: the last c frames of block-1 as they stand, then the block's frames."""
+        context = self.plan.timeline.context
+        if block == 0 or context == 0:
+            return self.latents[block]
+        return torch.cat([self.latents[block - 1][:, :, -context:], self.latents[block]], dim=2)
+
+    def step(self, block: int, step: int, pred: torch.Tensor) -> None:
+        t = self.plan.timesteps[step]
+        self.latents[block] = self.schedulers[block].step(pred, t, self.latents[block], return_dict=False)[0]
+
+    def block(self, block: int) -> torch.Tensor:
+        return self.latents[block]
+
+    def video(self) -> torch.Tensor:
+        return torch.cat(self.latents, dim=2)
+
+
+def batched_window(window: torch.Tensor, batch: int) -> torch.Tensor:
+    return window.expand(batch, *window.shape[1:])
+
+
+def run_reference(plan, experts, text, noise, scheduler, device="cpu", on_block_done=None) -> torch.Tensor:
+    """Sequential DualParal: every block-step through every layer, in timeline order.
+
+    `experts`: per expert, (Conditioner, [embed, block layers..., head]). Returns (1, C, F, h, w).
+    """
+    conditioners = [conditioner for conditioner, _ in experts]
+    build = WindowBuilder(plan, conditioners, text, device)
+    latents = BlockLatents(plan, noise, scheduler, device)
+    dtype = experts[0][1][0].patch_embedding.weight.dtype
+    with torch.no_grad():
+        for step in plan.timeline.block_steps():
+            state = build(step)
+            state.latents = batched_window(latents.window(step.block), plan.batch).to(dtype)
+            for layer in experts[plan.expert(step.step)][1]:
+                state = layer(state)
+            latents.step(step.block, step.step, state.pred)
+            if on_block_done is not None and step.step == plan.timeline.num_steps - 1:
+                on_block_done(step.block, latents.block(step.block))
+    assert len(build.cache) == 0, "feature cache left unconsumed"
+    return latents.video()

@@ -1,0 +1,204 @@
+"""The pipelined DualParal engine: one `PipelineModule` stage per rank, driven by `DualParalSchedule`.
+
+The schedule decides what runs when; this engine only carries its instructions out, through an
+instruction map that refuses anything it does not know. Receives are posted one instruction ahead
+so that the next block-step's transfer overlaps the current compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+from . import schedule as sched
+from .comm import PipeComm
+from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
+from .model import Conditioner, WanConfig, WeightSource, layer_specs
+from .timeline import BlockStep
+
+log = logging.getLogger(__name__)
+
+_MAX_PENDING_SENDS = 4
+
+
+@dataclass
+class StageStats:
+    block_steps: int = 0
+    bytes_sent: int = 0
+
+
+class DualParalEngine:
+    """Holds this rank's slice of every expert and runs generations through the pipeline."""
+
+    def __init__(
+        self,
+        topology: PipeDataParallelTopology,
+        expert_configs: list[WanConfig],
+        expert_weights: list[WeightSource],
+        partition_method: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention_backend: str | None = None,
+    ):
+        self.comm = PipeComm(topology)
+        self.device = device
+        self.config = expert_configs[0]
+        self.modules = [
+            PipelineModule(
+                layers=layer_specs(cfg, weights, attention_backend),
+                topology=topology,
+                partition_method=partition_method,
+            ).eval()
+            for cfg, weights in zip(expert_configs, expert_weights)
+        ]
+        self.conditioners = [Conditioner(cfg, w).to(device) for cfg, w in zip(expert_configs, expert_weights)]
+        self.dtype = dtype
+        self.stats = StageStats()
+
+    @property
+    def stage(self) -> int:
+        return self.comm.stage
+
+    @property
+    def is_first(self) -> bool:
+        return self.comm.is_first
+
+    def share_text(self, text: torch.Tensor | None, plan: GenerationPlan) -> torch.Tensor:
+        """Prompt embeddings, encoded on the first stage, on every stage of the replica."""
+        if not self.is_first:
+            text = torch.empty((plan.batch, 512, self.config.text_dim), dtype=self.dtype, device=self.device)
+        return self.comm.broadcast_from_first(text.to(self.device, self.dtype).contiguous())
+
+    def generate(self, plan, text, noise=None, scheduler=None, on_block_done=None, on_step=None):
+        """Runs one generation; the first stage returns the latents (1, C, F, h, w), others None.
+
+        `noise` and `scheduler` are used on the first stage only; there `on_step()` is called after each
+        block-step's scheduler step and `on_block_done(block, latents)` as each block becomes final.
+        """
+        run = _Run(self, plan, text, noise, scheduler, on_block_done, on_step)
+        with torch.no_grad():
+            for instructions in sched.DualParalSchedule(plan.timeline, self.comm.num_stages, self.stage):
+                for instruction in instructions:
+                    run.execute(instruction)
+            run.finish()
+        return run.latents.video() if self.is_first else None
+
+
+class _Run:
+    """The state of one generation on one stage, and the method for each instruction."""
+
+    def __init__(self, engine: DualParalEngine, plan: GenerationPlan, text, noise, scheduler, on_block_done, on_step):
+        self.engine = engine
+        self.plan = plan
+        self.build = WindowBuilder(plan, engine.conditioners, text, engine.device)
+        self.latents = BlockLatents(plan, noise, scheduler, engine.device) if engine.is_first else None
+        self.on_block_done = on_block_done
+        self.on_step = on_step
+        self.states = {}
+        self.predictions = {}
+        self.sends = deque()
+        stream = sched.stage_streams(plan.timeline, engine.comm.num_stages)[engine.stage]
+        self.recv_queue = deque(i for i in stream if isinstance(i, (sched.RecvActivation, sched.RecvPrediction)))
+        self.posted = deque()
+
+    def execute(self, instruction) -> None:
+        handler = self._INSTRUCTION_MAP.get(type(instruction))
+        if handler is None:
+            raise RuntimeError(f"{type(self.engine).__name__} does not know instruction {instruction!r}")
+        handler(self, instruction)
+
+    def _block_step(self, instruction) -> BlockStep:
+        return BlockStep(instruction.block + instruction.step, instruction.block, instruction.step)
+
+    # receives: posted in stream order, one ahead of the one being waited for
+    def _post_next(self) -> None:
+        instruction = self.recv_queue.popleft()
+        comm, dim = self.engine.comm, self.engine.config.inner_dim
+        if isinstance(instruction, sched.RecvActivation):
+            shape = self.plan.hidden_shape(instruction.block, dim)
+            buffer = torch.empty(shape, dtype=self.engine.dtype, device=self.engine.device)
+            handle = comm.recv_activation(buffer)
+        else:
+            shape = self.plan.prediction_shape(instruction.block, self.engine.config.out_channels)
+            buffer = torch.empty(shape, dtype=self.engine.dtype, device=self.engine.device)
+            handle = comm.recv_prediction(buffer)
+        self.posted.append((instruction, handle, buffer))
+
+    def _receive(self, instruction) -> torch.Tensor:
+        if not self.posted:
+            self._post_next()
+        posted, handle, buffer = self.posted.popleft()
+        assert (type(posted), posted.block, posted.step) == (type(instruction), instruction.block, instruction.step)
+        if self.recv_queue:
+            self._post_next()
+        handle.wait()
+        return buffer
+
+    def _send(self, handle, tensor) -> None:
+        self.engine.stats.bytes_sent += tensor.numel() * tensor.element_size()
+        self.sends.append((handle, tensor))
+        while len(self.sends) > _MAX_PENDING_SENDS:
+            self.sends.popleft()[0].wait()
+
+    def load_window(self, instruction) -> None:
+        state = self.build(self._block_step(instruction))
+        state.latents = batched_window(self.latents.window(instruction.block), self.plan.batch)
+        self.states[(instruction.block, instruction.step)] = state
+
+    def recv_activation(self, instruction) -> None:
+        state = self.build(self._block_step(instruction))
+        state.hidden = self._receive(instruction)
+        self.states[(instruction.block, instruction.step)] = state
+
+    def forward_layers(self, instruction) -> None:
+        key = (instruction.block, instruction.step)
+        module = self.engine.modules[self.plan.expert(instruction.step)]
+        self.states[key] = module(self.states[key])
+        self.engine.stats.block_steps += 1
+
+    def send_activation(self, instruction) -> None:
+        state = self.states.pop((instruction.block, instruction.step))
+        self._send(self.engine.comm.send_activation(state.hidden), state.hidden)
+
+    def send_prediction(self, instruction) -> None:
+        state = self.states.pop((instruction.block, instruction.step))
+        self._send(self.engine.comm.send_prediction(state.pred), state.pred)
+
+    def recv_prediction(self, instruction) -> None:
+        self.predictions[(instruction.block, instruction.step)] = self._receive(instruction)
+
+    def scheduler_step(self, instruction) -> None:
+        key = (instruction.block, instruction.step)
+        if key in self.predictions:
+            pred = self.predictions.pop(key)
+        else:  # a single stage: the prediction never left
+            pred = self.states.pop(key).pred
+        self.latents.step(instruction.block, instruction.step, pred)
+        if self.on_step is not None:
+            self.on_step()
+
+    def emit_block(self, instruction) -> None:
+        if self.on_block_done is not None:
+            self.on_block_done(instruction.block, self.latents.block(instruction.block))
+
+    def finish(self) -> None:
+        while self.sends:
+            self.sends.popleft()[0].wait()
+        assert not self.states and not self.predictions and not self.posted, "schedule left work undone"
+        assert len(self.build.cache) == 0, "feature cache left unconsumed"
+
+    _INSTRUCTION_MAP = {
+        sched.LoadWindow: load_window,
+        sched.RecvActivation: recv_activation,
+        sched.ForwardLayers: forward_layers,
+        sched.SendActivation: send_activation,
+        sched.SendPrediction: send_prediction,
+        sched.RecvPrediction: recv_prediction,
+        sched.SchedulerStep: scheduler_step,
+        sched.EmitBlock: emit_block,
+    }

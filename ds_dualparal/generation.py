@@ -1,0 +1,144 @@
+"""One process's part of a generation run: its pipeline stage, the text encoder and the VAE.
+
+`Generator` loads the model once (each rank only its stage's tensors) and then generates any number
+of videos whose settings may differ per job (prompt, size, frames, steps, block size, ...); the
+model-level settings (model, dtype, partition, stages, attention backend) are fixed at load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+from . import comm
+from .config import DualParalConfig
+from .denoise import GenerationPlan, make_scheduler
+from .engine import DualParalEngine
+from .model import WanConfig
+from .noise import initial_noise
+from .timeline import BlockTimeline
+from .weights import CheckpointWeights, ModelFolder, RandomWeights, resolve_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VAE_SPATIAL = 8
+
+
+def build_plan(cfg: DualParalConfig, wan: WanConfig, scheduler, boundary_ratio: float | None, num_experts: int) -> GenerationPlan:
+    """The rank-independent description of one generation."""
+    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    guidance = (cfg.guidance_scale, cfg.low_noise_guidance_scale)[:num_experts]
+    return GenerationPlan(
+        timeline=timeline,
+        timesteps=scheduler.timesteps.clone(),
+        latent_height=cfg.height // VAE_SPATIAL,
+        latent_width=cfg.width // VAE_SPATIAL,
+        patch_size=wan.patch_size,
+        guidance=guidance,
+        boundary_timestep=None if boundary_ratio is None else boundary_ratio * 1000,
+    )
+
+
+@dataclass
+class Result:
+    latents: torch.Tensor | None  # first stage only
+    seconds: float
+    frames: int
+
+
+class Generator:
+    """This rank's stage of the DualParal pipeline (plus text encoder and VAE on a first stage)."""
+
+    def __init__(self, cfg: DualParalConfig, random_weights: list[WanConfig] | None = None):
+        self.cfg = cfg
+        self.device = comm.init_process(cfg.comm_timeout_s)
+        self.rank, world_size = comm.world()
+        stages, replicas = cfg.pipeline_topology(world_size)
+        self.topology = PipeDataParallelTopology(num_pp=stages, num_dp=replicas)
+        self.dtype = DTYPES[cfg.dtype]
+        if random_weights is None:
+            self.folder = ModelFolder(resolve_model(cfg.model))
+            expert_configs = [WanConfig.from_json(f / "config.json") for f in self.folder.experts]
+            weights = [CheckpointWeights(f, self.dtype, self.device) for f in self.folder.experts]
+            self.boundary_ratio = self.folder.boundary_ratio
+        else:
+            self.folder = None
+            expert_configs = random_weights
+            weights = [RandomWeights(cfg.seed + e, self.dtype, self.device) for e in range(len(random_weights))]
+            self.boundary_ratio = 0.875 if len(random_weights) == 2 else None
+        self.wan = expert_configs[0]
+        self.num_experts = len(expert_configs)
+        started = time.perf_counter()
+        self.engine = DualParalEngine(
+            self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype, cfg.attention_backend
+        )
+        self.weights = weights
+        log.info(
+            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs",
+            self.rank, self.engine.stage, stages, self.engine.comm.replica, replicas, time.perf_counter() - started,
+        )
+        self._vae = None
+
+    @property
+    def stage(self) -> int:
+        return self.engine.stage
+
+    @property
+    def replica(self) -> int:
+        return self.engine.comm.replica
+
+    @property
+    def num_replicas(self) -> int:
+        return self.engine.comm.num_replicas
+
+    @property
+    def is_first(self) -> bool:
+        return self.engine.is_first
+
+    def scheduler(self, cfg: DualParalConfig):
+        folder = self.folder.path / "scheduler" if self.folder else None
+        return make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder)
+
+    def plan(self, cfg: DualParalConfig) -> GenerationPlan:
+        return build_plan(cfg, self.wan, self.scheduler(cfg), self.boundary_ratio, self.num_experts)
+
+    def encode(self, cfgs: list[DualParalConfig]) -> list[torch.Tensor | None]:
+        """Prompt embeddings of the given jobs, encoded here on a first stage (one encoder load), else None."""
+        if not self.is_first:
+            return [None] * len(cfgs)
+        from .text import encode_prompts
+
+        return [
+            encode_prompts(self.folder.path, c.prompt, c.negative_prompt, c.do_classifier_free_guidance, self.device, self.dtype)
+            for c in cfgs
+        ]
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from diffusers import AutoencoderKLWan
+
+            self._vae = AutoencoderKLWan.from_pretrained(self.folder.path / "vae", torch_dtype=torch.float32)
+            self._vae.to(self.device).eval()
+        return self._vae
+
+    def generate(self, cfg: DualParalConfig, text: torch.Tensor | None, on_block_done=None, on_step=None) -> Result:
+        """Runs one video through the pipeline; `text` is needed on the first stage only."""
+        scheduler = self.scheduler(cfg)
+        plan = build_plan(cfg, self.wan, scheduler, self.boundary_ratio, self.num_experts)
+        text = self.engine.share_text(text, plan)
+        noise = None
+        if self.is_first:
+            shape = (self.wan.in_channels, plan.latent_height, plan.latent_width)
+            noise = initial_noise(plan.timeline, cfg.seed, shape, cfg.noise)
+        started = time.perf_counter()
+        latents = self.engine.generate(plan, text, noise, scheduler, on_block_done, on_step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return Result(latents, time.perf_counter() - started, cfg.num_frames)

@@ -1,0 +1,290 @@
+"""Wan's DiT as pipeline layers: patch embedding, one layer per transformer block, and the head.
+
+Each layer is built on the meta device and then filled by a `WeightSource` with exactly its own
+tensors, so a rank that builds only its stage's layers reads only their share of the checkpoint.
+Parameter names inside each layer are diffusers' `WanTransformer3DModel` names below a prefix
+(`blocks.{i}.` for block layers, none for the embedding and the head).
+
+Self-attention is diffusers' `WanAttention` with a processor that adds DualParal's feature cache:
+keys and values of the next block's first `c` frames, stored before the q/k norm and RoPE, and
+window-relative rotary positions (window frames 0..|X|-1, cached frames |X|..|X|+c-1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from deepspeed.pipe import LayerSpec
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.models.normalization import FP32LayerNorm
+from diffusers.models.transformers.transformer_wan import (
+    WanRotaryPosEmbed,
+    WanTimeTextImageEmbedding,
+    WanTransformerBlock,
+    _get_qkv_projections,
+)
+
+# diffusers keeps these in fp32 whatever the model's dtype (`_keep_in_fp32_modules`).
+_FP32_NAME_PARTS = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+
+def keeps_fp32(param_name: str) -> bool:
+    return any(part in param_name.split(".") for part in _FP32_NAME_PARTS)
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """The transformer's shape, read from a diffusers `transformer/config.json`."""
+
+    num_layers: int
+    num_attention_heads: int
+    attention_head_dim: int
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "WanConfig":
+        raw = json.loads(Path(path).read_text())
+        if raw.get("image_dim") or raw.get("added_kv_proj_dim"):
+            raise ValueError(f"{path}: image-conditioned Wan (I2V) is not supported, only text-to-video")
+        names = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
+        if "patch_size" in kwargs:
+            kwargs["patch_size"] = tuple(kwargs["patch_size"])
+        return cls(**kwargs)
+
+
+class FeatureCache:
+    """Per-stage store of the next block's keys/values, layer by layer.
+
+    Block b+1 writes them during its forward; block b, run next in the same iteration on this
+    stage, reads them. They never leave the stage.
+    """
+
+    def __init__(self):
+        self._store: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def put(self, layer: int, block: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self._store[(layer, block)] = (key, value)
+
+    def pop(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._store.pop((layer, block))
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+@dataclass
+class AttentionWindow:
+    """What one self-attention call needs beyond diffusers' arguments.
+
+    Passed to the processor in diffusers' `rotary_emb` slot, so `WanTransformerBlock.forward` runs
+    unchanged.
+    """
+
+    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin for window tokens then cached tokens
+    cached: tuple[torch.Tensor, torch.Tensor] | None = None  # raw k, v of the next block's frames
+    capture: slice | None = None  # window tokens whose raw k, v this block leaves for block b-1
+    captured: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved RoPE: pairs (x[2j], x[2j+1]) rotated by the angle at position j."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class WindowAttnProcessor:
+    """Self-attention of a window over itself plus the cached frames of the next block."""
+
+    def __init__(self, backend: AttentionBackendName | None = None):
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        window: AttentionWindow = rotary_emb
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        if window.capture is not None:
+            window.captured = (key[:, window.capture], value[:, window.capture])
+        if window.cached is not None:
+            key = torch.cat([key, window.cached[0]], dim=1)
+            value = torch.cat([value, window.cached[1]], dim=1)
+        num_query = query.shape[1]
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        cos, sin = window.rope
+        query = apply_rotary(query, cos[:, :num_query], sin[:, :num_query])
+        key = apply_rotary(key, cos[:, : key.shape[1]], sin[:, : key.shape[1]])
+        out = dispatch_attention_fn(query, key, value, backend=self.backend)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@dataclass
+class WindowState:
+    """One block-step's tensors as they pass through a stage's layers.
+
+    Only `hidden` crosses from stage to stage; everything else each stage makes for itself.
+    """
+
+    block: int
+    grid: tuple[int, int, int]  # window frames, height and width in patches
+    own_frames: int  # the block's own frames: the last ones of the window
+    guidance: float | None  # None: no classifier-free guidance (batch of 1)
+    temb: torch.Tensor
+    timestep_proj: torch.Tensor
+    text: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    cache: FeatureCache
+    read_cache: bool = False  # attend to block+1's cached frames
+    capture: slice | None = None  # leave these tokens' k, v for block-1
+    latents: torch.Tensor | None = None  # window input on the first stage
+    hidden: torch.Tensor | None = None
+    pred: torch.Tensor | None = None
+
+
+class WeightSource:
+    """Fills a meta-built layer with real tensors (see `ds_dualparal.weights`)."""
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _materialized(module: nn.Module, weights: WeightSource, prefix: str) -> nn.Module:
+    weights.materialize(module, prefix)
+    return module.eval().requires_grad_(False)
+
+
+class WanEmbedLayer(nn.Module):
+    """Patch embedding: window latents (batch, C, f, h, w) -> tokens (batch, f*h/2*w/2, D)."""
+
+    def __init__(self, config: WanConfig, weights: WeightSource):
+        super().__init__()
+        with torch.device("meta"):
+            self.patch_embedding = nn.Conv3d(
+                config.in_channels, config.inner_dim, kernel_size=config.patch_size, stride=config.patch_size
+            )
+        _materialized(self, weights, "")
+
+    def forward(self, state: WindowState) -> WindowState:
+        latents = state.latents.to(self.patch_embedding.weight.dtype)
+        state.hidden = self.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
+        state.latents = None
+        return state
+
+
+class WanBlockLayer(WanTransformerBlock):
+    """One Wan transformer block, run by diffusers' own forward with the windowed self-attention."""
+
+    def __init__(self, config: WanConfig, index: int, weights: WeightSource, backend: str | None = None):
+        with torch.device("meta"):
+            super().__init__(
+                config.inner_dim,
+                config.ffn_dim,
+                config.num_attention_heads,
+                config.qk_norm,
+                config.cross_attn_norm,
+                config.eps,
+                None,
+            )
+        self.index = index
+        self.attn1.set_processor(WindowAttnProcessor(AttentionBackendName(backend) if backend else None))
+        _materialized(self, weights, f"blocks.{index}.")
+
+    def forward(self, state: WindowState) -> WindowState:
+        window = AttentionWindow(rope=state.rope, capture=state.capture)
+        if state.read_cache:
+            window.cached = state.cache.pop(self.index, state.block + 1)
+        state.hidden = super().forward(state.hidden, state.text, state.timestep_proj, window)
+        if window.captured is not None:
+            state.cache.put(self.index, state.block, *window.captured)
+        return state
+
+
+class WanHeadLayer(nn.Module):
+    """norm_out, proj_out and unpatchify of the block's own frames, then the CFG combine."""
+
+    def __init__(self, config: WanConfig, weights: WeightSource):
+        super().__init__()
+        self.config = config
+        with torch.device("meta"):
+            self.norm_out = FP32LayerNorm(config.inner_dim, config.eps, elementwise_affine=False)
+            self.proj_out = nn.Linear(config.inner_dim, config.out_channels * math.prod(config.patch_size))
+            self.scale_shift_table = nn.Parameter(torch.empty(1, 2, config.inner_dim))
+        _materialized(self, weights, "")
+
+    def forward(self, state: WindowState) -> WindowState:
+        frames, height, width = state.grid
+        hidden = state.hidden[:, -state.own_frames * height * width :]
+        shift, scale = (self.scale_shift_table + state.temb.unsqueeze(1)).chunk(2, dim=1)
+        hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+        hidden = self.proj_out(hidden)
+        p_t, p_h, p_w = self.config.patch_size
+        batch = hidden.shape[0]
+        hidden = hidden.reshape(batch, state.own_frames, height, width, p_t, p_h, p_w, -1)
+        out = hidden.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if state.guidance is None:
+            state.pred = out
+        else:
+            cond, uncond = out.chunk(2)
+            state.pred = uncond + state.guidance * (cond - uncond)
+        state.hidden = None
+        return state
+
+
+class Conditioner(nn.Module):
+    """The condition embedder and RoPE tables that every stage keeps (small, replicated)."""
+
+    def __init__(self, config: WanConfig, weights: WeightSource):
+        super().__init__()
+        self.config = config
+        self.rope = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
+        with torch.device("meta"):
+            self.condition_embedder = WanTimeTextImageEmbedding(
+                dim=config.inner_dim,
+                time_freq_dim=config.freq_dim,
+                time_proj_dim=config.inner_dim * 6,
+                text_embed_dim=config.text_dim,
+            )
+        weights.materialize(self.condition_embedder, "condition_embedder.")
+        self.eval().requires_grad_(False)
+
+    def rotary(self, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE for `frames` patch-frames at window-relative positions 0..frames-1."""
+        p_t, p_h, p_w = self.config.patch_size
+        shape_only = torch.empty((1, 0, frames * p_t, height * p_h, width * p_w), device="meta")
+        cos, sin = self.rope(shape_only)
+        return cos.to(device), sin.to(device)
+
+    def embed(self, timestep: torch.Tensor, text: torch.Tensor):
+        """Returns temb, timestep_proj (batch, 6, D) and the projected text, as diffusers' forward does."""
+        temb, timestep_proj, text, _ = self.condition_embedder(timestep, text)
+        return temb, timestep_proj.unflatten(1, (6, -1)), text
+
+
+def layer_specs(config: WanConfig, weights: WeightSource, backend: str | None = None) -> list[LayerSpec]:
+    """The DiT as a flat list of lazily built layers: embedding, one per block, head."""
+    return (
+        [LayerSpec(WanEmbedLayer, config, weights)]
+        + [LayerSpec(WanBlockLayer, config, i, weights, backend) for i in range(config.num_layers)]
+        + [LayerSpec(WanHeadLayer, config, weights)]
+    )

@@ -1,0 +1,97 @@
+"""Running one job on this rank: streaming its finished blocks to the mp4 on a first stage,
+saving latents atomically, progress on rank 0, the manifest line and the closing summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import comm
+from .jobs import record
+from .video import Mp4Writer, StreamingDecoder, save_frames, to_uint8_frames
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobResult:
+    name: str
+    ok: bool
+    seconds: float = 0.0
+    frames: int = 0
+    error: str | None = None
+
+
+def save_latents(path: str | Path, latents: torch.Tensor) -> None:
+    """Final latents as safetensors (key 'latents'), written under a temporary name then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
+    os.replace(partial, path)
+
+
+def run_job(generator, job, text, args) -> JobResult:
+    cfg = job.config
+    plan = generator.plan(cfg)
+    if not generator.is_first:
+        result = generator.generate(cfg, None)
+        return JobResult(job.name, True, result.seconds, cfg.num_frames)
+
+    total = plan.timeline.num_blocks * plan.timeline.num_steps
+    bar = tqdm(total=total, desc=job.name, unit="block-step", disable=generator.rank != 0)
+    frames_done = 0
+    started = time.perf_counter()
+    try:
+        with Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite) as writer:
+            decoder = StreamingDecoder(generator.vae)
+
+            def on_block_done(block, latents):
+                nonlocal frames_done
+                frames = to_uint8_frames(decoder.decode(latents))
+                writer.append(frames)
+                if args.save_frames is not None:
+                    save_frames(args.save_frames / job.name if args.jobs else args.save_frames, frames, frames_done)
+                frames_done += len(frames)
+                log.debug("%s: block %d final, %d frames written", job.name, block, frames_done)
+
+            result = generator.generate(cfg, text, on_block_done, on_step=bar.update)
+        if cfg.save_latents:
+            save_latents(cfg.save_latents, result.latents)
+    except (OSError, RuntimeError) as err:
+        if args.jobs is None:
+            raise
+        log.error("%s failed: %s", job.name, err)
+        outcome = JobResult(job.name, False, time.perf_counter() - started, error=str(err))
+    else:
+        outcome = JobResult(job.name, True, result.seconds, frames_done)
+    finally:
+        bar.close()
+    if args.jobs is not None:
+        record(args.output_dir, dict(
+            job=job.name, line=job.index, status="done" if outcome.ok else "failed",
+            output=str(job.output), seconds=round(outcome.seconds, 3), error=outcome.error,
+        ))
+    log.info("%s: %s (%d frames, %.1fs)", job.name, job.output if outcome.ok else "failed", outcome.frames, outcome.seconds)
+    return outcome
+
+
+def summarize(generator, results: list[JobResult], seconds: float) -> None:
+    """Rank 0 logs seconds, frames, frames/s and every rank's peak memory."""
+    peak = torch.cuda.max_memory_allocated(generator.device) if generator.device.type == "cuda" else None
+    peaks = comm.gather_objects(peak)
+    if generator.rank != 0:
+        return
+    frames = sum(r.frames for r in results if r.ok)
+    memory = ", ".join(f"rank {i}: {p / 2**30:.2f} GiB" for i, p in enumerate(peaks) if p is not None) or "n/a (CPU)"
+    log.info(
+        "done: %d job(s) on replica 0 in %.1fs, %d frames, %.2f frames/s; peak memory %s",
+        len(results), seconds, frames, frames / seconds if seconds else 0.0, memory,
+    )

@@ -1,0 +1,160 @@
+"""Where layer tensors come from: a diffusers safetensors checkpoint, or seeded random values.
+
+Only safetensors are read (never pickles). A checkpoint component is one
+`diffusion_pytorch_model.safetensors` or shards listed by its `.index.json`; a layer asks for its
+own keys and only the shards that hold them are opened.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from .model import WeightSource, keeps_fp32
+
+_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A model folder that cannot be loaded; the message names the file and what is wrong."""
+
+
+class SafetensorsCheckpoint:
+    """Random access to the tensors of one diffusers component folder (e.g. `transformer/`)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / f"{_WEIGHTS_NAME}.index.json"
+        single = self.folder / _WEIGHTS_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+            self._file_of = {key: self.folder / name for key, name in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self._file_of = {key: single for key in f.keys()}
+        else:
+            raise CheckpointError(f"{self.folder}: no {_WEIGHTS_NAME} or {_WEIGHTS_NAME}.index.json")
+        self.tensors_read = 0
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def read(self, keys: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        missing = [k for k in keys if k not in self._file_of]
+        if missing:
+            raise CheckpointError(f"{self.folder}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self._file_of[key], []).append(key)
+        out = {}
+        for path, file_keys in by_file.items():
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard listed in the index is missing")
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                for key in file_keys:
+                    out[key] = f.get_tensor(key)
+        self.tensors_read += len(out)
+        return out
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(torch.float32 if keeps_fp32(name) else dtype)
+
+
+class CheckpointWeights(WeightSource):
+    """Loads a layer's tensors from a transformer checkpoint, cast to `dtype` (fp32 where diffusers keeps it)."""
+
+    def __init__(self, folder: str | Path, dtype: torch.dtype, device: torch.device | str):
+        self.checkpoint = SafetensorsCheckpoint(folder)
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        names = list(module.state_dict().keys())
+        tensors = self.checkpoint.read([prefix + n for n in names], device="cpu")
+        state = {n: _cast(n, tensors[prefix + n], self.dtype).to(self.device) for n in names}
+        for name, tensor in state.items():
+            expected = module.state_dict()[name].shape
+            if tensor.shape != expected:
+                raise CheckpointError(
+                    f"{self.checkpoint.folder}: tensor {prefix + name} has shape {tuple(tensor.shape)}, "
+                    f"the config expects {tuple(expected)}"
+                )
+        module.load_state_dict(state, strict=True, assign=True)
+
+
+class RandomWeights(WeightSource):
+    """Seeded random tensors of a layer's shapes (benchmarks of full-size models without a download).
+
+    Each tensor's values depend only on (seed, its checkpoint name), never on the partition.
+    """
+
+    def __init__(self, seed: int, dtype: torch.dtype, device: torch.device | str):
+        self.seed = seed
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        state = {}
+        for name, meta in module.state_dict().items():
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.seed * 1_000_003 + zlib.crc32((prefix + name).encode()))
+            fan_in = meta[0].numel() if meta.dim() > 1 else meta.numel()
+            values = torch.randn(meta.shape, generator=generator, device=self.device) / max(1, fan_in) ** 0.5
+            if meta.dim() == 1:  # norm scales start at one, biases at zero
+                values.fill_(1.0 if name.endswith("weight") else 0.0)
+            state[name] = _cast(name, values, self.dtype)
+        module.load_state_dict(state, strict=True, assign=True)
+
+
+class ModelFolder:
+    """A diffusers-format Wan text-to-video folder: transformer(s), VAE, text encoder, tokenizer, scheduler."""
+
+    COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+    def __init__(self, path: str | Path, need: tuple[str, ...] = COMPONENTS):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"model folder {self.path} does not exist")
+        index_file = self.path / "model_index.json"
+        try:
+            self.index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        except ValueError as err:
+            raise CheckpointError(f"{index_file}: invalid JSON ({err})") from None
+        for name in need:
+            if not (self.path / name).is_dir():
+                raise CheckpointError(f"model folder {self.path} has no '{name}' component")
+        experts = ["transformer"]
+        if self.index.get("transformer_2") and self.index["transformer_2"][0] is not None:
+            experts.append("transformer_2")
+        self.experts = [self.path / name for name in experts]
+        for folder in self.experts:
+            if not (folder / "config.json").is_file():
+                raise CheckpointError(f"model folder {self.path}: {folder.name}/config.json is missing")
+        ratio = self.index.get("boundary_ratio")
+        self.boundary_ratio = float(ratio) if ratio is not None and len(self.experts) == 2 else None
+
+
+def resolve_model(model: str | None) -> Path:
+    """A local folder as given, the embedded tiny checkpoint for None, else a hub id to download."""
+    if model is None:
+        from .tiny import TINY_WAN_PATH
+
+        return TINY_WAN_PATH
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model))
+    except Exception as err:  # offline, unknown repo, no permission: all one message for the user
+        raise CheckpointError(f"model {model!r}: not a local folder and could not be downloaded ({err})") from None

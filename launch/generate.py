@@ -1,0 +1,12 @@
+"""Generate a video (or a batch of them) with DualParal.
+
+    python launch/generate.py --config ds_configs/tiny.json
+    deepspeed --num_gpus 8 launch/generate.py --config ds_configs/wan2.1-t2v-1.3b-480p.json --prompt "..."
+"""
+
+import sys
+
+from ds_dualparal.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
