@@ -167,11 +167,10 @@ def run_reference(plan, experts, text, noise, scheduler, device="cpu", on_block_
     conditioners = [conditioner for conditioner, _ in experts]
     build = WindowBuilder(plan, conditioners, text, device)
     latents = BlockLatents(plan, noise, scheduler, device)
-    dtype = experts[0][1][0].patch_embedding.weight.dtype
     with torch.no_grad():
         for step in plan.timeline.block_steps():
             state = build(step)
-            state.latents = batched_window(latents.window(step.block), plan.batch).to(dtype)
+            state.latents = batched_window(latents.window(step.block), plan.batch)
             for layer in experts[plan.expert(step.step)][1]:
                 state = layer(state)
             latents.step(step.block, step.step, state.pred)

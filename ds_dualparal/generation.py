@@ -17,9 +17,9 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
 from . import comm
 from .config import DualParalConfig
-from .denoise import GenerationPlan, make_scheduler
+from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine
-from .model import WanConfig
+from .model import Conditioner, WanConfig, layer_specs
 from .noise import initial_noise
 from .timeline import BlockTimeline
 from .weights import CheckpointWeights, ModelFolder, RandomWeights, resolve_model
@@ -142,3 +142,23 @@ class Generator:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return Result(latents, time.perf_counter() - started, cfg.num_frames)
+
+
+def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
+    """The single-process oracle for `cfg`: same model, text, noise and schedulers, no pipeline."""
+    folder = ModelFolder(resolve_model(cfg.model))
+    dtype = DTYPES[cfg.dtype]
+    experts = []
+    for expert in folder.experts:
+        wan = WanConfig.from_json(expert / "config.json")
+        weights = CheckpointWeights(expert, dtype, device)
+        layers = [spec.build() for spec in layer_specs(wan, weights, cfg.attention_backend)]
+        experts.append((Conditioner(wan, weights).to(device), layers))
+    from .text import encode_prompts
+
+    text = encode_prompts(folder.path, cfg.prompt, cfg.negative_prompt, cfg.do_classifier_free_guidance, device, dtype)
+    scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
+    plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts))
+    shape = (wan.in_channels, plan.latent_height, plan.latent_width)
+    noise = initial_noise(plan.timeline, cfg.seed, shape, cfg.noise)
+    return run_reference(plan, experts, text.to(device), noise, scheduler, device)

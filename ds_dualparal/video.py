@@ -153,6 +153,7 @@ class Mp4Writer:
         os.replace(self.partial_path, self.path)
         logger.info("wrote %s (%d frames at %d fps)", self.path, self.frames_written, self.fps)
 
+
 def save_frames(dir: str | os.PathLike, frames_uint8: np.ndarray, start_index: int) -> list[Path]:
     """Write (n, H, W, 3) uint8 frames as ``frame_%06d.png`` numbered from ``start_index``."""
     out_dir = Path(dir)

@@ -1,0 +1,173 @@
+"""Stage layers against diffusers' WanTransformer3DModel, the feature-cache attention, per-stage loading."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+
+from ds_dualparal.model import (
+    AttentionWindow,
+    Conditioner,
+    FeatureCache,
+    WanBlockLayer,
+    WanConfig,
+    WindowState,
+    apply_rotary,
+    layer_specs,
+)
+from ds_dualparal.tiny import TINY_WAN_PATH
+from ds_dualparal.weights import CheckpointError, CheckpointWeights, RandomWeights, SafetensorsCheckpoint
+
+TRANSFORMER = TINY_WAN_PATH / "transformer"
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return WanConfig.from_json(TRANSFORMER / "config.json")
+
+
+@pytest.fixture(scope="module")
+def stage_model(wan):
+    weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+    return Conditioner(wan, weights), [spec.build() for spec in layer_specs(wan, weights)]
+
+
+@pytest.fixture(scope="module")
+def diffusers_model():
+    return WanTransformer3DModel.from_pretrained(TRANSFORMER).eval()
+
+
+def run_layers(conditioner, layers, latents, timestep, text, guidance=None, frames=None):
+    _, _, f, h, w = latents.shape
+    temb, timestep_proj, projected = conditioner.embed(timestep, text)
+    state = WindowState(
+        block=0, grid=(f, h // 2, w // 2), own_frames=frames or f, guidance=guidance, temb=temb,
+        timestep_proj=timestep_proj, text=projected, rope=conditioner.rotary(f, h // 2, w // 2, "cpu"),
+        cache=FeatureCache(), latents=latents,
+    )
+    with torch.no_grad():
+        for layer in layers:
+            state = layer(state)
+    return state.pred
+
+
+def test_stage_layers_equal_diffusers_forward(stage_model, diffusers_model):
+    torch.manual_seed(0)
+    latents, text = torch.randn(1, 16, 3, 8, 12), torch.randn(1, 512, 32)
+    timestep = torch.tensor([741.0])
+    with torch.no_grad():
+        want = diffusers_model(latents, timestep, text, return_dict=False)[0]
+    got = run_layers(*stage_model, latents, timestep, text)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_head_combines_cfg_like_wan_pipeline(stage_model, diffusers_model):
+    torch.manual_seed(1)
+    latents, cond, uncond = torch.randn(1, 16, 2, 8, 8), torch.randn(1, 512, 32), torch.randn(1, 512, 32)
+    timestep = torch.tensor([500.0])
+    with torch.no_grad():
+        c = diffusers_model(latents, timestep, cond, return_dict=False)[0]
+        u = diffusers_model(latents, timestep, uncond, return_dict=False)[0]
+    got = run_layers(*stage_model, latents.expand(2, -1, -1, -1, -1), timestep.expand(2), torch.cat([cond, uncond]), 4.0)
+    torch.testing.assert_close(got, u + 4.0 * (c - u), rtol=1e-5, atol=1e-5)
+
+
+def test_head_predicts_only_the_blocks_own_frames(stage_model, diffusers_model):
+    torch.manual_seed(2)
+    latents, text = torch.randn(1, 16, 4, 8, 8), torch.randn(1, 512, 32)
+    timestep = torch.tensor([300.0])
+    with torch.no_grad():
+        want = diffusers_model(latents, timestep, text, return_dict=False)[0]
+    got = run_layers(*stage_model, latents, timestep, text, frames=3)
+    assert got.shape == (1, 16, 3, 8, 8)
+    torch.testing.assert_close(got, want[:, :, 1:], rtol=1e-6, atol=1e-6)
+
+
+def test_window_attention_attends_to_cached_frames_at_following_positions(wan):
+    """Keys = window tokens then cached tokens (raw k, v normed after, RoPE at |X|..|X|+c-1)."""
+    torch.manual_seed(3)
+    layer = WanBlockLayer(wan, 0, RandomWeights(0, torch.float32, "cpu"))
+    attn = layer.attn1
+    conditioner = Conditioner(wan, RandomWeights(0, torch.float32, "cpu"))
+    hw, frames, cached = 4, 3, 2
+    x, y = torch.randn(2, frames * hw, wan.inner_dim), torch.randn(2, cached * hw, wan.inner_dim)
+    rope = conditioner.rotary(frames + cached, 2, 2, "cpu")
+    window = AttentionWindow(rope=rope, cached=(attn.to_k(y), attn.to_v(y)), capture=slice(hw, 2 * hw))
+    with torch.no_grad():
+        got = attn(x, None, None, window)
+        heads = lambda t: t.unflatten(2, (attn.heads, -1))  # noqa: E731
+        xy = torch.cat([x, y], dim=1)
+        q = apply_rotary(heads(attn.norm_q(attn.to_q(x))), rope[0][:, : frames * hw], rope[1][:, : frames * hw])
+        k = apply_rotary(heads(attn.norm_k(attn.to_k(xy))), *rope)
+        v = heads(attn.to_v(xy))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        want = attn.to_out[0](out.transpose(1, 2).flatten(2))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # the captured tokens are the raw (pre-norm, pre-RoPE) projections of frame 1
+        torch.testing.assert_close(window.captured[0], attn.to_k(x)[:, hw : 2 * hw])
+        torch.testing.assert_close(window.captured[1], attn.to_v(x)[:, hw : 2 * hw])
+
+
+def test_block_layer_reads_and_writes_the_feature_cache(wan, stage_model):
+    conditioner, layers = stage_model
+    torch.manual_seed(4)
+    cache = FeatureCache()
+    temb, proj, text = conditioner.embed(torch.tensor([900.0]), torch.randn(1, 512, 32))
+    hidden = torch.randn(1, 8, wan.inner_dim)  # 2 frames of 2x2 patches
+
+    def run(block, **kw):
+        state = WindowState(
+            block=block, grid=(2, 2, 2), own_frames=1, guidance=None, temb=temb, timestep_proj=proj, text=text,
+            rope=conditioner.rotary(3, 2, 2, "cpu"), cache=cache, hidden=hidden.clone(), **kw,
+        )
+        return layers[1](state).hidden
+
+    with torch.no_grad():
+        run(1, capture=slice(4, 8))  # block 1 leaves its second frame's k, v for block 0
+        assert len(cache) == 1
+        plain = run(0)
+        assert len(cache) == 1
+        with_cache = run(0, read_cache=True)
+    assert len(cache) == 0
+    assert not torch.allclose(plain, with_cache)
+
+
+def test_stage_reads_only_its_own_tensors(wan):
+    total = len(SafetensorsCheckpoint(TRANSFORMER).keys())
+    counts = []
+    for start, stop in ((0, 2), (2, 4), (4, 5)):  # embed+block0 | block1+block2 | head
+        weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+        modules = [spec.build() for spec in layer_specs(wan, weights)[start:stop]]
+        expected = sum(len(m.state_dict()) for m in modules)
+        assert weights.checkpoint.tensors_read == expected
+        counts.append(expected)
+    conditioner_weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+    Conditioner(wan, conditioner_weights)
+    assert sum(counts) + conditioner_weights.checkpoint.tensors_read == total
+    assert max(counts) < total
+
+
+def test_random_weights_do_not_depend_on_the_partition(wan):
+    a = WanBlockLayer(wan, 2, RandomWeights(7, torch.float32, "cpu")).state_dict()
+    b = WanBlockLayer(wan, 2, RandomWeights(7, torch.float32, "cpu")).state_dict()
+    c = WanBlockLayer(wan, 1, RandomWeights(7, torch.float32, "cpu")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["attn1.to_q.weight"], c["attn1.to_q.weight"])
+
+
+def test_bf16_keeps_diffusers_fp32_modules(wan):
+    layer = WanBlockLayer(wan, 0, CheckpointWeights(TRANSFORMER, torch.bfloat16, "cpu"))
+    assert layer.scale_shift_table.dtype == torch.float32
+    assert layer.attn1.to_q.weight.dtype == torch.bfloat16
+    assert layer.norm2.weight.dtype == torch.float32
+
+
+def test_missing_shard_is_a_checkpoint_error(tmp_path):
+    import shutil
+
+    shutil.copytree(TRANSFORMER, tmp_path / "transformer")
+    shard = sorted((tmp_path / "transformer").glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    checkpoint = SafetensorsCheckpoint(tmp_path / "transformer")
+    with pytest.raises(CheckpointError, match="missing"):
+        checkpoint.read(checkpoint.keys())
