@@ -1,0 +1,140 @@
+"""The sequential reference against diffusers' WanPipeline, and the initial noise."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+from ds_dualparal.config import DualParalConfig
+from ds_dualparal.denoise import make_scheduler, run_reference
+from ds_dualparal.generation import build_plan
+from ds_dualparal.model import Conditioner, WanConfig, layer_specs
+from ds_dualparal.noise import initial_noise
+from ds_dualparal.timeline import BlockTimeline
+from ds_dualparal.tiny import TINY_WAN_PATH, write_tiny_wan
+from ds_dualparal.weights import CheckpointWeights, ModelFolder
+
+
+def load_experts(folder: ModelFolder):
+    experts = []
+    for path in folder.experts:
+        wan = WanConfig.from_json(path / "config.json")
+        weights = CheckpointWeights(path, torch.float32, "cpu")
+        experts.append((Conditioner(wan, weights), [spec.build() for spec in layer_specs(wan, weights)]))
+    return wan, experts
+
+
+def reference(folder_path, cfg: DualParalConfig, text, noise=None):
+    folder = ModelFolder(folder_path)
+    wan, experts = load_experts(folder)
+    scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
+    plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts))
+    if noise is None:
+        noise = initial_noise(plan.timeline, cfg.seed, (16, plan.latent_height, plan.latent_width), cfg.noise)
+    return run_reference(plan, experts, text, noise, scheduler)
+
+
+def config(**kw):
+    base = dict(height=32, width=48, num_frames=13, num_inference_steps=4, guidance_scale=5.0,
+                block_size=4, context=0, dtype="float32", seed=3)
+    return DualParalConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def texts():
+    torch.manual_seed(0)
+    return torch.randn(1, 512, 32), torch.randn(1, 512, 32)
+
+
+def diffusers_latents(pipe, cfg, texts, latents):
+    return pipe(
+        prompt_embeds=texts[0], negative_prompt_embeds=texts[1], latents=latents.clone(),
+        height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, output_type="latent",
+    ).frames
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "euler"])
+def test_one_block_without_context_is_wan_pipeline(texts, scheduler):
+    cfg = config(block_size=8, scheduler=scheduler)  # F = 4 latents: one block holds the video
+    assert BlockTimeline(cfg.latent_frames, 8, 0, 4).num_blocks == 1
+    pipe = WanPipeline.from_pretrained(TINY_WAN_PATH, dtype=torch.float32)
+    if scheduler == "euler":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift, num_train_timesteps=1000)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    latents = pipe.prepare_latents(1, 16, cfg.height, cfg.width, cfg.num_frames, torch.float32, "cpu", generator)
+    ours = reference(TINY_WAN_PATH, cfg, torch.cat(texts))
+    noise = initial_noise(BlockTimeline(cfg.latent_frames, 8, 0, 4), cfg.seed, (16, 4, 6))
+    assert torch.equal(noise[0], latents), "the same seed gives diffusers' initial latents"
+    torch.testing.assert_close(ours, diffusers_latents(pipe, cfg, texts, latents), rtol=1e-5, atol=1e-5)
+
+
+def test_two_experts_switch_at_the_boundary_like_wan22(tmp_path, texts):
+    path = write_tiny_wan(tmp_path / "a14b", two_experts=True)
+    cfg = config(block_size=8, guidance_scale=5.0, guidance_scale_2=2.0)
+    pipe = WanPipeline.from_pretrained(path, dtype=torch.float32)
+    latents = initial_noise(BlockTimeline(cfg.latent_frames, 8, 0, 4), cfg.seed, (16, 4, 6))[0]
+    want = pipe(
+        prompt_embeds=texts[0], negative_prompt_embeds=texts[1], latents=latents.clone(), height=32, width=48,
+        num_frames=13, num_inference_steps=4, guidance_scale=5.0, guidance_scale_2=2.0, output_type="latent",
+    ).frames
+    ours = reference(path, cfg, torch.cat(texts))
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+    single = reference(TINY_WAN_PATH, cfg, torch.cat(texts))
+    assert not torch.allclose(ours, single)
+
+
+def test_blocks_without_context_are_independent_wan_runs(texts):
+    """c = 0: no context and no cache, so each block is plain Wan on its own frames and noise."""
+    cfg = config(num_frames=25, block_size=2)  # 7 latents -> blocks of 3, 2, 2
+    timeline = BlockTimeline(cfg.latent_frames, 2, 0, cfg.num_inference_steps)
+    noise = initial_noise(timeline, cfg.seed, (16, 4, 6))
+    assert [n.shape[2] for n in noise] == [3, 2, 2]
+    ours = reference(TINY_WAN_PATH, cfg, torch.cat(texts), noise)
+    pipe = WanPipeline.from_pretrained(TINY_WAN_PATH, dtype=torch.float32)
+    for b, block_noise in enumerate(noise):
+        frames = 4 * (block_noise.shape[2] - 1) + 1
+        want = diffusers_latents(pipe, config(num_frames=frames), texts, block_noise)
+        start, stop = timeline.block_range(b)
+        torch.testing.assert_close(ours[:, :, start:stop], want, rtol=1e-5, atol=1e-5)
+
+
+def test_context_and_cache_couple_neighbouring_blocks(texts):
+    cfg = config(num_frames=25, block_size=2, context=1)  # 7 latents -> K = 3, block 0 = 3 frames
+    timeline = BlockTimeline(cfg.latent_frames, 2, 1, cfg.num_inference_steps)
+    noise = initial_noise(timeline, cfg.seed, (16, 4, 6))
+    base = reference(TINY_WAN_PATH, cfg, torch.cat(texts), noise)
+    changed = [n.clone() for n in noise]
+    changed[2] = changed[2] + 1.0  # the last block's noise: reaches block 1 through the cache
+    other = reference(TINY_WAN_PATH, cfg, torch.cat(texts), changed)
+    start, stop = timeline.block_range(1)
+    assert not torch.allclose(base[:, :, start:stop], other[:, :, start:stop])
+    independent = reference(TINY_WAN_PATH, config(num_frames=25, block_size=2), torch.cat(texts), noise)
+    assert not torch.allclose(base, independent)
+
+
+def test_coordinated_noise_is_deterministic_and_shares_the_pool():
+    timeline = BlockTimeline(20, 4, 2, 3)  # K = 4, block 0 takes 8 frames
+    a = initial_noise(timeline, 11, (16, 2, 3))
+    b = initial_noise(timeline, 11, (16, 2, 3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert [x.shape[2] for x in a] == [timeline.block_len(i) for i in range(4)]
+    pool = {tuple(a[0][0, :, f].flatten().tolist()) for f in range(a[0].shape[2])}
+    for block in a[1:]:
+        frames = [tuple(block[0, :, f].flatten().tolist()) for f in range(block.shape[2])]
+        assert all(f in pool for f in frames) and len(set(frames)) == len(frames)
+    assert not torch.equal(a[1], a[2]), "each block permutes the pool its own way"
+    c = initial_noise(timeline, 12, (16, 2, 3))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_independent_noise_is_fresh_per_block_and_deterministic():
+    timeline = BlockTimeline(20, 4, 2, 3)
+    a = initial_noise(timeline, 11, (16, 2, 3), "independent")
+    b = initial_noise(timeline, 11, (16, 2, 3), "independent")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    coordinated = initial_noise(timeline, 11, (16, 2, 3))
+    assert torch.equal(a[0], coordinated[0])
+    pool = {tuple(a[0][0, :, f].flatten().tolist()) for f in range(a[0].shape[2])}
+    assert all(tuple(a[1][0, :, f].flatten().tolist()) not in pool for f in range(4))
+    with pytest.raises(ValueError, match="noise mode"):
+        initial_noise(timeline, 11, (16, 2, 3), "shared")
