@@ -65,42 +65,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
+def config_from_args(args):
+    """The run config: the config file (or defaults) with the flags applied."""
     overrides = {field: getattr(args, flag) for flag, (field, _, _) in FLAGS.items()}
-    try:
-        return load_config(args.config, overrides).dualparal
-    except ConfigError as err:
-        message = str(err)
-        for flag, (field, _, _) in FLAGS.items():  # name the flag the user typed
-            if getattr(args, flag) is not None and message.startswith(f"dualparal.{field}:"):
-                message = "--" + flag.replace("_", "-") + message[len(f"dualparal.{field}") :]
-        raise ConfigError(message) from None
+    return load_config(args.config, overrides).dualparal
+
+
+def _name_flag(args, message: str) -> str:
+    """`dualparal.num_frames: ...` -> `--frames: ...` when the value came from that flag."""
+    for flag, (field, _, _) in FLAGS.items():
+        if getattr(args, flag) is not None and message.startswith(f"dualparal.{field}:"):
+            return "--" + flag.replace("_", "-") + message[len(f"dualparal.{field}") :]
+    return message
+
+
+def check_args(args, cfg) -> None:
+    """Mistakes visible in the flags and config alone, found by every rank before anything heavy starts."""
+    if args.jobs is None:
+        if args.output_dir is not None or args.resume:
+            raise ConfigError("--output-dir and --resume go with --jobs")
+        if Path(cfg.output).suffix.lower() != ".mp4":
+            where = "--output" if args.output is not None else "dualparal.output"
+            raise ConfigError(f"{where}: {cfg.output} must end in .mp4")
+        return
+    if args.output_dir is None:
+        raise ConfigError("--jobs needs --output-dir")
+    if args.output is not None:
+        raise ConfigError("--output: names a single video; with --jobs give each job an 'output' (inside --output-dir)")
+    if cfg.save_latents is not None:
+        where = "--save-latents" if args.save_latents is not None else "dualparal.save_latents"
+        raise ConfigError(f"{where}: names a single file; with --jobs give each job a 'save_latents' (inside --output-dir)")
 
 
 def plan_jobs(args, cfg) -> list[Job]:
     """The jobs of this run, decided once (on rank 0): invalid, already done, or to run."""
     if args.jobs is None:
-        if args.output_dir or args.resume:
-            raise ConfigError("--output-dir and --resume go with --jobs")
-        output = Path(cfg.output)
-        if output.suffix.lower() != ".mp4":
-            raise ConfigError(f"--output: {output} must end in .mp4")
-        if output.exists() and not args.overwrite:
-            raise ConfigError(f"--output: {output} already exists; pass --overwrite to replace it")
-        return [Job(0, output.stem, output, cfg)]
-    if args.output_dir is None:
-        raise ConfigError("--jobs needs --output-dir")
+        job = Job(0, Path(cfg.output).stem, Path(cfg.output), cfg)
+        for flag, path in _outputs(job):
+            if path.exists() and not args.overwrite:
+                raise ConfigError(f"{flag}: {path} already exists; pass --overwrite to replace it")
+        return [job]
     jobs = read_jobs(args.jobs, cfg, args.output_dir)
     done = done_outputs(args.output_dir) if args.resume else set()
     for job in jobs:
         if job.error is not None:
             continue
-        if str(job.output) in done:
-            job.extra["skip"] = "done"
-        elif job.output.exists() and not args.overwrite:
-            job.error = f"output: {job.output} already exists; pass --overwrite to replace it"
+        if job.relative in done:
+            job.done = True
+            continue
+        existing = [path for _, path in _outputs(job) if path.exists()]
+        if existing and not args.overwrite:
+            job.error = f"output: {existing[0]} already exists; pass --overwrite to replace it"
             job.config = None
     return jobs
+
+
+def _outputs(job: Job) -> list[tuple[str, Path]]:
+    paths = [("--output", job.output)]
+    if job.config.save_latents is not None:
+        paths.append(("--save-latents", Path(job.config.save_latents)))
+    return paths
+
+
+def check_model(cfg) -> None:
+    """This node's model folder has every component (a hub id is downloaded here)."""
+    from .weights import ModelFolder, resolve_model
+
+    ModelFolder(resolve_model(cfg.model))
+
+
+class _AgreedError(Exception):
+    """A mistake that every rank knows of, so that rank 0 alone reports it."""
 
 
 def main(argv=None) -> int:
@@ -110,47 +145,91 @@ def main(argv=None) -> int:
     )
     args = build_parser().parse_args(argv)
     try:
-        cfg = _load(args)
+        cfg = config_from_args(args)
+        check_args(args, cfg)
         return _run(args, cfg)
-    except (ConfigError, FileExistsError) as err:
-        return _user_error(err)
-    except Exception as err:
-        from .weights import CheckpointError
+    except (ConfigError, _AgreedError) as err:
+        if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; one says it
+            _say(_name_flag(args, str(err)))
+        return 2
+    except FileExistsError as err:  # found by this rank alone: its output appeared while it was written
+        _say(str(err))
+        return 2
 
-        if isinstance(err, CheckpointError):
-            return _user_error(err)
-        raise
+
+def _say(message: str) -> None:
+    # Messages from below (a hub download, a checkpoint) may span lines; the user gets one.
+    print("generate.py: error: " + " ".join(message.splitlines()), file=sys.stderr)
 
 
-def _user_error(err: Exception) -> int:
-    if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; one says it
-        print(f"generate.py: error: {err}", file=sys.stderr)
-    return 2
+def _agree(error: str | None) -> None:
+    """Collective: every rank learns the first rank's error, if any, and raises it."""
+    from . import comm
+
+    errors = comm.gather_objects(error)
+    first = next((rank for rank, e in enumerate(errors) if e is not None), None)
+    if first is not None:
+        raise _AgreedError(errors[first] if first == 0 else f"rank {first}: {errors[first]}")
+
+
+def _decide(args, cfg) -> list[Job]:
+    """Rank 0 reads the jobs file, manifest and outputs for everyone; every rank checks its model folder."""
+    from . import comm
+    from .weights import CheckpointError
+
+    error = jobs = None
+    rank, world_size = comm.world()
+    try:
+        cfg.pipeline_topology(world_size)
+        if rank == 0:
+            jobs = plan_jobs(args, cfg)
+        check_model(cfg)
+    except (ConfigError, CheckpointError) as err:
+        error = str(err)
+    _agree(error)
+    return comm.share_object(jobs)
+
+
+def _load(cfg):
+    """This rank's stage; a rank that cannot load it (e.g. a shard missing on its node) stops them all."""
+    from .generation import Generator
+    from .weights import CheckpointError
+
+    generator = error = None
+    try:
+        generator = Generator(cfg)
+    except (ConfigError, CheckpointError) as err:
+        error = str(err)
+    _agree(error)
+    return generator
 
 
 def _run(args, cfg) -> int:
     from . import comm
-    from .generation import Generator
-    from .runner import run_job, summarize
 
     comm.init_process(cfg.comm_timeout_s)
-    decision = None
-    if comm.world()[0] == 0:  # rank 0 alone reads the jobs file, manifest and outputs
-        try:
-            decision = plan_jobs(args, cfg)
-        except ConfigError as err:
-            decision = str(err)
-    jobs = comm.share_object(decision)
-    if isinstance(jobs, str):
-        raise ConfigError(jobs)
-    generator = Generator(cfg)
-    if generator.rank == 0:
+    jobs = _decide(args, cfg)
+    if comm.world()[0] == 0:
         for job in jobs:
             if job.error is not None:
                 log.error("%s (line %d): %s", job.name, job.index, job.error)
-                if args.jobs is not None:
-                    record(args.output_dir, dict(job=job.name, line=job.index, status="failed", output=str(job.output), seconds=0, error=job.error))
-    runnable = [job for job in jobs if job.config is not None and "skip" not in job.extra]
+                record(args.output_dir, dict(
+                    job=job.name, line=job.index, status="failed", output=job.relative, seconds=0, error=job.error,
+                ))
+            elif job.done:
+                log.info("%s (line %d): skipped, the manifest marks %s done", job.name, job.index, job.relative)
+    runnable = [job for job in jobs if job.config is not None and not job.done]
+    if not runnable:  # the same on every rank: nothing to load the model for
+        log.info("nothing to run")
+        return 0
+    return _generate(_load(cfg), args, runnable)
+
+
+def _generate(generator, args, runnable: list[Job]) -> int:
+    """This rank's replica takes every num_replicas-th job."""
+    from . import comm
+    from .runner import run_job, summarize
+
     mine = runnable[generator.replica :: generator.num_replicas]
     texts = generator.encode([job.config for job in mine])
     results = []
@@ -158,5 +237,6 @@ def _run(args, cfg) -> int:
     for job, text in zip(mine, texts):
         results.append(run_job(generator, job, text, args))
     summarize(generator, results, time.perf_counter() - started)
-    failed = sum(job.error is not None for job in jobs) + sum(not r.ok for r in results)
+    comm.shutdown()
+    failed = sum(not r.ok for r in results)
     return 1 if failed and args.jobs is None else 0

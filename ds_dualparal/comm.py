@@ -1,10 +1,11 @@
 """The one module that talks to `deepspeed.comm`: process setup and a pipeline replica's transfers.
 
-Every direction of traffic has its own process group (stage p -> p+1 for activations, last -> first
-for predictions). Under NCCL, PyTorch serializes unbatched isend/irecv of one group like
-collectives, so a ring whose ranks post isend then irecv on one group mismatches and crashes;
-with one group per direction each group only ever carries sends one way, in the same order on both
-ends.
+All transfers of a replica go through one process group, as one `batch_isend_irecv` per schedule
+tick. The schedule puts both ends of every message in the same tick, so every rank issues the same
+matched batches in the same order. NCCL needs that: its kernels block until the peer arrives and
+CUDA does not promise that two streams progress independently, so unbatched isend/irecv on
+separate groups or posted in different orders on different ranks can deadlock (seen on 2x H200),
+and a ring that posts isend then irecv on one group crashes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import socket
 
 import deepspeed.comm as dist
 import torch
-from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,14 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def barrier() -> None:
+    dist.barrier()
+
+
 class PipeComm:
     """Transfers within this rank's pipeline replica."""
 
-    def __init__(self, topology: PipeDataParallelTopology):
+    def __init__(self, topology):
         self.topology = topology
         self.rank = dist.get_rank()
         coord = topology.get_coord(self.rank)
@@ -66,19 +70,13 @@ class PipeComm:
         self.num_stages = topology.get_dim("pipe")
         self.num_replicas = topology.get_dim("data")
         self.stage_ranks = [topology.get_rank(pipe=p, data=self.replica) for p in range(self.num_stages)]
-        self._forward_group = self._return_group = self._pipe_group = None
-        # new_group is collective: every rank creates every group, in the same order.
+        self._group = None
+        # new_group is collective: every rank creates every replica's group, in the same order.
         for replica in range(self.num_replicas):
             ranks = [topology.get_rank(pipe=p, data=replica) for p in range(self.num_stages)]
-            if self.num_stages == 1:
-                continue
-            pipe_group = dist.new_group(ranks=ranks)
-            forward = [dist.new_group(ranks=[ranks[p], ranks[p + 1]]) for p in range(self.num_stages - 1)]
-            returning = dist.new_group(ranks=[ranks[-1], ranks[0]])
+            group = dist.new_group(ranks=ranks) if self.num_stages > 1 else None
             if replica == self.replica:
-                self._pipe_group = pipe_group
-                self._forward_group = forward
-                self._return_group = returning
+                self._group = group
 
     @property
     def is_first(self) -> bool:
@@ -88,26 +86,22 @@ class PipeComm:
     def is_last(self) -> bool:
         return self.stage == self.num_stages - 1
 
-    def send_activation(self, hidden: torch.Tensor):
-        return dist.isend(hidden.contiguous(), self.stage_ranks[self.stage + 1], group=self._forward_group[self.stage])
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
+        """Sends (tensor, to stage) and receives (buffer, from stage) of one tick, as one batch.
 
-    def recv_activation(self, buffer: torch.Tensor):
-        return dist.irecv(buffer, self.stage_ranks[self.stage - 1], group=self._forward_group[self.stage - 1])
-
-    def send_prediction(self, pred: torch.Tensor):
-        return dist.isend(pred.contiguous(), self.stage_ranks[0], group=self._return_group)
-
-    def recv_prediction(self, buffer: torch.Tensor):
-        return dist.irecv(buffer, self.stage_ranks[-1], group=self._return_group)
+        Returns once the received buffers may be used (on CUDA: the current stream waits for them).
+        """
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.stage_ranks[p], self._group) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, b, self.stage_ranks[p], self._group) for b, p in recvs]
+        if ops:
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
 
     def broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
         """The first stage's `tensor` on every stage of the replica (others pass a buffer)."""
         if self.num_stages > 1:
-            dist.broadcast(tensor, self.stage_ranks[0], group=self._pipe_group)
+            dist.broadcast(tensor, self.stage_ranks[0], group=self._group)
         return tensor
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 def share_object(obj):
@@ -125,3 +119,10 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (NCCL ranks that skip this can hang at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -98,6 +98,18 @@ class WindowBuilder:
         self.text = text  # (batch, L, text_dim): cond then uncond
         self.device = torch.device(device)
         self.cache = FeatureCache()
+        self._rope = {}
+
+    def rotary(self, expert: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (expert, frames)
+        if key not in self._rope:
+            cos, sin = self.conditioners[expert].rotary(frames, *self.plan.patch_grid, self.device)
+            if self.text.dtype != torch.float32:
+                # diffusers rotates in float64; in half precision fp32 angles give the same
+                # rounded result for a third of the memory traffic.
+                cos, sin = cos.float(), sin.float()
+            self._rope[key] = (cos, sin)
+        return self._rope[key]
 
     def __call__(self, step: BlockStep) -> WindowState:
         plan, timeline = self.plan, self.plan.timeline
@@ -122,7 +134,7 @@ class WindowBuilder:
             temb=temb,
             timestep_proj=timestep_proj,
             text=text,
-            rope=self.conditioners[expert].rotary(rope_frames, height, width, self.device),
+            rope=self.rotary(expert, rope_frames),
             cache=self.cache,
             read_cache=read_cache,
             capture=capture,

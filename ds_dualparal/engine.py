@@ -1,35 +1,39 @@
 """The pipelined DualParal engine: one `PipelineModule` stage per rank, driven by `DualParalSchedule`.
 
 The schedule decides what runs when; this engine only carries its instructions out, through an
-instruction map that refuses anything it does not know. Receives are posted one instruction ahead
-so that the next block-step's transfer overlaps the current compute.
+instruction map that refuses anything it does not know. Send and receive instructions only queue
+their transfer; the queued transfers of a tick go out as one batch before the next computation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from deepspeed.pipe import PipelineModule
-from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from deepspeed.runtime.pipe.topology import ProcessTopology
 
 from . import schedule as sched
 from .comm import PipeComm
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
-from .model import Conditioner, WanConfig, WeightSource, layer_specs
+from .model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
 from .timeline import BlockStep
 
 log = logging.getLogger(__name__)
 
-_MAX_PENDING_SENDS = 4
+_TRANSFERS = (sched.SendActivation, sched.SendPrediction, sched.RecvActivation, sched.RecvPrediction)
 
 
 @dataclass
 class StageStats:
     block_steps: int = 0
     bytes_sent: int = 0
+    # (start, end) CUDA events around each ForwardLayers, when timing is on
+    forward_events: list = field(default_factory=list)
+
+    def busy_seconds(self) -> float:
+        return sum(start.elapsed_time(end) for start, end in self.forward_events) / 1000.0
 
 
 class DualParalEngine:
@@ -37,7 +41,7 @@ class DualParalEngine:
 
     def __init__(
         self,
-        topology: PipeDataParallelTopology,
+        topology: ProcessTopology,
         expert_configs: list[WanConfig],
         expert_weights: list[WeightSource],
         partition_method: str,
@@ -59,6 +63,13 @@ class DualParalEngine:
         self.conditioners = [Conditioner(cfg, w).to(device) for cfg, w in zip(expert_configs, expert_weights)]
         self.dtype = dtype
         self.stats = StageStats()
+        self.timing = False  # record CUDA events around every ForwardLayers (benchmarks)
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        for module in self.modules:
+            for layer in module.modules():
+                if isinstance(layer, WanBlockLayer):
+                    layer.set_attention_backend(backend)
 
     @property
     def stage(self) -> int:
@@ -85,6 +96,7 @@ class DualParalEngine:
             for instructions in sched.DualParalSchedule(plan.timeline, self.comm.num_stages, self.stage):
                 for instruction in instructions:
                     run.execute(instruction)
+                run.transfer()
             run.finish()
         return run.latents.video() if self.is_first else None
 
@@ -101,49 +113,38 @@ class _Run:
         self.on_step = on_step
         self.states = {}
         self.predictions = {}
-        self.sends = deque()
-        stream = sched.stage_streams(plan.timeline, engine.comm.num_stages)[engine.stage]
-        self.recv_queue = deque(i for i in stream if isinstance(i, (sched.RecvActivation, sched.RecvPrediction)))
-        self.posted = deque()
+        self.sends: list[tuple[torch.Tensor, int]] = []
+        self.recvs: list[tuple[torch.Tensor, int, object]] = []
 
     def execute(self, instruction) -> None:
         handler = self._INSTRUCTION_MAP.get(type(instruction))
         if handler is None:
             raise RuntimeError(f"{type(self.engine).__name__} does not know instruction {instruction!r}")
+        if not isinstance(instruction, _TRANSFERS):
+            self.transfer()
         handler(self, instruction)
+
+    def transfer(self) -> None:
+        """Sends and receives queued since the last computation, as one batch."""
+        if not self.sends and not self.recvs:
+            return
+        self.engine.comm.exchange(self.sends, [(buffer, stage) for buffer, stage, _ in self.recvs])
+        self.engine.stats.bytes_sent += sum(t.numel() * t.element_size() for t, _ in self.sends)
+        for buffer, _, instruction in self.recvs:
+            key = (instruction.block, instruction.step)
+            if isinstance(instruction, sched.RecvActivation):
+                state = self.build(self._block_step(instruction))
+                state.hidden = buffer
+                self.states[key] = state
+            else:
+                self.predictions[key] = buffer
+        self.sends, self.recvs = [], []
 
     def _block_step(self, instruction) -> BlockStep:
         return BlockStep(instruction.block + instruction.step, instruction.block, instruction.step)
 
-    # receives: posted in stream order, one ahead of the one being waited for
-    def _post_next(self) -> None:
-        instruction = self.recv_queue.popleft()
-        comm, dim = self.engine.comm, self.engine.config.inner_dim
-        if isinstance(instruction, sched.RecvActivation):
-            shape = self.plan.hidden_shape(instruction.block, dim)
-            buffer = torch.empty(shape, dtype=self.engine.dtype, device=self.engine.device)
-            handle = comm.recv_activation(buffer)
-        else:
-            shape = self.plan.prediction_shape(instruction.block, self.engine.config.out_channels)
-            buffer = torch.empty(shape, dtype=self.engine.dtype, device=self.engine.device)
-            handle = comm.recv_prediction(buffer)
-        self.posted.append((instruction, handle, buffer))
-
-    def _receive(self, instruction) -> torch.Tensor:
-        if not self.posted:
-            self._post_next()
-        posted, handle, buffer = self.posted.popleft()
-        assert (type(posted), posted.block, posted.step) == (type(instruction), instruction.block, instruction.step)
-        if self.recv_queue:
-            self._post_next()
-        handle.wait()
-        return buffer
-
-    def _send(self, handle, tensor) -> None:
-        self.engine.stats.bytes_sent += tensor.numel() * tensor.element_size()
-        self.sends.append((handle, tensor))
-        while len(self.sends) > _MAX_PENDING_SENDS:
-            self.sends.popleft()[0].wait()
+    def _buffer(self, shape) -> torch.Tensor:
+        return torch.empty(shape, dtype=self.engine.dtype, device=self.engine.device)
 
     def load_window(self, instruction) -> None:
         state = self.build(self._block_step(instruction))
@@ -151,26 +152,33 @@ class _Run:
         self.states[(instruction.block, instruction.step)] = state
 
     def recv_activation(self, instruction) -> None:
-        state = self.build(self._block_step(instruction))
-        state.hidden = self._receive(instruction)
-        self.states[(instruction.block, instruction.step)] = state
+        shape = self.plan.hidden_shape(instruction.block, self.engine.config.inner_dim)
+        self.recvs.append((self._buffer(shape), self.engine.stage - 1, instruction))
 
     def forward_layers(self, instruction) -> None:
         key = (instruction.block, instruction.step)
         module = self.engine.modules[self.plan.expert(instruction.step)]
-        self.states[key] = module(self.states[key])
+        if self.engine.timing:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.states[key] = module(self.states[key])
+            end.record()
+            self.engine.stats.forward_events.append((start, end))
+        else:
+            self.states[key] = module(self.states[key])
         self.engine.stats.block_steps += 1
 
     def send_activation(self, instruction) -> None:
         state = self.states.pop((instruction.block, instruction.step))
-        self._send(self.engine.comm.send_activation(state.hidden), state.hidden)
+        self.sends.append((state.hidden, self.engine.stage + 1))
 
     def send_prediction(self, instruction) -> None:
         state = self.states.pop((instruction.block, instruction.step))
-        self._send(self.engine.comm.send_prediction(state.pred), state.pred)
+        self.sends.append((state.pred, 0))
 
     def recv_prediction(self, instruction) -> None:
-        self.predictions[(instruction.block, instruction.step)] = self._receive(instruction)
+        shape = self.plan.prediction_shape(instruction.block, self.engine.config.out_channels)
+        self.recvs.append((self._buffer(shape), self.engine.comm.num_stages - 1, instruction))
 
     def scheduler_step(self, instruction) -> None:
         key = (instruction.block, instruction.step)
@@ -187,9 +195,7 @@ class _Run:
             self.on_block_done(instruction.block, self.latents.block(instruction.block))
 
     def finish(self) -> None:
-        while self.sends:
-            self.sends.popleft()[0].wait()
-        assert not self.states and not self.predictions and not self.posted, "schedule left work undone"
+        assert not self.states and not self.predictions, "schedule left work undone"
         assert len(self.build.cache) == 0, "feature cache left unconsumed"
 
     _INSTRUCTION_MAP = {

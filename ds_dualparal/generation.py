@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from deepspeed.runtime.pipe.topology import ProcessTopology
 
 from . import comm
 from .config import DualParalConfig
@@ -60,7 +60,8 @@ class Generator:
         self.device = comm.init_process(cfg.comm_timeout_s)
         self.rank, world_size = comm.world()
         stages, replicas = cfg.pipeline_topology(world_size)
-        self.topology = PipeDataParallelTopology(num_pp=stages, num_dp=replicas)
+        # pipe is the fastest axis: a replica's stages are consecutive ranks, i.e. on one node
+        self.topology = ProcessTopology(axes=["data", "pipe"], dims=[replicas, stages])
         self.dtype = DTYPES[cfg.dtype]
         if random_weights is None:
             self.folder = ModelFolder(resolve_model(cfg.model))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,87 +23,120 @@ ALIASES = {"frames": "num_frames", "steps": "num_inference_steps", "guidance": "
 
 @dataclass
 class Job:
-    index: int
+    index: int  # line number in the jobs file
     name: str
     output: Path
     config: DualParalConfig | None = None  # None when the line is invalid
     error: str | None = None
-    extra: dict = field(default_factory=dict)
+    done: bool = False  # --resume: the manifest records it done, so it is skipped
+    relative: str = ""  # the output's path inside --output-dir, as the manifest records it
 
 
-def _inside(output_dir: Path, relative: str) -> Path:
+def _inside(output_dir: Path, key: str, relative: str, suffix: str | None = None) -> Path:
     path = Path(relative)
-    if path.is_absolute() or ".." in path.parts:
-        raise ConfigError(f"output: {relative!r} must be a relative path inside --output-dir")
-    if path.suffix.lower() != ".mp4":
-        raise ConfigError(f"output: {relative!r} must end in .mp4")
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ConfigError(f"{key}: {relative!r} must be a relative path inside --output-dir")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ConfigError(f"{key}: {relative!r} must end in {suffix}")
     return output_dir / path
 
 
+def _string(entry: dict, key: str) -> str:
+    value = entry.pop(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: must be a non-empty string")
+    return value
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise ConfigError(f"{repeated}: given twice")
+    return dict(pairs)
+
+
 def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) -> Job:
-    """One jobs-file line -> a Job; an invalid line gives a Job with `error` set (never raises)."""
+    """One jobs-file line -> a Job; an invalid line gives a Job with `error` set (never raises).
+
+    `output` and `save_latents` are relative paths inside `output_dir`; the output defaults to `<name>.mp4`.
+    """
     name = f"job_{index:04d}"
-    output = output_dir / f"{name}.mp4"
+    relative = f"{name}.mp4"
     try:
         try:
-            entry: Any = json.loads(line)
+            entry: Any = json.loads(line, object_pairs_hook=_object)
         except json.JSONDecodeError as err:
             raise ConfigError(f"invalid JSON at column {err.colno}: {err.msg}") from None
         if not isinstance(entry, dict):
             raise ConfigError(f"each line must be a JSON object, got {type(entry).__name__}")
+        for alias, key in ALIASES.items():
+            if alias in entry and key in entry:
+                raise ConfigError(f"{alias}: given together with {key}, its long name")
         entry = {ALIASES.get(k, k): v for k, v in entry.items()}
         if "name" in entry:
-            if not isinstance(entry["name"], str) or not entry["name"]:
-                raise ConfigError("name: must be a non-empty string")
-            name = entry.pop("name")
+            name = _string(entry, "name")
+            if Path(name).name != name or name in (".", ".."):
+                raise ConfigError(f"name: {name!r} must be a plain file name, without '/'")
+            relative = f"{name}.mp4"
         if "output" in entry:
-            if not isinstance(entry["output"], str) or not entry["output"]:
-                raise ConfigError("output: must be a non-empty string")
-            output = _inside(output_dir, entry.pop("output"))
+            relative = _string(entry, "output")
+        output = _inside(output_dir, "output", relative, ".mp4")
+        relative = Path(relative).as_posix()
+        if "save_latents" in entry and entry["save_latents"] is not None:
+            entry["save_latents"] = str(_inside(output_dir, "save_latents", _string(entry, "save_latents")))
         fixed = [k for k in entry if k in MODEL_FIELDS]
         if fixed:
             raise ConfigError(f"{fixed[0]}: is a setting of the whole run and cannot change per job")
-        config = base.with_overrides(**entry, output=str(output))
-        return Job(index, name, output, config)
+        config = base.with_overrides(**{"save_latents": None, **entry, "output": str(output)})
+        return Job(index, name, output, config, relative=relative)
     except ConfigError as err:
-        return Job(index, name, output, error=str(err).replace("dualparal.", ""))
+        return Job(index, name, output_dir / relative, error=str(err).replace("dualparal.", ""), relative=relative)
 
 
 def read_jobs(path: Path, base: DualParalConfig, output_dir: Path) -> list[Job]:
+    """Every line of a jobs file as a Job; two jobs writing the same file make the later one fail."""
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--jobs: cannot read {path}: {err}") from None
+        raise ConfigError(f"--jobs: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise ConfigError(f"--jobs: {path} holds no jobs")
     jobs = [parse_job(n, line, base, output_dir) for n, line in lines]
     seen: dict[Path, int] = {}
     for job in jobs:
-        if job.error is None and job.output in seen:
-            job.error = f"output: {job.output.name} is also the output of line {seen[job.output]}"
+        if job.error is not None:
+            continue
+        paths = [job.output] + ([Path(job.config.save_latents)] if job.config.save_latents else [])
+        clash = next((p for p in paths if p in seen), None)
+        if clash is not None:
+            job.error = f"output: {clash.relative_to(output_dir)} is also written by line {seen[clash]}"
             job.config = None
-        seen.setdefault(job.output, job.index)
+            continue
+        seen.update({p: job.index for p in paths})
     return jobs
 
 
 def done_outputs(output_dir: Path) -> set[str]:
-    """Outputs that the manifest records as done and that exist."""
+    """Outputs (relative to `output_dir`) that the manifest records as done and that exist."""
     manifest = output_dir / MANIFEST
     if not manifest.is_file():
         return set()
     done = set()
     for line in manifest.read_text().splitlines():
         try:
-            record = json.loads(line)
+            entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a killed run
-        if isinstance(record, dict) and record.get("status") == "done" and Path(str(record.get("output"))).is_file():
-            done.add(str(record["output"]))
+        if isinstance(entry, dict) and entry.get("status") == "done" and isinstance(entry.get("output"), str):
+            if (output_dir / entry["output"]).is_file():
+                done.add(entry["output"])
     return done
 
 
 def record(output_dir: Path, entry: dict) -> None:
+    """Appends one manifest line in a single write, so that lines of concurrent replicas never interleave."""
     output_dir.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
     fd = os.open(output_dir / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

@@ -6,8 +6,10 @@ Parameter names inside each layer are diffusers' `WanTransformer3DModel` names b
 (`blocks.{i}.` for block layers, none for the embedding and the head).
 
 Self-attention is diffusers' `WanAttention` with a processor that adds DualParal's feature cache:
-keys and values of the next block's first `c` frames, stored before the q/k norm and RoPE, and
-window-relative rotary positions (window frames 0..|X|-1, cached frames |X|..|X|+c-1).
+keys and values of the next block's first `c` frames, before the q/k norm and RoPE, and
+window-relative rotary positions (window frames 0..|X|-1, cached frames |X|..|X|+c-1). The cache
+keeps those frames' attention input and projects it when it is read: the same keys and values for
+half the memory of storing both.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from deepspeed.pipe import LayerSpec
+from diffusers.models.attention import FeedForward
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
@@ -79,12 +82,12 @@ class FeatureCache:
     """
 
     def __init__(self):
-        self._store: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._store: dict[tuple[int, int], torch.Tensor] = {}
 
-    def put(self, layer: int, block: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        self._store[(layer, block)] = (key, value)
+    def put(self, layer: int, block: int, attention_input: torch.Tensor) -> None:
+        self._store[(layer, block)] = attention_input
 
-    def pop(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pop(self, layer: int, block: int) -> torch.Tensor:
         return self._store.pop((layer, block))
 
     def __len__(self) -> int:
@@ -100,9 +103,9 @@ class AttentionWindow:
     """
 
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin for window tokens then cached tokens
-    cached: tuple[torch.Tensor, torch.Tensor] | None = None  # raw k, v of the next block's frames
-    capture: slice | None = None  # window tokens whose raw k, v this block leaves for block b-1
-    captured: tuple[torch.Tensor, torch.Tensor] | None = None
+    cached: torch.Tensor | None = None  # attention input of the next block's first c frames
+    capture: slice | None = None  # window tokens whose attention input this block leaves for block b-1
+    captured: torch.Tensor | None = None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,10 +126,10 @@ class WindowAttnProcessor:
         window: AttentionWindow = rotary_emb
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         if window.capture is not None:
-            window.captured = (key[:, window.capture], value[:, window.capture])
+            window.captured = hidden_states[:, window.capture].clone()  # not a view: frees the window
         if window.cached is not None:
-            key = torch.cat([key, window.cached[0]], dim=1)
-            value = torch.cat([value, window.cached[1]], dim=1)
+            key = torch.cat([key, attn.to_k(window.cached)], dim=1)
+            value = torch.cat([value, attn.to_v(window.cached)], dim=1)
         num_query = query.shape[1]
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
@@ -192,6 +195,22 @@ class WanEmbedLayer(nn.Module):
         return state
 
 
+class ChunkedFeedForward(FeedForward):
+    """diffusers' FeedForward applied to at most `chunk` tokens at a time.
+
+    Token-wise, so the result is the same; the (tokens x ffn_dim) intermediate, the largest
+    activation of a block, shrinks to a chunk's.
+    """
+
+    chunk = 8192
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if hidden_states.shape[1] <= self.chunk:
+            return super().forward(hidden_states, *args, **kwargs)
+        parts = hidden_states.split(self.chunk, dim=1)
+        return torch.cat([super(ChunkedFeedForward, self).forward(p, *args, **kwargs) for p in parts], dim=1)
+
+
 class WanBlockLayer(WanTransformerBlock):
     """One Wan transformer block, run by diffusers' own forward with the windowed self-attention."""
 
@@ -206,9 +225,17 @@ class WanBlockLayer(WanTransformerBlock):
                 config.eps,
                 None,
             )
+            self.ffn = ChunkedFeedForward(config.inner_dim, inner_dim=config.ffn_dim, activation_fn="gelu-approximate")
         self.index = index
-        self.attn1.set_processor(WindowAttnProcessor(AttentionBackendName(backend) if backend else None))
+        self.attn1.set_processor(WindowAttnProcessor())
+        self.set_attention_backend(backend)
         _materialized(self, weights, f"blocks.{index}.")
+
+    def set_attention_backend(self, backend: str | None) -> None:
+        """Self- and cross-attention through this diffusers backend (None: diffusers' default)."""
+        name = AttentionBackendName(backend) if backend else None
+        self.attn1.processor.backend = name
+        self.attn2.processor._attention_backend = name
 
     def forward(self, state: WindowState) -> WindowState:
         window = AttentionWindow(rope=state.rope, capture=state.capture)
@@ -216,7 +243,7 @@ class WanBlockLayer(WanTransformerBlock):
             window.cached = state.cache.pop(self.index, state.block + 1)
         state.hidden = super().forward(state.hidden, state.text, state.timestep_proj, window)
         if window.captured is not None:
-            state.cache.put(self.index, state.block, *window.captured)
+            state.cache.put(self.index, state.block, window.captured)
         return state
 
 

@@ -63,10 +63,11 @@ def run_job(generator, job, text, args) -> JobResult:
                 log.debug("%s: block %d final, %d frames written", job.name, block, frames_done)
 
             result = generator.generate(cfg, text, on_block_done, on_step=bar.update)
-        if cfg.save_latents:
-            save_latents(cfg.save_latents, result.latents)
+            if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
+                save_latents(cfg.save_latents, result.latents)
     except (OSError, RuntimeError) as err:
-        if args.jobs is None:
+        # A failed job is recorded and the batch goes on only where no other stage waits on this one.
+        if args.jobs is None or generator.topology.get_dim("pipe") > 1:
             raise
         log.error("%s failed: %s", job.name, err)
         outcome = JobResult(job.name, False, time.perf_counter() - started, error=str(err))
@@ -76,22 +77,26 @@ def run_job(generator, job, text, args) -> JobResult:
         bar.close()
     if args.jobs is not None:
         record(args.output_dir, dict(
-            job=job.name, line=job.index, status="done" if outcome.ok else "failed",
-            output=str(job.output), seconds=round(outcome.seconds, 3), error=outcome.error,
+            job=job.name, line=job.index, status="done" if outcome.ok else "failed", output=job.relative,
+            seconds=round(outcome.seconds, 3), error=outcome.error, rank=generator.rank,
         ))
     log.info("%s: %s (%d frames, %.1fs)", job.name, job.output if outcome.ok else "failed", outcome.frames, outcome.seconds)
     return outcome
 
 
 def summarize(generator, results: list[JobResult], seconds: float) -> None:
-    """Rank 0 logs seconds, frames, frames/s and every rank's peak memory."""
+    """Rank 0 logs the jobs and frames of every replica, seconds, frames/s and every rank's peak memory."""
     peak = torch.cuda.max_memory_allocated(generator.device) if generator.device.type == "cuda" else None
-    peaks = comm.gather_objects(peak)
+    # Frames are counted on first stages only: the other stages of a replica ran the same jobs.
+    done = [r for r in results if r.ok] if generator.is_first else []
+    ranks = comm.gather_objects((peak, len(done), sum(r.frames for r in done), seconds))
     if generator.rank != 0:
         return
-    frames = sum(r.frames for r in results if r.ok)
-    memory = ", ".join(f"rank {i}: {p / 2**30:.2f} GiB" for i, p in enumerate(peaks) if p is not None) or "n/a (CPU)"
+    jobs = sum(r[1] for r in ranks)
+    frames = sum(r[2] for r in ranks)
+    seconds = max(r[3] for r in ranks)  # replicas run side by side
+    memory = ", ".join(f"rank {i}: {r[0] / 2**30:.2f} GiB" for i, r in enumerate(ranks) if r[0] is not None) or "n/a (CPU)"
     log.info(
-        "done: %d job(s) on replica 0 in %.1fs, %d frames, %.2f frames/s; peak memory %s",
-        len(results), seconds, frames, frames / seconds if seconds else 0.0, memory,
+        "done: %d job(s) on %d replica(s) in %.1fs, %d frames, %.2f frames/s; peak memory %s",
+        jobs, generator.num_replicas, seconds, frames, frames / seconds if seconds else 0.0, memory,
     )

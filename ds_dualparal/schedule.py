@@ -4,7 +4,6 @@ Pure: no tensors, no communication. The engine maps each instruction type to a m
 out; tests and the planner's simulator check the streams without any rank.
 """
 
-from collections import deque
 from typing import Iterator
 
 from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
@@ -85,12 +84,37 @@ class EmitBlock(DualParalInstruction):
         super().__init__(block=block)
 
 
+def tick_table(timeline: BlockTimeline, stages: int) -> list[list[int]]:
+    """``ticks[k][p]``: the tick in which stage p runs the k-th block-step (sequential order).
+
+    Lockstep pipeline: a stage runs at most one block-step per tick, in sequential order; stage p
+    runs block-step k the tick after stage p-1 did; the first stage starts a block-step the tick
+    after the last stage produced the prediction of each of its dependencies.
+    """
+    order = list(timeline.block_steps())
+    index = {(bs.block, bs.iteration): k for k, bs in enumerate(order)}
+    ticks: list[list[int]] = []
+    for k, bs in enumerate(order):
+        ready = ticks[k - 1][0] + 1 if k else 0
+        if stages > 1:
+            for dep in timeline.dependencies(bs.block, bs.iteration):
+                ready = max(ready, ticks[index[dep]][stages - 1] + 1)
+        row = [ready]
+        for p in range(1, stages):
+            row.append(max(row[p - 1], ticks[k - 1][p] if k else -1) + 1)
+        ticks.append(row)
+    return ticks
+
+
 class DualParalSchedule(PipeSchedule):
     """Instruction stream of one pipeline stage for the block-steps of ``timeline``.
 
-    ``steps()`` yields one list of instructions per block-step, in the timeline's sequential order.
-    Every dependency of a yielded step lies in an earlier step, so a barrier between steps cannot
-    deadlock.
+    ``steps()`` yields one list of instructions per tick of a lockstep pipeline, the same number of
+    ticks on every stage: first the block-step this stage computes in the tick (if any), then the
+    messages that cross its boundaries at the end of the tick -- its own output going out, and what
+    its neighbour produced in the same tick coming in. Both ends of every message therefore sit in
+    the same tick, so a barrier between ticks cannot deadlock and the engine can post a tick's
+    sends and receives as one batch, in the same order on every rank (what NCCL needs).
     """
 
     def __init__(self, timeline: BlockTimeline, stages: int, stage_id: int):
@@ -107,45 +131,37 @@ class DualParalSchedule(PipeSchedule):
         return 2
 
     def steps(self) -> Iterator[list[PipeInstruction]]:
-        """Yield this stage's instructions for each block-step, in sequential order."""
-        if self.is_first_stage:
-            yield from self._first_stage_steps()
-            return
-        for bs in self.timeline.block_steps():
-            b, s = bs.block, bs.step
-            send = SendPrediction(b, s) if self.is_last_stage else SendActivation(b, s)
-            yield [RecvActivation(b, s), ForwardLayers(b, s), send]
-
-    def _first_stage_steps(self) -> Iterator[list[PipeInstruction]]:
-        timeline = self.timeline
-        # Block-steps sent down the pipeline whose predictions are not applied yet, in send order;
-        # predictions come back in this order.
-        outstanding: deque[tuple[int, int]] = deque()
-        num_block_steps = self.micro_batches
-        for n, bs in enumerate(timeline.block_steps()):
-            b, s = bs.block, bs.step
+        """Yield this stage's instructions for each tick."""
+        p, last = self.stage_id, self.stages - 1
+        order = [(bs.block, bs.step) for bs in self.timeline.block_steps()]
+        ticks = tick_table(self.timeline, self.stages)
+        runs = {row[p]: k for k, row in enumerate(ticks)}
+        # messages arriving at this stage at the end of a tick: from stage p-1, or the last stage's
+        # predictions coming back to the first
+        source = p - 1 if p > 0 else last
+        arrivals = {row[source]: k for k, row in enumerate(ticks)} if self.stages > 1 else {}
+        for tick in range(ticks[-1][last] + 1):
             cmds: list[PipeInstruction] = []
-            if self.stages == 1:
-                cmds += [LoadWindow(b, s), ForwardLayers(b, s)]
-                cmds += self._apply_prediction(b, s)
-            else:
-                needed = {(db, di - db) for db, di in timeline.dependencies(b, bs.iteration)}
-                # FIFO: to apply the last dependency, everything sent before it is received first.
-                last_needed = max((k for k, x in enumerate(outstanding) if x in needed), default=-1)
-                for _ in range(last_needed + 1):
-                    cmds += self._apply_prediction(*outstanding.popleft())
-                cmds += [LoadWindow(b, s), ForwardLayers(b, s), SendActivation(b, s)]
-                outstanding.append((b, s))
-                if n == num_block_steps - 1:
-                    while outstanding:
-                        cmds += self._apply_prediction(*outstanding.popleft())
+            if tick in runs:
+                b, s = order[runs[tick]]
+                if p == 0:
+                    cmds.append(LoadWindow(b, s))
+                cmds.append(ForwardLayers(b, s))
+                if self.stages == 1:
+                    cmds += self._apply_prediction(b, s)
+                else:
+                    cmds.append(SendPrediction(b, s) if p == last else SendActivation(b, s))
+            if tick in arrivals:
+                b, s = order[arrivals[tick]]
+                if p == 0:
+                    cmds.append(RecvPrediction(b, s))
+                    cmds += self._apply_prediction(b, s)
+                else:
+                    cmds.append(RecvActivation(b, s))
             yield cmds
 
     def _apply_prediction(self, block: int, step: int) -> list[PipeInstruction]:
-        cmds: list[PipeInstruction] = []
-        if self.stages > 1:
-            cmds.append(RecvPrediction(block, step))
-        cmds.append(SchedulerStep(block, step))
+        cmds: list[PipeInstruction] = [SchedulerStep(block, step)]
         if step == self.timeline.num_steps - 1:
             cmds.append(EmitBlock(block))
         return cmds

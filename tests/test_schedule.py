@@ -77,22 +77,31 @@ def test_streams_pair_up_and_never_deadlock(stages):
 
 
 @pytest.mark.parametrize("stages", [1, 2, 3, 5, 8])
-def test_every_step_of_the_schedule_only_depends_on_earlier_steps(stages):
-    """DeepSpeed's contract: a barrier between yielded steps cannot deadlock."""
+def test_ticks_are_lockstep_and_hold_both_ends_of_every_message(stages):
+    """DeepSpeed's contract, a barrier between yielded steps cannot deadlock, made concrete: every
+    stage yields the same ticks, each message is sent and received in the same tick (so a tick's
+    transfers can be one batch on every rank), and a stage computes only on inputs that arrived in
+    an earlier tick."""
     tl = make_timeline(blocks=5, steps=4)
-    slot_of = {(bs.block, bs.step): n for n, bs in enumerate(tl.block_steps())}
-    for stage_id in range(stages):
-        sched = DualParalSchedule(tl, stages, stage_id)
-        yielded = list(sched.steps())
-        assert len(yielded) == sched.micro_batches == tl.num_blocks * tl.num_steps
-        for n, cmds in enumerate(yielded):
-            for cmd in cmds:
-                if isinstance(cmd, (RecvPrediction, SchedulerStep)):
-                    assert slot_of[(cmd.block, cmd.step)] <= n
-                    if stages > 1 and n < len(yielded) - 1:
-                        assert slot_of[(cmd.block, cmd.step)] < n
-                elif not isinstance(cmd, EmitBlock):
-                    assert slot_of[(cmd.block, cmd.step)] == n
+    ticks = [list(DualParalSchedule(tl, stages, p).steps()) for p in range(stages)]
+    assert len({len(t) for t in ticks}) == 1
+    arrived = set()
+    for n in range(len(ticks[0])):
+        sent, received = set(), set()
+        for p in range(stages):
+            cmds = ticks[p][n]
+            assert sum(isinstance(c, ForwardLayers) for c in cmds) <= 1
+            for c in cmds:
+                if isinstance(c, ForwardLayers) and p > 0:
+                    assert (p, c.block, c.step) in arrived, f"stage {p} tick {n}: {c!r} before its input"
+                if isinstance(c, SendActivation):
+                    sent.add((p + 1, c.block, c.step))
+                if isinstance(c, SendPrediction):
+                    sent.add((0, c.block, c.step))
+                if isinstance(c, (RecvActivation, RecvPrediction)):
+                    received.add((p, c.block, c.step))
+        assert sent == received, f"tick {n}: sent {sent} received {received}"
+        arrived |= received
 
 
 def test_first_stage_golden_stream_two_stages():

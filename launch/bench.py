@@ -1,0 +1,253 @@
+"""Benchmark DualParal on full-size Wan shapes with random weights (no download), side by side.
+
+    python launch/bench.py --gpus 1,2 --baseline --out bench.jsonl
+
+The driver starts one DeepSpeed launch per GPU count (each runs every case with the model loaded
+once) and, with --baseline, diffusers' WanPipeline on the full sequence on one GPU; each worker
+appends JSON lines to --out; the driver prints one table. Warm-up runs are excluded; times are
+medians of --repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_TFLOPS = 790.0  # bf16 matrix rate measured on one H200 (see BENCHMARKS.md)
+SHAPES = {
+    "1.3b": dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960),
+    "14b": dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824),
+    # CPU smoke test of the script itself
+    "debug": dict(num_layers=3, num_attention_heads=2, attention_head_dim=12, ffn_dim=64, text_dim=32, freq_dim=32),
+}
+
+
+def parse_cases(text: str) -> list[dict]:
+    """'label:frames:steps[:backend][:height x width]' items separated by commas."""
+    cases = []
+    for item in text.split(","):
+        parts = item.split(":")
+        case = dict(label=parts[0], latent_frames=int(parts[1]), steps=int(parts[2]))
+        if len(parts) > 3 and parts[3]:
+            case["backend"] = parts[3]
+        if len(parts) > 4:
+            h, w = parts[4].split("x")
+            case["height"], case["width"] = int(h), int(w)
+        cases.append(case)
+    return cases
+
+
+def _append(out: Path, record: dict) -> None:
+    with open(out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def worker(args) -> int:
+    import torch
+
+    from ds_dualparal import comm
+    from ds_dualparal.config import DualParalConfig
+    from ds_dualparal.flops import block_step_flops
+    from ds_dualparal.generation import Generator
+    from ds_dualparal.model import WanConfig
+
+    wan = WanConfig(**SHAPES[args.shape])
+    cases = parse_cases(args.cases)
+    first = cases[0]
+    base = DualParalConfig(
+        height=args.height, width=args.width, num_frames=4 * (first["latent_frames"] - 1) + 1,
+        num_inference_steps=first["steps"], block_size=args.block_size, context=args.context,
+        dtype="bfloat16", guidance_scale=5.0, attention_backend=args.backend,
+    )
+    started = time.perf_counter()
+    generator = Generator(base, random_weights=[wan])
+    load_seconds = time.perf_counter() - started
+    device = generator.device
+    text = None
+    if generator.is_first:
+        text = torch.randn((2, 512, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    rank0 = generator.rank == 0
+    cuda = device.type == "cuda"
+    for n, case in enumerate(cases):
+        cfg = base.with_overrides(
+            num_frames=4 * (case["latent_frames"] - 1) + 1, num_inference_steps=case["steps"],
+            height=case.get("height", args.height), width=case.get("width", args.width),
+        )
+        generator.engine.set_attention_backend(case.get("backend", args.backend))
+        if n == 0 or "backend" in case:  # later cases reuse the warmed-up kernels of the same block shapes
+            generator.generate(cfg.with_overrides(num_inference_steps=min(2, cfg.num_inference_steps)), text)
+        times, busy = [], []
+        for _ in range(args.repeats):
+            generator.engine.stats = type(generator.engine.stats)()
+            generator.engine.timing = cuda
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            comm.barrier()
+            result = generator.generate(cfg, text)
+            times.append(result.seconds)
+            busy.append(generator.engine.stats.busy_seconds() if generator.engine.timing else 0.0)
+        stats = comm.gather_objects(dict(
+            peak=torch.cuda.max_memory_allocated(device) if cuda else 0, busy=statistics.median(busy),
+            sent=generator.engine.stats.bytes_sent,
+        ))
+        if not rank0:
+            continue
+        plan = generator.plan(cfg)
+        tl = plan.timeline
+        flops = sum(
+            block_step_flops(wan, plan.window_frames(b) * plan.tokens_per_frame(), tl.context * plan.tokens_per_frame() * tl.has_cache(b, b + s), plan.batch)
+            for b in range(tl.num_blocks) for s in range(tl.num_steps)
+        )
+        seconds = statistics.median(times)
+        stages = generator.topology.get_dim("pipe")
+        record = dict(
+            kind="dualparal", label=case["label"], shape=args.shape, gpus=stages, latent_frames=case["latent_frames"],
+            height=cfg.height, width=cfg.width, steps=cfg.num_inference_steps, blocks=tl.num_blocks,
+            block_size=tl.block_size, context=tl.context, backend=case.get("backend", args.backend) or "default",
+            seconds=seconds, times=times, block_steps_per_s=tl.num_blocks * tl.num_steps / seconds,
+            seconds_per_step=seconds / tl.num_steps, peak_gib=[s["peak"] / 2**30 for s in stats],
+            mfu=flops / seconds / (PEAK_TFLOPS * 1e12 * stages), tflop=flops / 1e12,
+            bubble=1.0 - sum(s["busy"] for s in stats[:stages]) / (stages * seconds) if cuda else None,
+            bytes_sent=sum(s["sent"] for s in stats), load_seconds=load_seconds,
+        )
+        _append(Path(args.out), record)
+        print(json.dumps(record), flush=True)
+    comm.shutdown()
+    return 0
+
+
+def baseline(args) -> int:
+    """diffusers' WanPipeline denoising loop on the whole sequence, one GPU, same shapes."""
+    import torch
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    from ds_dualparal.flops import block_step_flops
+    from ds_dualparal.model import WanConfig
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with device:
+        transformer = WanTransformer3DModel(**SHAPES[args.shape], text_dim=4096).to(torch.bfloat16).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    text = torch.randn((2, 512, 4096), device=device, dtype=torch.bfloat16)
+    wan = WanConfig(**SHAPES[args.shape])
+    for case in parse_cases(args.cases):
+        frames = 4 * (case["latent_frames"] - 1) + 1
+
+        def run(steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            pipe(prompt_embeds=text[:1], negative_prompt_embeds=text[1:], height=args.height, width=args.width,
+                 num_frames=frames, num_inference_steps=steps, guidance_scale=5.0, output_type="latent")
+            torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        run(2)
+        torch.cuda.reset_peak_memory_stats()
+        times = [run(case["steps"]) for _ in range(args.repeats)]
+        seconds = statistics.median(times)
+        tokens = case["latent_frames"] * (args.height // 16) * (args.width // 16)
+        flops = case["steps"] * block_step_flops(wan, tokens, 0, 2)
+        record = dict(
+            kind="diffusers", label=case["label"], shape=args.shape, gpus=1, latent_frames=case["latent_frames"],
+            height=args.height, width=args.width, steps=case["steps"], seconds=seconds, times=times,
+            seconds_per_step=seconds / case["steps"], peak_gib=[torch.cuda.max_memory_allocated() / 2**30],
+            mfu=flops / seconds / (PEAK_TFLOPS * 1e12), tflop=flops / 1e12, backend="default",
+        )
+        _append(Path(args.out), record)
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def table(records: list[dict]) -> str:
+    head = f"{'run':<10} {'kind':<9} {'gpus':>4} {'F':>4} {'steps':>5} {'backend':<16} {'s':>8} {'s/step':>7} {'blk-st/s':>8} {'peak GiB/GPU':>14} {'MFU':>6} {'bubble':>6} {'MB sent':>8}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        peak = "/".join(f"{p:.2f}" for p in r["peak_gib"])
+        lines.append(
+            f"{r['label']:<10} {r['kind']:<9} {r['gpus']:>4} {r['latent_frames']:>4} {r['steps']:>5} {r['backend']:<16} "
+            f"{r['seconds']:>8.2f} {r['seconds_per_step']:>7.3f} {r.get('block_steps_per_s', 0):>8.2f} {peak:>14} "
+            f"{r['mfu']:>6.1%} {r.get('bubble') or 0:>6.1%} {r.get('bytes_sent', 0) / 1e6:>8.0f}"
+        )
+    return "\n".join(lines)
+
+
+def _call(command: list[str], timeout: float) -> int:
+    print("$", " ".join(command), flush=True)
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        print(f"timed out after {timeout:.0f}s: {' '.join(command)}", flush=True)
+        return 124
+
+
+def driver(args) -> int:
+    out = Path(args.out)
+    out.unlink(missing_ok=True)
+    common = ["--shape", args.shape, "--height", str(args.height), "--width", str(args.width),
+              "--block-size", str(args.block_size), "--context", str(args.context), "--repeats", str(args.repeats),
+              "--out", str(out), "--cases", args.cases]
+    if args.backend:
+        common += ["--backend", args.backend]
+    status = 0
+    for gpus in [int(g) for g in args.gpus.split(",") if g]:
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
+                   str(_free_port()), str(Path(__file__).resolve()), "--worker", *common]
+        status |= _call(command, args.timeout)
+    if args.baseline:
+        base_cases = args.baseline_cases or args.cases
+        command = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", *common[:-1], base_cases]
+        status |= _call(command, args.timeout)
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    print(table(records))
+    return status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", default="1,2", help="GPU counts to run, e.g. 1,2")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.3b")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--block-size", type=int, default=8)
+    parser.add_argument("--context", type=int, default=8)
+    parser.add_argument("--cases", default="anchor:48:10", help="label:latent_frames:steps[:backend[:HxW]],...")
+    parser.add_argument("--backend", default=None, help="attention backend for all cases (diffusers name)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--baseline", action="store_true", help="also run diffusers' WanPipeline on one GPU")
+    parser.add_argument("--baseline-cases", default=None)
+    parser.add_argument("--out", default="bench.jsonl")
+    parser.add_argument("--timeout", type=float, default=420, help="seconds each launch may take")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if args.baseline_worker:
+        return baseline(args)
+    return driver(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Shared test helpers: one torch thread, and `launch/generate.py` run as users run it.
+
+`run_generate` starts one plain process, `run_deepspeed` the same script under DeepSpeed's launcher
+(`python -m deepspeed.launcher.runner`, since the `deepspeed` script may not be on PATH), each with
+a fresh master port. Both return `Run(returncode, stdout, stderr)` and work in a `tmp_path` folder,
+so outputs never land in the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATE = ROOT / "launch" / "generate.py"
+TINY_CONFIG = ROOT / "ds_configs" / "tiny.json"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # The tiny models are so small that thread hand-offs cost more than the work on a busy 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Run(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def explain(self) -> str:
+        """The end of both streams, for assertion messages."""
+        return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The test's environment with one thread per rank (ranks share the machine's few cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run(command: list[str], cwd: Path, timeout: float) -> Run:
+    result = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return Run(result.returncode, result.stdout, result.stderr)
+
+
+def run_generate(*args, cwd: Path, timeout: float = 180) -> Run:
+    """`python launch/generate.py ARGS` in `cwd`."""
+    return run([sys.executable, str(GENERATE), *map(str, args)], cwd, timeout)
+
+
+def run_deepspeed(num_ranks: int, *args, cwd: Path, timeout: float = 300) -> Run:
+    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU)."""
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
+        "--master_port", str(free_port()), str(GENERATE), *map(str, args),
+    ]
+    return run(command, cwd, timeout)
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    """An empty folder to run generate.py in."""
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_single_run(tmp_path_factory):
+    """The README's main command on the tiny config, once per session: mp4, latents and PNG frames."""
+    cwd = tmp_path_factory.mktemp("tiny_single_run")
+    result = run_generate(
+        "--config", TINY_CONFIG, "--output", "tiny.mp4", "--save-latents", "tiny.safetensors",
+        "--save-frames", "frames", cwd=cwd,
+    )
+    assert result.returncode == 0, result.explain()
+    return cwd, result

@@ -1,0 +1,146 @@
+"""`launch/generate.py` as users run it: the mp4, latents and frames it writes, and every mistake it refuses."""
+
+import shutil
+
+import imageio.v3 as iio
+import pytest
+from safetensors.torch import load_file
+
+from conftest import TINY_CONFIG, run_deepspeed, run_generate
+from ds_dualparal.tiny import TINY_WAN_PATH
+
+# tiny.json: 21 video frames (6 latent frames) of 64x64, 16 latent channels.
+FRAMES, HEIGHT, WIDTH = 21, 64, 64
+
+
+def test_main_command_writes_mp4_latents_and_frames(tiny_single_run):
+    cwd, result = tiny_single_run
+    video = iio.imread(cwd / "tiny.mp4")
+    assert video.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    latents = load_file(cwd / "tiny.safetensors")
+    assert list(latents) == ["latents"]
+    assert latents["latents"].shape == (1, 16, 6, 8, 8)
+    frames = sorted((cwd / "frames").glob("*.png"))
+    assert len(frames) == FRAMES
+    assert iio.imread(frames[-1]).shape == (HEIGHT, WIDTH, 3)
+    # Only the finished files are left: the mp4 was written under a temporary name.
+    assert sorted(p.name for p in cwd.iterdir()) == ["frames", "tiny.mp4", "tiny.safetensors"]
+    assert "done: 1 job(s)" in result.stdout + result.stderr
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(workdir):
+    output = workdir / "video.mp4"
+    output.write_bytes(b"not a video")
+    # 5 frames = 2 latent frames: one block, one step; the cheapest real generation.
+    args = ("--config", TINY_CONFIG, "--output", "video.mp4", "--frames", 5, "--steps", 1)
+
+    refused = run_generate(*args, cwd=workdir)
+    assert refused.returncode == 2, refused.explain()
+    assert _one_line(refused.stderr) == f"generate.py: error: --output: video.mp4 already exists; pass --overwrite to replace it"
+    assert output.read_bytes() == b"not a video"
+
+    replaced = run_generate(*args, "--overwrite", cwd=workdir)
+    assert replaced.returncode == 0, replaced.explain()
+    assert iio.imread(output).shape == (5, HEIGHT, WIDTH, 3)
+    assert sorted(p.name for p in workdir.iterdir()) == ["video.mp4"]
+
+
+def _one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory):
+    """Copies of the tiny checkpoint, one without its VAE, one without a transformer shard."""
+    root = tmp_path_factory.mktemp("models")
+    no_vae = shutil.copytree(TINY_WAN_PATH, root / "no_vae")
+    shutil.rmtree(no_vae / "vae")
+    no_shard = shutil.copytree(TINY_WAN_PATH, root / "no_shard")
+    shard = sorted((no_shard / "transformer").glob("*-of-*.safetensors"))[-1]  # holds the head: the last stage's
+    shard.unlink()
+    return {"no_vae": no_vae, "no_shard": no_shard, "shard": shard.name}
+
+
+def _write(folder, name, text):
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+BAD_INPUTS = {
+    # id: (flags after --config tiny.json --output out.mp4, words the one line must hold)
+    "frames": (["--frames", "20"], ["--frames", "20", "4k+1", "17", "21"]),
+    "height": (["--height", "70"], ["--height", "70", "64", "80"]),
+    "steps": (["--steps", "0"], ["--steps", ">= 1"]),
+    "context": (["--context", "5", "--block-size", "2"], ["--context", "block_size"]),
+    "dtype": (["--dtype", "fp8"], ["--dtype", "fp8", "float32", "bfloat16", "float16"]),
+    "scheduler": (["--scheduler", "ddim"], ["--scheduler", "ddim", "unipc", "euler"]),
+    "steps-not-int": (["--steps", "abc"], ["--steps", "abc", "int"]),
+    "stages": (["--stages", "2"], ["--stages", "does not divide the world size (1)", "allowed: 1"]),
+    "output-not-mp4": (["--output", "video.avi"], ["--output", "video.avi", ".mp4"]),
+    "jobs-without-output-dir": (["--jobs", "jobs.jsonl"], ["--jobs", "--output-dir"]),
+    "output-dir-without-jobs": (["--output-dir", "out"], ["--output-dir", "--jobs"]),
+    "model-missing": (["--model", "/nonexistent"], ["/nonexistent", "does not exist"]),
+    "model-without-vae": (["--model", "{no_vae}"], ["no_vae", "'vae'"]),
+    "model-without-shard": (["--model", "{no_shard}"], ["{shard}", "missing"]),
+}
+
+
+@pytest.mark.parametrize("flags, words", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_flag_is_one_line_and_exit_2(workdir, broken_models, flags, words):
+    flags = [f.format(**broken_models) for f in flags]
+    words = [w.format(**broken_models) for w in words]
+    result = run_generate("--config", TINY_CONFIG, "--output", "out.mp4", *flags, cwd=workdir)
+    assert result.returncode == 2, result.explain()
+    line = _one_line(result.stderr)
+    assert line.startswith("generate.py: error:")
+    for word in words:
+        assert word in line
+    assert list(workdir.iterdir()) == []  # nothing written, not even a partial file
+
+
+def test_config_file_mistakes(workdir):
+    cases = {
+        "missing.json": (None, ["missing.json", "not found"]),
+        "broken.json": ('{"dualparal": {"height": 64,}}', ["broken.json", "invalid JSON", "line 1"]),
+        "unknown.json": ('{"dualparal": {"hieght": 64}}', ["dualparal.hieght", "unknown field", "height"]),
+        "wrong.json": ('{"dualparal": {"num_frames": 20}}', ["dualparal.num_frames", "17", "21"]),
+    }
+    configs = workdir.parent / "configs"
+    configs.mkdir()
+    for name, (text, words) in cases.items():
+        path = configs / name if text is None else _write(configs, name, text)
+        result = run_generate("--config", path, "--output", "out.mp4", cwd=workdir)
+        assert result.returncode == 2, result.explain()
+        line = _one_line(result.stderr)
+        for word in words:
+            assert word in line, name
+    assert list(workdir.iterdir()) == []
+
+
+def test_help_documents_every_flag(workdir):
+    result = run_generate("--help", cwd=workdir)
+    assert result.returncode == 0, result.explain()
+    flags = (
+        "--config --model --prompt --negative-prompt --frames --height --width --steps --guidance --block-size "
+        "--context --seed --dtype --output --save-latents --jobs --output-dir --resume --overwrite --save-frames"
+    ).split()
+    for flag in flags:
+        assert f"{flag} " in result.stdout or f"{flag}\n" in result.stdout, flag
+    assert "--local_rank" not in result.stdout  # the launcher's, not the user's
+
+
+def test_a_shard_missing_on_the_last_stage_stops_every_rank_with_one_line(workdir, broken_models):
+    """Only rank 1 (stage 1 of 2) reads the missing shard; rank 0 must not crash waiting for it."""
+    result = run_deepspeed(2, "--config", TINY_CONFIG, "--output", "out.mp4", "--model", broken_models["no_shard"],
+                           cwd=workdir)
+    assert result.returncode == 2, result.explain()
+    assert "Traceback" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == [f"generate.py: error: rank 1: {broken_models['no_shard']}/transformer/{broken_models['shard']}: "
+                      "shard listed in the index is missing"]
+    assert list(workdir.iterdir()) == []
+
