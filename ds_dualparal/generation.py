@@ -115,10 +115,8 @@ class Generator:
             return [None] * len(cfgs)
         from .text import encode_prompts
 
-        return [
-            encode_prompts(self.folder.path, c.prompt, c.negative_prompt, c.do_classifier_free_guidance, self.device, self.dtype)
-            for c in cfgs
-        ]
+        triples = [(c.prompt, c.negative_prompt, c.do_classifier_free_guidance) for c in cfgs]
+        return encode_prompts(self.folder.path, triples, self.device, self.dtype)
 
     @property
     def vae(self):
@@ -157,7 +155,7 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
         experts.append((Conditioner(wan, weights).to(device), layers))
     from .text import encode_prompts
 
-    text = encode_prompts(folder.path, cfg.prompt, cfg.negative_prompt, cfg.do_classifier_free_guidance, device, dtype)
+    [text] = encode_prompts(folder.path, [(cfg.prompt, cfg.negative_prompt, cfg.do_classifier_free_guidance)], device, dtype)
     scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
     plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts))
     shape = (wan.in_channels, plan.latent_height, plan.latent_width)

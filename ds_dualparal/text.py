@@ -11,11 +11,12 @@ MAX_SEQUENCE_LENGTH = 512
 
 
 def encode_prompts(
-    model_path: Path, prompt: str, negative_prompt: str, cfg: bool, device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Returns (2, 512, text_dim) [cond; uncond] with CFG, else (1, 512, text_dim).
+    model_path: Path, prompts: list[tuple[str, str, bool]], device, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Embeddings of (prompt, negative prompt, cfg) triples, kept on the CPU until a job runs.
 
-    The encoder is loaded, used once and freed before denoising starts.
+    Each is (2, 512, text_dim) [cond; uncond] with CFG, else (1, 512, text_dim). The encoder is
+    loaded once for all of them and freed before denoising starts.
     """
     from diffusers import WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -24,15 +25,20 @@ def encode_prompts(
     encoder = UMT5EncoderModel.from_pretrained(model_path / "text_encoder", dtype=dtype).to(device)
     # Only the text half of the pipeline is built; encode_prompt touches nothing else.
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, scheduler=None)
+    embeddings = []
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            do_classifier_free_guidance=cfg,
-            max_sequence_length=MAX_SEQUENCE_LENGTH,
-            device=torch.device(device),
-            dtype=dtype,
-        )
+        for prompt, negative_prompt, cfg in prompts:
+            cond, uncond = pipe.encode_prompt(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                do_classifier_free_guidance=cfg,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                device=torch.device(device),
+                dtype=dtype,
+            )
+            embeddings.append((torch.cat([cond, uncond]) if cfg else cond).cpu())
     del pipe, encoder
     gc.collect()
-    return torch.cat([cond, uncond]) if cfg else cond
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return embeddings

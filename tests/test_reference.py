@@ -138,3 +138,21 @@ def test_independent_noise_is_fresh_per_block_and_deterministic():
     assert all(tuple(a[1][0, :, f].flatten().tolist()) not in pool for f in range(4))
     with pytest.raises(ValueError, match="noise mode"):
         initial_noise(timeline, 11, (16, 2, 3), "shared")
+
+
+def test_prompt_embeddings_are_wan_pipelines_and_the_encoder_loads_once(monkeypatch):
+    from transformers import UMT5EncoderModel
+
+    from ds_dualparal.text import encode_prompts
+
+    loads = []
+    original = UMT5EncoderModel.from_pretrained.__func__
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)))
+    with_cfg, without = encode_prompts(TINY_WAN_PATH, [("a cat runs", "blurry", True), ("a dog", "", False)], "cpu", torch.float32)
+    assert len(loads) == 1
+    pipe = WanPipeline.from_pretrained(TINY_WAN_PATH, dtype=torch.float32)
+    with torch.no_grad():  # as WanPipeline.__call__ runs it
+        cond, uncond = pipe.encode_prompt("a cat runs", "blurry", True, max_sequence_length=512, device="cpu")
+        plain = pipe.encode_prompt("a dog", None, False, max_sequence_length=512, device="cpu")[0]
+    assert torch.equal(with_cfg, torch.cat([cond, uncond])) and with_cfg.shape == (2, 512, 32)
+    assert torch.equal(without, plain)
