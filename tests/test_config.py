@@ -70,8 +70,8 @@ def test_anchor_config_matches_design():
     "name, model, shape, steps, guidance, flow_shift",
     [
         ("wan2.1-t2v-1.3b-480p", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", (480, 832, 189), 50, (5.0, 5.0), 3.0),
-        ("wan2.1-t2v-14b-720p", "Wan-AI/Wan2.1-T2V-14B-Diffusers", (720, 1280, 81), 50, (5.0, 5.0), 5.0),
-        ("wan2.2-t2v-a14b-720p", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", (720, 1280, 81), 40, (4.0, 3.0), 12.0),
+        ("wan2.1-t2v-14b-720p", "Wan-AI/Wan2.1-T2V-14B-Diffusers", (720, 1280, 321), 50, (5.0, 5.0), 5.0),
+        ("wan2.2-t2v-a14b-720p", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", (720, 1280, 321), 40, (4.0, 3.0), 12.0),
     ],
 )
 def test_model_configs(name, model, shape, steps, guidance, flow_shift):
