@@ -23,15 +23,6 @@ def _transformer_tensors(folder):
     return tensors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny VAE's convolutions are so small that thread hand-offs cost more than the work (10x on 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def committed_pipe():
     return WanPipeline.from_pretrained(TINY_WAN_PATH)

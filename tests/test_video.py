@@ -20,15 +20,6 @@ VAE_FLAVOURS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tensors here are tiny; intra-op threads only spin against each other (and ffmpeg).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=list(VAE_FLAVOURS))
 def vae(request):
     flavour = VAE_FLAVOURS[request.param]
