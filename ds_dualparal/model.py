@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,11 +166,12 @@ class WindowState:
     pred: torch.Tensor | None = None
 
 
-class WeightSource:
+class WeightSource(ABC):
     """Fills a meta-built layer with real tensors (see `ds_dualparal.weights`)."""
 
-    def materialize(self, module: nn.Module, prefix: str) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        """Give every parameter of `module` its tensor, named `prefix + name` in the checkpoint."""
 
 
 def _materialized(module: nn.Module, weights: WeightSource, prefix: str) -> nn.Module:
