@@ -78,10 +78,10 @@ class Generator:
         self.engine = DualParalEngine(
             self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype, cfg.attention_backend
         )
-        self.weights = weights
+        read = sum(w.checkpoint.tensors_read for w in weights if isinstance(w, CheckpointWeights))
         log.info(
-            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs",
-            self.rank, self.engine.stage, stages, self.engine.comm.replica, replicas, time.perf_counter() - started,
+            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d checkpoint tensors read)",
+            self.rank, self.engine.stage, stages, self.engine.comm.replica, replicas, time.perf_counter() - started, read,
         )
         self._vae = None
 
