@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="with --jobs: skip jobs the manifest marks done")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--save-frames", type=Path, help="also write every frame as PNG into this folder")
+    parser.add_argument("--checkpoint-dir", type=Path,
+                        help="single video: save the state here every --checkpoint-every iterations, and continue "
+                             "from the newest checkpoint found there (run the same command again to resume)")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N", help="iterations between checkpoints")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return parser
 
@@ -81,6 +85,10 @@ def _name_flag(args, message: str) -> str:
 
 def check_args(args, cfg) -> None:
     """Mistakes visible in the flags and config alone, found by every rank before anything heavy starts."""
+    if (args.checkpoint_dir is None) != (args.checkpoint_every is None):
+        raise ConfigError("--checkpoint-dir and --checkpoint-every N go together")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every: {args.checkpoint_every} must be an integer >= 1")
     if args.jobs is None:
         if args.output_dir is not None or args.resume:
             raise ConfigError("--output-dir and --resume go with --jobs")
@@ -90,6 +98,9 @@ def check_args(args, cfg) -> None:
         return
     if args.output_dir is None:
         raise ConfigError("--jobs needs --output-dir")
+    if args.checkpoint_dir is not None:
+        raise ConfigError(
+            "--checkpoint-dir: checkpoints are for a single video, not for --jobs (--resume skips done jobs)")
     if args.output is not None:
         raise ConfigError("--output: names a single video; with --jobs give each job an 'output' (inside --output-dir)")
     if cfg.save_latents is not None:
@@ -134,6 +145,17 @@ def check_model(cfg) -> None:
     ModelFolder(resolve_model(cfg.model))
 
 
+def open_checkpoints(args, cfg):
+    """The checkpoint folder of a single video and the iteration its newest checkpoint continues from."""
+    from .checkpoint import Checkpoints
+    from .timeline import BlockTimeline
+    from .weights import resolve_model
+
+    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    return Checkpoints.open(args.checkpoint_dir, args.checkpoint_every, cfg, resolve_model(cfg.model),
+                            timeline.num_iterations)
+
+
 class _AgreedError(Exception):
     """A mistake that every rank knows of, so that rank 0 alone reports it."""
 
@@ -151,10 +173,21 @@ def main(argv=None) -> int:
     except (ConfigError, _AgreedError) as err:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; one says it
             _say(_name_flag(args, str(err)))
+        if isinstance(err, _AgreedError):
+            # Every rank is here: leave the process group together. Exiting with it alive
+            # sometimes aborted both ranks ("terminate called without an active exception").
+            from . import comm
+
+            comm.shutdown()
         return 2
     except FileExistsError as err:  # found by this rank alone: its output appeared while it was written
         _say(str(err))
         return 2
+    except Exception as err:  # a fault or a bug: say which rank and what, then fail (the launcher stops the rest)
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        log.critical("rank %s failed: %s: %s", os.environ.get("RANK", "0"), type(err).__name__, first_line,
+                     exc_info=True)
+        return 1
 
 
 def _say(message: str) -> None:
@@ -172,22 +205,26 @@ def _agree(error: str | None) -> None:
         raise _AgreedError(errors[first] if first == 0 else f"rank {first}: {errors[first]}")
 
 
-def _decide(args, cfg) -> list[Job]:
-    """Rank 0 reads the jobs file, manifest and outputs for everyone; every rank checks its model folder."""
+def _decide(args, cfg):
+    """Rank 0 reads the jobs file, manifest, outputs and checkpoints for everyone; every rank checks its
+    model folder. Returns the jobs and the checkpoint folder (None without --checkpoint-dir)."""
     from . import comm
+    from .checkpoint import ResumeError
     from .weights import CheckpointError
 
-    error = jobs = None
+    error = jobs = checkpoints = None
     rank, world_size = comm.world()
     try:
         cfg.pipeline_topology(world_size)
         if rank == 0:
             jobs = plan_jobs(args, cfg)
         check_model(cfg)
-    except (ConfigError, CheckpointError) as err:
+        if rank == 0 and args.checkpoint_dir is not None:
+            checkpoints = open_checkpoints(args, cfg)
+    except (ConfigError, CheckpointError, ResumeError) as err:
         error = str(err)
     _agree(error)
-    return comm.share_object(jobs)
+    return comm.share_object((jobs, checkpoints))
 
 
 def _load(cfg):
@@ -208,7 +245,7 @@ def _run(args, cfg) -> int:
     from . import comm
 
     comm.init_process(cfg.comm_timeout_s)
-    jobs = _decide(args, cfg)
+    jobs, checkpoints = _decide(args, cfg)
     if comm.world()[0] == 0:
         for job in jobs:
             if job.error is not None:
@@ -221,11 +258,12 @@ def _run(args, cfg) -> int:
     runnable = [job for job in jobs if job.config is not None and not job.done]
     if not runnable:  # the same on every rank: nothing to load the model for
         log.info("nothing to run")
+        comm.shutdown()
         return 0
-    return _generate(_load(cfg), args, runnable)
+    return _generate(_load(cfg), args, runnable, checkpoints)
 
 
-def _generate(generator, args, runnable: list[Job]) -> int:
+def _generate(generator, args, runnable: list[Job], checkpoints=None) -> int:
     """This rank's replica takes every num_replicas-th job."""
     from . import comm
     from .runner import run_job, summarize
@@ -235,7 +273,7 @@ def _generate(generator, args, runnable: list[Job]) -> int:
     results = []
     started = time.perf_counter()
     for job, text in zip(mine, texts):
-        results.append(run_job(generator, job, text, args))
+        results.append(run_job(generator, job, text, args, checkpoints))
     summarize(generator, results, time.perf_counter() - started)
     comm.shutdown()
     failed = sum(not r.ok for r in results)

@@ -6,6 +6,11 @@ matched batches in the same order. NCCL needs that: its kernels block until the 
 CUDA does not promise that two streams progress independently, so unbatched isend/irecv on
 separate groups or posted in different orders on different ranks can deadlock (seen on 2x H200),
 and a ring that posts isend then irecv on one group crashes.
+
+A rank that dies or hangs ends the run in bounded time: a transfer with a dead peer fails at once
+(gloo: "connection closed by peer"), one with a hung peer after the process group's timeout
+(`comm_timeout_s`, which the pipeline groups get too), and the error names the peer ranks. The
+failing rank exits non-zero and DeepSpeed's launcher then stops every other rank.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket
 
 import deepspeed.comm as dist
 import torch
+import torch.distributed
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,39 @@ def init_process(timeout_s: int) -> torch.device:
             timeout=datetime.timedelta(seconds=timeout_s),
             verbose=False,
         )
+        if device.type == "cpu":
+            _unlink_shared_buffers()
     return device
+
+
+def _unlink_shared_buffers() -> None:
+    """DeepSpeed's CPU all-reduce puts one 69 MB buffer per rank in /dev/shm and never unlinks it:
+    each run, finished or killed, would leave them in RAM-backed tmpfs (seen filling a 24 GB test
+    machine). Once every rank has mapped every buffer (`init_distributed` returns after mapping; the
+    barrier waits for all ranks), the names can go: the mappings stay until the ranks exit.
+    """
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # not on this platform, or the ranks span nodes (no shared buffers)
+        pass
+
+
+def _default_timeout() -> datetime.timedelta:
+    """The timeout `init_process` gave the default group.
+
+    torch's `new_group` does not inherit it (it falls back to 30 min for gloo, 10 for NCCL) and has
+    no public getter, so it is read back from the default group's backend options.
+    """
+    group = torch.distributed.distributed_c10d._get_default_group()
+    return group._get_backend(group._device_types[0]).options._timeout
+
+
+class CommError(RuntimeError):
+    """A transfer failed: a peer rank died, hung past the timeout, or the network broke."""
 
 
 def world() -> tuple[int, int]:
@@ -71,10 +109,12 @@ class PipeComm:
         self.num_replicas = topology.get_dim("data")
         self.stage_ranks = [topology.get_rank(pipe=p, data=self.replica) for p in range(self.num_stages)]
         self._group = None
+        timeout = _default_timeout()
         # new_group is collective: every rank creates every replica's group, in the same order.
+        # torch's own, for the timeout: deepspeed.comm.new_group takes only the ranks.
         for replica in range(self.num_replicas):
             ranks = [topology.get_rank(pipe=p, data=replica) for p in range(self.num_stages)]
-            group = dist.new_group(ranks=ranks) if self.num_stages > 1 else None
+            group = torch.distributed.new_group(ranks=ranks, timeout=timeout) if self.num_stages > 1 else None
             if replica == self.replica:
                 self._group = group
 
@@ -93,9 +133,15 @@ class PipeComm:
         """
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.stage_ranks[p], self._group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, b, self.stage_ranks[p], self._group) for b, p in recvs]
-        if ops:
+        if not ops:
+            return
+        try:
             for request in dist.batch_isend_irecv(ops):
                 request.wait()
+        except RuntimeError as err:
+            peers = sorted({self.stage_ranks[p] for _, p in sends + recvs})
+            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise CommError(f"rank {self.rank}: transfer with rank(s) {peers} failed: {first_line}") from err
 
     def broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
         """The first stage's `tensor` on every stage of the replica (others pass a buffer)."""

@@ -141,13 +141,56 @@ class WindowBuilder:
         )
 
 
-class BlockLatents:
-    """The first stage's state: every block's latents and its own scheduler."""
+# What a diffusers scheduler's `step()` changes (UniPC multistep: its history; flow-match Euler: the
+# index): a block's scheduler is its fresh copy with these attributes set.
+SCHEDULER_STATE = (
+    "model_outputs", "timestep_list", "lower_order_nums", "last_sample", "this_order", "_step_index", "_begin_index",
+)
 
-    def __init__(self, plan: GenerationPlan, noise: list[torch.Tensor], scheduler, device):
+
+def scheduler_state(scheduler, fresh) -> dict:
+    """The attributes of SCHEDULER_STATE that `scheduler` has; asserts nothing else drifted from `fresh`."""
+    for name, value in vars(scheduler).items():
+        if name not in SCHEDULER_STATE:
+            assert _same(value, getattr(fresh, name, None)), f"scheduler attribute {name} changed, not in SCHEDULER_STATE"
+    return {name: getattr(scheduler, name) for name in SCHEDULER_STATE if hasattr(scheduler, name)}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if type(a).__module__ == "numpy":
+        return type(a) is type(b) and bool((a == b).all())
+    return a is b or a == b
+
+
+class BlockLatents:
+    """The first stage's state: every block's latents and its own scheduler.
+
+    `latents` is every block's initial noise, or the latents a checkpoint saved (then `states`
+    holds the scheduler state of each block that had started; the others are fresh copies).
+    """
+
+    def __init__(self, plan: GenerationPlan, latents: list[torch.Tensor], scheduler, device,
+                 states: dict[int, dict] | None = None):
         self.plan = plan
-        self.latents = [n.to(device=device, dtype=torch.float32) for n in noise]
-        self.schedulers = [copy.deepcopy(scheduler) for _ in noise]
+        self.latents = [n.to(device=device, dtype=torch.float32) for n in latents]
+        self.fresh = copy.deepcopy(scheduler)
+        self.schedulers = [copy.deepcopy(scheduler) for _ in latents]
+        for block, state in (states or {}).items():
+            for name, value in state.items():
+                setattr(self.schedulers[block], name, value)
+
+    def scheduler_states(self, iteration: int) -> dict[int, dict]:
+        """State of the schedulers of the blocks in progress at the start of `iteration`.
+
+        Blocks that have not started are fresh; blocks that are final take no more steps.
+        """
+        timeline = self.plan.timeline
+        started = range(max(0, iteration - timeline.num_steps + 1), min(iteration, timeline.num_blocks))
+        return {b: scheduler_state(self.schedulers[b], self.fresh) for b in started}
 
     def window(self, block: int) -> torch.Tensor:
         """Model input: the last c frames of block-1 as they stand, then the block's frames."""

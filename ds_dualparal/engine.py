@@ -8,7 +8,13 @@ their transfer; the queued transfers of a tick go out as one batch before the ne
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from deepspeed.pipe import PipelineModule
@@ -19,6 +25,9 @@ from .comm import PipeComm
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
 from .model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
 from .timeline import BlockStep
+
+if TYPE_CHECKING:
+    from .checkpoint import Resume
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,50 @@ class StageStats:
 
     def busy_seconds(self) -> float:
         return sum(start.elapsed_time(end) for start, end in self.forward_events) / 1000.0
+
+
+@dataclass
+class Checkpointing:
+    """Checkpoint and resume of one generation (see checkpoint.py)."""
+
+    start: int = 0  # the first iteration to run, on every stage
+    every: int | None = None  # first stage: a SaveCheckpoint at every multiple of `every`
+    resume: Resume | None = None  # first stage, start > 0: the latents and scheduler states at `start`
+    save: Callable[[int, BlockLatents], object] | None = None  # first stage: save(iteration, latents)
+
+
+FAULT_VARIABLE = "DS_DUALPARAL_FAULT"
+
+
+@dataclass(frozen=True)
+class InjectedFault:
+    """Test hook: ``DS_DUALPARAL_FAULT="rank=R,tick=T[,action=raise|kill|hang]"`` makes rank R, at the
+    start of tick T of each generation, raise an error (default), SIGKILL itself or stop responding.
+    The fault tests use it to check that one failing rank ends the whole run; nothing else reads it.
+    """
+
+    tick: int
+    action: str
+
+    @classmethod
+    def from_environment(cls, rank: int) -> InjectedFault | None:
+        spec = os.environ.get(FAULT_VARIABLE)
+        if not spec:
+            return None
+        match = re.fullmatch(r"rank=(\d+),tick=(\d+)(?:,action=(raise|kill|hang))?", spec)
+        if match is None:
+            raise ValueError(f"{FAULT_VARIABLE}={spec!r}: expected rank=R,tick=T[,action=raise|kill|hang]")
+        return cls(int(match[2]), match[3] or "raise") if int(match[1]) == rank else None
+
+    def at(self, tick: int) -> None:
+        if tick != self.tick:
+            return
+        log.warning("%s: %s at tick %d", FAULT_VARIABLE, self.action, tick)
+        if self.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        while self.action == "hang":
+            time.sleep(60)
+        raise RuntimeError(f"fault injected by {FAULT_VARIABLE} at tick {tick}")
 
 
 class DualParalEngine:
@@ -64,6 +117,19 @@ class DualParalEngine:
         self.dtype = dtype
         self.stats = StageStats()
         self.timing = False  # record CUDA events around every ForwardLayers (benchmarks)
+        self.checkpointing: Checkpointing | None = None  # set by `checkpointed`
+
+    @contextmanager
+    def checkpointed(self, checkpointing: Checkpointing | None):
+        """Generations inside the with-block resume and save checkpoints as `checkpointing` says.
+
+        An engine setting rather than an argument: callers reach `generate` through `Generator.generate`.
+        """
+        self.checkpointing = checkpointing
+        try:
+            yield self
+        finally:
+            self.checkpointing = None
 
     def set_attention_backend(self, backend: str | None) -> None:
         for module in self.modules:
@@ -90,10 +156,17 @@ class DualParalEngine:
 
         `noise` and `scheduler` are used on the first stage only; there `on_step()` is called after each
         block-step's scheduler step and `on_block_done(block, latents)` as each block becomes final.
+        Inside `checkpointed(...)` it starts at a checkpoint's iteration and saves new checkpoints.
         """
-        run = _Run(self, plan, text, noise, scheduler, on_block_done, on_step)
+        checkpointing = self.checkpointing or Checkpointing()
+        run = _Run(self, plan, text, noise, scheduler, on_block_done, on_step, checkpointing)
+        schedule = sched.DualParalSchedule(plan.timeline, self.comm.num_stages, self.stage, checkpointing.start,
+                                           checkpointing.every)
+        fault = InjectedFault.from_environment(self.comm.rank)
         with torch.no_grad():
-            for instructions in sched.DualParalSchedule(plan.timeline, self.comm.num_stages, self.stage):
+            for tick, instructions in enumerate(schedule.steps()):
+                if fault is not None:
+                    fault.at(tick)
                 for instruction in instructions:
                     run.execute(instruction)
                 run.transfer()
@@ -104,11 +177,20 @@ class DualParalEngine:
 class _Run:
     """The state of one generation on one stage, and the method for each instruction."""
 
-    def __init__(self, engine: DualParalEngine, plan: GenerationPlan, text, noise, scheduler, on_block_done, on_step):
+    def __init__(self, engine: DualParalEngine, plan: GenerationPlan, text, noise, scheduler, on_block_done, on_step,
+                 checkpointing: Checkpointing):
         self.engine = engine
         self.plan = plan
         self.build = WindowBuilder(plan, engine.conditioners, text, engine.device)
-        self.latents = BlockLatents(plan, noise, scheduler, engine.device) if engine.is_first else None
+        self.checkpointing = checkpointing
+        self.latents = None
+        if engine.is_first:
+            resume = checkpointing.resume
+            assert (resume is None) == (checkpointing.start == 0), "a resumed run starts from a checkpoint's state"
+            if resume is None:
+                self.latents = BlockLatents(plan, noise, scheduler, engine.device)
+            else:
+                self.latents = BlockLatents(plan, resume.latents, scheduler, engine.device, resume.schedulers)
         self.on_block_done = on_block_done
         self.on_step = on_step
         self.states = {}
@@ -194,6 +276,10 @@ class _Run:
         if self.on_block_done is not None:
             self.on_block_done(instruction.block, self.latents.block(instruction.block))
 
+    def save_checkpoint(self, instruction) -> None:
+        if self.checkpointing.save is not None:
+            self.checkpointing.save(instruction.iteration, self.latents)
+
     def finish(self) -> None:
         assert not self.states and not self.predictions, "schedule left work undone"
         assert len(self.build.cache) == 0, "feature cache left unconsumed"
@@ -207,4 +293,5 @@ class _Run:
         sched.RecvPrediction: recv_prediction,
         sched.SchedulerStep: scheduler_step,
         sched.EmitBlock: emit_block,
+        sched.SaveCheckpoint: save_checkpoint,
     }

@@ -32,7 +32,23 @@ class Job:
     relative: str = ""  # the output's path inside --output-dir, as the manifest records it
 
 
+def _no_nul(key: str, text: str) -> None:
+    # it would fail only when the file is opened, after the batch started
+    if "\0" in text:
+        raise ConfigError(f"{key}: {text!r} must not contain a NUL character")
+
+
+def _is_unicode(text: str) -> bool:
+    """False for lone surrogates, which JSON escapes allow and which the tokenizer refuses (TypeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _inside(output_dir: Path, key: str, relative: str, suffix: str | None = None) -> Path:
+    _no_nul(key, relative)
     path = Path(relative)
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise ConfigError(f"{key}: {relative!r} must be a relative path inside --output-dir")
@@ -68,14 +84,24 @@ def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) ->
             entry: Any = json.loads(line, object_pairs_hook=_object)
         except json.JSONDecodeError as err:
             raise ConfigError(f"invalid JSON at column {err.colno}: {err.msg}") from None
+        except ConfigError:  # from _object
+            raise
+        except RecursionError:
+            raise ConfigError("invalid JSON: nested too deeply") from None
+        except ValueError as err:  # e.g. an integer of more digits than Python converts
+            raise ConfigError(f"invalid JSON: {str(err).splitlines()[0]}") from None
         if not isinstance(entry, dict):
             raise ConfigError(f"each line must be a JSON object, got {type(entry).__name__}")
         for alias, key in ALIASES.items():
             if alias in entry and key in entry:
                 raise ConfigError(f"{alias}: given together with {key}, its long name")
         entry = {ALIASES.get(k, k): v for k, v in entry.items()}
+        for key, value in entry.items():
+            if isinstance(value, str) and not _is_unicode(value):
+                raise ConfigError(f"{key}: holds a lone surrogate (\\ud800-\\udfff), which is not text")
         if "name" in entry:
             name = _string(entry, "name")
+            _no_nul("name", name)
             if Path(name).name != name or name in (".", ".."):
                 raise ConfigError(f"name: {name!r} must be a plain file name, without '/'")
             relative = f"{name}.mp4"

@@ -1,5 +1,6 @@
 """Running one job on this rank: streaming its finished blocks to the mp4 on a first stage,
-saving latents atomically, progress on rank 0, the manifest line and the closing summary."""
+saving latents atomically, checkpoints and resume, progress on rank 0, the manifest line and the
+closing summary."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import comm
+from .checkpoint import Checkpoints
+from .engine import Checkpointing
 from .jobs import record
 from .video import Mp4Writer, StreamingDecoder, save_frames, to_uint8_frames
 
@@ -38,15 +41,28 @@ def save_latents(path: str | Path, latents: torch.Tensor) -> None:
     os.replace(partial, path)
 
 
-def run_job(generator, job, text, args) -> JobResult:
+def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) -> JobResult:
+    """Generates one job; with `checkpoints`, resumes from its start iteration and saves new ones.
+
+    A resumed run decodes the blocks that were final before the checkpoint from its latents first,
+    so the new mp4 holds every frame (the causal decoder must see every block in order anyway).
+    """
     cfg = job.config
     plan = generator.plan(cfg)
+    start = checkpoints.start if checkpoints is not None else 0
     if not generator.is_first:
-        result = generator.generate(cfg, None)
+        with generator.engine.checkpointed(Checkpointing(start)):
+            result = generator.generate(cfg, None)
         return JobResult(job.name, True, result.seconds, cfg.num_frames)
 
-    total = plan.timeline.num_blocks * plan.timeline.num_steps
-    bar = tqdm(total=total, desc=job.name, unit="block-step", disable=generator.rank != 0)
+    timeline = plan.timeline
+    checkpointing = None
+    if checkpoints is not None:
+        resume = checkpoints.load(plan, generator.device) if start else None
+        checkpointing = Checkpointing(start, checkpoints.every, resume, checkpoints.save)
+    total = timeline.num_blocks * timeline.num_steps
+    done = sum(1 for step in timeline.block_steps() if step.iteration < start)
+    bar = tqdm(total=total, initial=done, desc=job.name, unit="block-step", disable=generator.rank != 0)
     frames_done = 0
     started = time.perf_counter()
     try:
@@ -62,7 +78,11 @@ def run_job(generator, job, text, args) -> JobResult:
                 frames_done += len(frames)
                 log.debug("%s: block %d final, %d frames written", job.name, block, frames_done)
 
-            result = generator.generate(cfg, text, on_block_done, on_step=bar.update)
+            # blocks that were final before the checkpoint (b + T - 1 < start), for the new mp4
+            for block in range(max(0, start - timeline.num_steps + 1)):
+                on_block_done(block, checkpointing.resume.latents[block])
+            with generator.engine.checkpointed(checkpointing):
+                result = generator.generate(cfg, text, on_block_done, on_step=bar.update)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
                 save_latents(cfg.save_latents, result.latents)
     except (OSError, RuntimeError) as err:
@@ -73,6 +93,8 @@ def run_job(generator, job, text, args) -> JobResult:
         outcome = JobResult(job.name, False, time.perf_counter() - started, error=str(err))
     else:
         outcome = JobResult(job.name, True, result.seconds, frames_done)
+        if checkpoints is not None:  # the video is out: nothing is left to resume
+            checkpoints.clear()
     finally:
         bar.close()
     if args.jobs is not None:

@@ -8,7 +8,7 @@ from typing import Iterator
 
 from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
 
-from .timeline import BlockTimeline
+from .timeline import BlockStep, BlockTimeline
 
 
 class DualParalInstruction(PipeInstruction):
@@ -74,6 +74,16 @@ class SchedulerStep(BlockStepInstruction):
     """Stage 0: ``latents[b] = schedulers[b].step(prediction, t[step], latents[b])``."""
 
 
+class SaveCheckpoint(DualParalInstruction):
+    """Stage 0, with checkpoints on: every block-step of iterations < ``iteration`` has had its
+    :class:`SchedulerStep` and none of a later one has, so the latents and schedulers are the
+    state to continue from ``iteration``. Follows the last update (and emit) of ``iteration - 1``.
+    """
+
+    def __init__(self, iteration: int):
+        super().__init__(iteration=iteration)
+
+
 class EmitBlock(DualParalInstruction):
     """Stage 0: block ``block`` has taken its last step and is final (decode it, write it out).
 
@@ -84,21 +94,28 @@ class EmitBlock(DualParalInstruction):
         super().__init__(block=block)
 
 
-def tick_table(timeline: BlockTimeline, stages: int) -> list[list[int]]:
-    """``ticks[k][p]``: the tick in which stage p runs the k-th block-step (sequential order).
+def block_steps_from(timeline: BlockTimeline, start: int = 0) -> list[BlockStep]:
+    """The block-steps of iterations ``>= start``, in sequential order: what a run resumed at ``start`` does."""
+    return [bs for bs in timeline.block_steps() if bs.iteration >= start]
+
+
+def tick_table(timeline: BlockTimeline, stages: int, start: int = 0) -> list[list[int]]:
+    """``ticks[k][p]``: the tick in which stage p runs the k-th block-step of iterations ``>= start``.
 
     Lockstep pipeline: a stage runs at most one block-step per tick, in sequential order; stage p
     runs block-step k the tick after stage p-1 did; the first stage starts a block-step the tick
-    after the last stage produced the prediction of each of its dependencies.
+    after the last stage produced the prediction of each of its dependencies. Dependencies from
+    before ``start`` are already in the latents a resumed run starts from.
     """
-    order = list(timeline.block_steps())
+    order = block_steps_from(timeline, start)
     index = {(bs.block, bs.iteration): k for k, bs in enumerate(order)}
     ticks: list[list[int]] = []
     for k, bs in enumerate(order):
         ready = ticks[k - 1][0] + 1 if k else 0
         if stages > 1:
             for dep in timeline.dependencies(bs.block, bs.iteration):
-                ready = max(ready, ticks[index[dep]][stages - 1] + 1)
+                if dep in index:
+                    ready = max(ready, ticks[index[dep]][stages - 1] + 1)
         row = [ready]
         for p in range(1, stages):
             row.append(max(row[p - 1], ticks[k - 1][p] if k else -1) + 1)
@@ -115,16 +132,27 @@ class DualParalSchedule(PipeSchedule):
     its neighbour produced in the same tick coming in. Both ends of every message therefore sit in
     the same tick, so a barrier between ticks cannot deadlock and the engine can post a tick's
     sends and receives as one batch, in the same order on every rank (what NCCL needs).
+
+    A run resumed from a checkpoint starts at iteration ``start``: the block-steps of earlier
+    iterations are left out on every stage. With ``checkpoint_every`` N, the first stage gets a
+    :class:`SaveCheckpoint` at each iteration that is a multiple of N.
     """
 
-    def __init__(self, timeline: BlockTimeline, stages: int, stage_id: int):
+    def __init__(self, timeline: BlockTimeline, stages: int, stage_id: int, start: int = 0,
+                 checkpoint_every: int | None = None):
         if not isinstance(stages, int) or stages < 1:
             raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
         if not isinstance(stage_id, int) or not 0 <= stage_id < stages:
             raise ValueError(f"stage_id must be an integer in [0, {stages}), got {stage_id!r}")
-        super().__init__(micro_batches=timeline.num_blocks * timeline.num_steps, stages=stages,
-                         stage_id=stage_id)
+        if not isinstance(start, int) or not 0 <= start < timeline.num_iterations:
+            raise ValueError(f"start must be an iteration in [0, {timeline.num_iterations}), got {start!r}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be an integer >= 1 or None, got {checkpoint_every!r}")
+        self.order = block_steps_from(timeline, start)
+        super().__init__(micro_batches=len(self.order), stages=stages, stage_id=stage_id)
         self.timeline = timeline
+        self.start = start
+        self.checkpoint_every = checkpoint_every
 
     def num_pipe_buffers(self) -> int:
         """Two: a stage works on one block-step while the next one arrives."""
@@ -133,8 +161,8 @@ class DualParalSchedule(PipeSchedule):
     def steps(self) -> Iterator[list[PipeInstruction]]:
         """Yield this stage's instructions for each tick."""
         p, last = self.stage_id, self.stages - 1
-        order = [(bs.block, bs.step) for bs in self.timeline.block_steps()]
-        ticks = tick_table(self.timeline, self.stages)
+        order = [(bs.block, bs.step) for bs in self.order]
+        ticks = tick_table(self.timeline, self.stages, self.start)
         runs = {row[p]: k for k, row in enumerate(ticks)}
         # messages arriving at this stage at the end of a tick: from stage p-1, or the last stage's
         # predictions coming back to the first
@@ -161,13 +189,22 @@ class DualParalSchedule(PipeSchedule):
             yield cmds
 
     def _apply_prediction(self, block: int, step: int) -> list[PipeInstruction]:
+        # Predictions come back in sequential order, so after the update of an iteration's oldest
+        # block (it runs last) every earlier block-step is applied and no later one is.
         cmds: list[PipeInstruction] = [SchedulerStep(block, step)]
         if step == self.timeline.num_steps - 1:
             cmds.append(EmitBlock(block))
+        iteration = block + step
+        following = iteration + 1
+        if (self.checkpoint_every is not None and block == self.timeline.active(iteration)[-1]
+                and following < self.timeline.num_iterations and following % self.checkpoint_every == 0):
+            cmds.append(SaveCheckpoint(following))
         return cmds
 
 
-def stage_streams(timeline: BlockTimeline, stages: int) -> list[list[PipeInstruction]]:
+def stage_streams(timeline: BlockTimeline, stages: int, start: int = 0,
+                  checkpoint_every: int | None = None) -> list[list[PipeInstruction]]:
     """The flattened instruction stream of every stage, stage 0 first."""
-    return [[cmd for cmds in DualParalSchedule(timeline, stages, stage_id).steps() for cmd in cmds]
+    return [[cmd for cmds in DualParalSchedule(timeline, stages, stage_id, start, checkpoint_every).steps()
+             for cmd in cmds]
             for stage_id in range(stages)]

@@ -48,30 +48,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def subprocess_env() -> dict[str, str]:
-    """The test's environment with one thread per rank (ranks share the machine's few cores)."""
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test's environment with one thread per rank (ranks share the machine's few cores), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    env.update(extra or {})
     return env
 
 
-def run(command: list[str], cwd: Path, timeout: float) -> Run:
-    result = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+def run(command: list[str], cwd: Path, timeout: float, env: dict[str, str] | None = None) -> Run:
+    result = subprocess.run(command, cwd=cwd, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout)
     return Run(result.returncode, result.stdout, result.stderr)
 
 
-def run_generate(*args, cwd: Path, timeout: float = 180) -> Run:
-    """`python launch/generate.py ARGS` in `cwd`."""
-    return run([sys.executable, str(GENERATE), *map(str, args)], cwd, timeout)
+def run_generate(*args, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> Run:
+    """`python launch/generate.py ARGS` in `cwd`, with `env` added to the environment."""
+    return run([sys.executable, str(GENERATE), *map(str, args)], cwd, timeout, env)
 
 
-def run_deepspeed(num_ranks: int, *args, cwd: Path, timeout: float = 300) -> Run:
-    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU)."""
-    command = [
+def deepspeed_command(num_ranks: int, *args) -> list[str]:
+    return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
         "--master_port", str(free_port()), str(GENERATE), *map(str, args),
     ]
-    return run(command, cwd, timeout)
+
+
+def run_deepspeed(num_ranks: int, *args, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> Run:
+    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU)."""
+    return run(deepspeed_command(num_ranks, *args), cwd, timeout, env)
 
 
 @pytest.fixture

@@ -126,7 +126,8 @@ def test_help_documents_every_flag(workdir):
     assert result.returncode == 0, result.explain()
     flags = (
         "--config --model --prompt --negative-prompt --frames --height --width --steps --guidance --block-size "
-        "--context --seed --dtype --output --save-latents --jobs --output-dir --resume --overwrite --save-frames"
+        "--context --seed --dtype --output --save-latents --jobs --output-dir --resume --overwrite --save-frames "
+        "--checkpoint-dir --checkpoint-every"
     ).split()
     for flag in flags:
         assert f"{flag} " in result.stdout or f"{flag}\n" in result.stdout, flag

@@ -1,0 +1,249 @@
+"""Checkpoint and resume of one long generation (`--checkpoint-dir DIR --checkpoint-every N`).
+
+Every N iterations the first stage saves the state to continue from iteration i: all block-steps of
+earlier iterations are applied and none of a later one (the schedule's `SaveCheckpoint`). A run of
+the same command finds the newest complete checkpoint and every stage starts at iteration i; the
+feature cache starts empty, which is exact (it never outlives an iteration). No pickle anywhere:
+tensors go to safetensors, the rest to JSON.
+
+    DIR/iter_000012/
+        latents.safetensors     block_0000, block_0001, ...: every block's latents (fp32), final and
+                                not yet started blocks too
+        schedulers.safetensors  the tensors of the schedulers' states, named in state.json
+        state.json              {"iteration": 12, "schedulers": {block: {attribute: value}}} for the
+                                blocks in progress; a tensor is {"tensor": name, "on_stage_device": bool}
+        manifest.json           written last: format, iteration, fingerprint and its fields, and the
+                                size and sha256 of each file above
+
+A checkpoint is written into `DIR/.iter_000012.partial` and renamed when whole, so a folder named
+`iter_*` is always complete; the older checkpoints are deleted after, and all once the video is out.
+The fingerprint is the sha256 of a canonical JSON of everything the latents depend on (the output
+fields of the config, the model folder, the format); not the number of ranks, which the latents do
+not depend on, so a run may resume on another number of stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .denoise import BlockLatents, GenerationPlan
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+# Config fields the latents depend on; the others (output paths, fps, ranks, timeouts) do not.
+OUTPUT_FIELDS = (
+    "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+    "guidance_scale_2", "scheduler", "flow_shift", "block_size", "context", "noise", "dtype", "seed",
+    "attention_backend",
+)
+LATENTS, SCHEDULERS, STATE, MANIFEST = "latents.safetensors", "schedulers.safetensors", "state.json", "manifest.json"
+_CHECKPOINT = re.compile(r"iter_(\d{6,})")
+
+
+class ResumeError(ValueError):
+    """A checkpoint folder that cannot be resumed from, in one line that names it."""
+
+
+def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
+    """What the latents of `cfg` depend on, as JSON values."""
+    fields = {name: getattr(cfg, name) for name in OUTPUT_FIELDS}
+    fields.update(model=str(Path(model_path).resolve()), format=FORMAT)
+    return fields
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The first stage's state at the start of iteration `iteration`."""
+
+    iteration: int
+    latents: list[torch.Tensor]
+    schedulers: dict[int, dict[str, Any]]  # block -> scheduler attributes (BlockLatents' `states`)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """The checkpoint folder of one run, as decided on rank 0 and shared with every rank."""
+
+    folder: Path
+    every: int
+    fields: dict[str, Any]
+    start: int = 0  # the iteration the newest checkpoint continues from; 0 starts afresh
+
+    @classmethod
+    def open(cls, folder: Path, every: int, cfg, model_path: Path, num_iterations: int) -> Checkpoints:
+        """The folder's newest complete checkpoint, checked against this run (raises ResumeError)."""
+        checkpoints = cls(Path(folder), every, fingerprint_fields(cfg, model_path))
+        newest = checkpoints._newest()
+        if newest is None:
+            return checkpoints
+        manifest = checkpoints._check(newest)
+        iteration = manifest.get("iteration")
+        if not isinstance(iteration, int) or not 0 < iteration < num_iterations:
+            raise ResumeError(f"--checkpoint-dir: {newest}: iteration {iteration!r} is not in [1, {num_iterations})")
+        log.info("resuming from %s: iteration %d of %d", newest, iteration, num_iterations)
+        return cls(checkpoints.folder, every, checkpoints.fields, iteration)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.fields)
+
+    def path(self, iteration: int) -> Path:
+        return self.folder / f"iter_{iteration:06d}"
+
+    def _complete(self) -> dict[int, Path]:
+        if not self.folder.is_dir():
+            return {}
+        found = {}
+        for path in self.folder.iterdir():
+            match = _CHECKPOINT.fullmatch(path.name)
+            if match and (path / MANIFEST).is_file():
+                found[int(match.group(1))] = path
+        return found
+
+    def _newest(self) -> Path | None:
+        complete = self._complete()
+        return complete[max(complete)] if complete else None
+
+    def _check(self, path: Path) -> dict:
+        """The manifest of the checkpoint at `path`, if it is whole and of this run."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+            files = manifest["files"]
+            for name in (LATENTS, SCHEDULERS, STATE):
+                if _digest(path / name) != files[name]:
+                    raise ValueError(f"{name} does not match the manifest")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ResumeError(f"--checkpoint-dir: {path} is damaged ({err}); delete it to start over") from None
+        if manifest.get("format") != FORMAT or manifest.get("fingerprint") != self.fingerprint:
+            saved = manifest.get("fields") if isinstance(manifest.get("fields"), dict) else {}
+            differing = sorted(k for k in set(saved) | set(self.fields) if saved.get(k) != self.fields.get(k))
+            what = ", ".join(differing) or "fingerprint"
+            raise ResumeError(f"--checkpoint-dir: {path} is a checkpoint of another run (different {what}); "
+                              "give another --checkpoint-dir or delete it")
+        return manifest
+
+    def load(self, plan: GenerationPlan, device: torch.device) -> Resume:
+        """The state saved at `start` (first stage), checked against the plan's blocks."""
+        path = self.path(self.start)
+        self._check(path)
+        try:
+            saved = load_file(str(path / LATENTS))
+            latents = [saved.pop(f"block_{b:04d}") for b in range(plan.timeline.num_blocks)]
+            for b, block in enumerate(latents):
+                want = (plan.timeline.block_len(b), plan.latent_height, plan.latent_width)
+                if block.ndim != 5 or tuple(block.shape[2:]) != want:
+                    raise ValueError(f"block {b} has shape {tuple(block.shape)}, expected (1, C, *{want})")
+            if saved:
+                raise ValueError(f"unexpected tensors {sorted(saved)[:3]}")
+            tensors = load_file(str(path / SCHEDULERS))
+            state = json.loads((path / STATE).read_text())
+            if state["iteration"] != self.start:
+                raise ValueError(f"state.json is of iteration {state['iteration']}")
+            schedulers = {int(b): {name: _decode(v, tensors, device) for name, v in attributes.items()}
+                          for b, attributes in state["schedulers"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ResumeError(f"--checkpoint-dir: {path} is damaged ({err}); delete it to start over") from None
+        return Resume(self.start, [t.to(device) for t in latents], schedulers)
+
+    def save(self, iteration: int, latents: BlockLatents) -> Path:
+        """Writes the state at the start of `iteration` atomically, then deletes the older checkpoints."""
+        final = self.path(iteration)
+        partial = self.folder / f".{final.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+        partial.mkdir(parents=True)
+        tensors: dict[str, torch.Tensor] = {}
+        schedulers = {
+            str(b): {name: _encode(value, f"{b}/{name}", tensors) for name, value in state.items()}
+            for b, state in latents.scheduler_states(iteration).items()
+        }
+        _save_tensors(partial / LATENTS, {f"block_{b:04d}": t for b, t in enumerate(latents.latents)})
+        _save_tensors(partial / SCHEDULERS, tensors)
+        _write(partial / STATE, json.dumps({"iteration": iteration, "schedulers": schedulers}, indent=1))
+        manifest = dict(format=FORMAT, iteration=iteration, fingerprint=self.fingerprint, fields=self.fields,
+                        files={name: _digest(partial / name) for name in (LATENTS, SCHEDULERS, STATE)})
+        _write(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        _fsync(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        _fsync(self.folder)
+        for older, path in self._complete().items():
+            if older != iteration:
+                shutil.rmtree(path)
+        log.info("checkpoint %s saved", final)
+        return final
+
+    def clear(self) -> None:
+        """Deletes every checkpoint of the folder (the video is written: nothing is left to resume)."""
+        for path in self._complete().values():
+            shutil.rmtree(path)
+        if self.folder.is_dir():
+            for path in self.folder.glob(".iter_*.partial"):
+                shutil.rmtree(path)
+
+
+def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A scheduler attribute as JSON; its tensors go into `tensors` under names made from `key`."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value
+        return {"tensor": key, "on_stage_device": value.device.type != "cpu"}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{key}/{n}", tensors) for n, v in enumerate(value)]
+    raise TypeError(f"scheduler attribute {key}: cannot checkpoint a {type(value).__name__}")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], device: torch.device) -> Any:
+    if isinstance(value, dict):
+        tensor = tensors[value["tensor"]]
+        return tensor.to(device) if value["on_stage_device"] else tensor
+    if isinstance(value, list):
+        return [_decode(v, tensors, device) for v in value]
+    return value
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    # copies: entries such as a scheduler's timesteps are views of one tensor, which safetensors refuses
+    save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}, str(path))
+    _fsync(path)
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}

@@ -1,0 +1,109 @@
+"""A rank that raises, is killed or hangs ends the whole 2-rank run: soon after the fault, with a
+non-zero exit code, a log that names the rank and the error, and no output at its final name
+(nor DeepSpeed's shared-memory buffers in /dev/shm, which outlive killed processes).
+
+Faults come from the engine's test hook, DS_DUALPARAL_FAULT="rank=R,tick=T,action=..."; the time is
+measured from the line the faulty rank logs, so a slow start on a busy machine does not count.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from conftest import TINY_CONFIG, deepspeed_command, subprocess_env
+
+BOUND_S = 60  # from the fault to the launcher's exit
+OUTPUTS = ("video.mp4", "latents.safetensors")
+
+
+class Ended(NamedTuple):
+    returncode: int
+    log: str
+    seconds_after_fault: float
+    port: str
+
+
+def launch_with_fault(cwd, fault: str, *args, timeout: float = 300) -> Ended:
+    """Runs 2 ranks under DeepSpeed's launcher with DS_DUALPARAL_FAULT=`fault`, timing from the fault."""
+    command = deepspeed_command(2, "--config", *args, "--output", "video.mp4", "--save-latents", OUTPUTS[1])
+    port = command[command.index("--master_port") + 1]
+    process = subprocess.Popen(command, cwd=cwd, env=subprocess_env({"DS_DUALPARAL_FAULT": fault}),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, fault_at = [], []
+
+    def read():
+        for line in process.stdout:
+            if "DS_DUALPARAL_FAULT: " in line and not fault_at:
+                fault_at.append(time.monotonic())
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher and its ranks: this test's own session
+        process.wait()
+        pytest.fail("the run did not end:\n" + "".join(lines[-40:]))
+    ended = time.monotonic()
+    reader.join(timeout=10)
+    log = "".join(lines)
+    assert fault_at, "the fault never fired:\n" + log[-4000:]
+    return Ended(process.returncode, log, ended - fault_at[0], port)
+
+
+def assert_ended(run: Ended, cwd, *, at_least_s: float = 0.0):
+    assert run.returncode != 0, run.log[-4000:]
+    assert at_least_s <= run.seconds_after_fault < BOUND_S, (run.seconds_after_fault, run.log[-4000:])
+    for name in OUTPUTS:
+        assert not (cwd / name).exists()
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{run.port}_*"))
+
+
+def test_a_rank_that_raises_ends_the_run(workdir):
+    run = launch_with_fault(workdir, "rank=1,tick=3", TINY_CONFIG)
+    assert_ended(run, workdir)
+    raised = "rank 1 failed: RuntimeError: fault injected by DS_DUALPARAL_FAULT at tick 3"
+    assert f"[rank 1] CRITICAL ds_dualparal: {raised}" in run.log
+    assert "rank 0 failed: CommError: rank 0: transfer with rank(s) [1] failed" in run.log
+
+
+def test_a_killed_rank_ends_the_run(workdir):
+    run = launch_with_fault(workdir, "rank=1,tick=3,action=kill", TINY_CONFIG)
+    assert_ended(run, workdir)
+    assert "[rank 1] WARNING ds_dualparal.engine: DS_DUALPARAL_FAULT: kill at tick 3" in run.log
+    assert "rank 0 failed: CommError: rank 0: transfer with rank(s) [1] failed" in run.log
+
+
+def test_a_hung_rank_ends_the_run_after_comm_timeout_s(workdir):
+    """Rank 1 stops responding; rank 0's transfer times out after the config's comm_timeout_s (not
+    torch's 30-minute default for new groups) and the launcher then stops rank 1."""
+    config = json.loads(TINY_CONFIG.read_text())
+    config["dualparal"]["comm_timeout_s"] = 8
+    config_file = workdir.parent / "timeout8.json"
+    config_file.write_text(json.dumps(config))
+    run = launch_with_fault(workdir, "rank=1,tick=3,action=hang", config_file)
+    assert_ended(run, workdir, at_least_s=8)
+    assert "rank 0 failed: CommError: rank 0: transfer with rank(s) [1] failed" in run.log
+    assert "Timed out" in run.log
+
+
+def test_the_fault_hook_reads_only_its_own_rank_and_refuses_what_it_cannot_read(monkeypatch):
+    from ds_dualparal.engine import InjectedFault
+
+    monkeypatch.setenv("DS_DUALPARAL_FAULT", "rank=1,tick=3,action=kill")
+    assert InjectedFault.from_environment(0) is None
+    assert InjectedFault.from_environment(1) == InjectedFault(3, "kill")
+    for spec in ("rank=1", "rank=1,tick=3,action=explode", "tick=3,rank=1"):
+        monkeypatch.setenv("DS_DUALPARAL_FAULT", spec)
+        with pytest.raises(ValueError, match="expected rank=R,tick=T"):
+            InjectedFault.from_environment(1)
+    monkeypatch.delenv("DS_DUALPARAL_FAULT")
+    assert InjectedFault.from_environment(1) is None
