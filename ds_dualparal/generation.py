@@ -122,7 +122,7 @@ class Generator:
         if self._vae is None:
             from diffusers import AutoencoderKLWan
 
-            self._vae = AutoencoderKLWan.from_pretrained(self.folder.path / "vae", dtype=torch.float32)
+            self._vae = AutoencoderKLWan.from_pretrained(self.folder.path / "vae", dtype=torch.float32, use_safetensors=True)
             self._vae.to(self.device).eval()
         return self._vae
 

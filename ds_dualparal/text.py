@@ -22,7 +22,7 @@ def encode_prompts(
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_path / "tokenizer")
-    encoder = UMT5EncoderModel.from_pretrained(model_path / "text_encoder", dtype=dtype).to(device)
+    encoder = UMT5EncoderModel.from_pretrained(model_path / "text_encoder", dtype=dtype, use_safetensors=True).to(device)
     # Only the text half of the pipeline is built; encode_prompt touches nothing else.
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, scheduler=None)
     embeddings = []
