@@ -46,7 +46,7 @@ FORMAT = 1
 OUTPUT_FIELDS = (
     "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
     "guidance_scale_2", "scheduler", "flow_shift", "block_size", "context", "noise", "dtype", "seed",
-    "attention_backend",
+    "attention_backend", "compile",
 )
 LATENTS, SCHEDULERS, STATE, MANIFEST = "latents.safetensors", "schedulers.safetensors", "state.json", "manifest.json"
 _CHECKPOINT = re.compile(r"iter_(\d{6,})")

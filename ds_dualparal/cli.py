@@ -37,6 +37,7 @@ FLAGS = {
     "noise": ("noise", str, "coordinated or independent initial noise"),
     "stages": ("pipeline_stages", int, "pipeline stages per replica (default: all ranks)"),
     "attention_backend": ("attention_backend", str, "diffusers attention backend, e.g. _native_cudnn"),
+    "vae_dtype": ("vae_dtype", str, "float32 or bfloat16 VAE decoder"),
     "output": ("output", str, "output mp4 (single video)"),
     "save_latents": ("save_latents", str, "also save the final latents as safetensors (key 'latents')"),
     "fps": ("fps", int, "frames per second of the mp4"),
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="ds_config JSON with a 'dualparal' section (default: built-in defaults)")
     for flag, (_, kind, text) in FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=text)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="fused q/k/v and torch.compile of every block (default: on with CUDA, off on CPU)")
     parser.add_argument("--jobs", type=Path, help="JSON Lines file, one job per line (prompt, frames, seed, output, ...)")
     parser.add_argument("--output-dir", type=Path, help="folder for the outputs and manifest of --jobs")
     parser.add_argument("--resume", action="store_true", help="with --jobs: skip jobs the manifest marks done")
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args):
     """The run config: the config file (or defaults) with the flags applied."""
     overrides = {field: getattr(args, flag) for flag, (field, _, _) in FLAGS.items()}
+    overrides["compile"] = args.compile
     return load_config(args.config, overrides).dualparal
 
 
@@ -270,6 +274,12 @@ def _generate(generator, args, runnable: list[Job], checkpoints=None) -> int:
 
     mine = runnable[generator.replica :: generator.num_replicas]
     texts = generator.encode([job.config for job in mine])
+    if generator.device.type == "cuda":  # the summary's peak is the generation's, not the text encoder's
+        import torch
+
+        log.info("rank %d: peak memory while encoding prompts %.2f GiB", generator.rank,
+                 torch.cuda.max_memory_allocated(generator.device) / 2**30)
+        torch.cuda.reset_peak_memory_stats(generator.device)
     results = []
     started = time.perf_counter()
     for job, text in zip(mine, texts):

@@ -102,6 +102,21 @@ class DualParalConfig(BaseModel):
     attention_backend: AttentionBackend | None = Field(
         None, description="diffusers attention backend; None keeps diffusers' default."
     )
+    compile: bool | None = Field(
+        None,
+        description="Fast path: fused q/k/v projections and torch.compile of every transformer block; "
+        "None: on with CUDA, off on CPU.",
+    )
+    vae_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the VAE decoder (bfloat16: faster, less memory, pixels within ~1%)."
+    )
+    first_stage_vae_layers: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Stage 0 decodes the finished blocks: give it this many transformer blocks' worth of work less "
+        "when partitioning (0: an even split, which measured best for short videos, see BENCHMARKS.md).",
+    )
     comm_timeout_s: int = Field(600, gt=0, description="Timeout of the distributed process group, in seconds.")
     output: str = Field("outputs/video.mp4", min_length=1, description="Path of the output video.")
     save_latents: str | None = Field(

@@ -124,7 +124,7 @@ class WindowBuilder:
         capture = None
         if b >= 1 and i - (b - 1) < timeline.num_steps and timeline.has_cache(b - 1, i):
             hw = height * width
-            capture = slice(timeline.context * hw, 2 * timeline.context * hw)
+            capture = (timeline.context * hw, 2 * timeline.context * hw)
         guidance = plan.guidance[expert] if plan.cfg else None
         return WindowState(
             block=b,

@@ -12,13 +12,13 @@ import os
 import re
 import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import ProcessTopology
+from deepspeed.runtime.utils import partition_balanced
 
 from . import schedule as sched
 from .comm import PipeComm
@@ -36,9 +36,11 @@ _TRANSFERS = (sched.SendActivation, sched.SendPrediction, sched.RecvActivation, 
 
 @dataclass
 class StageStats:
+    """What one generation did on this stage; returned with its latents."""
+
     block_steps: int = 0
     bytes_sent: int = 0
-    # (start, end) CUDA events around each ForwardLayers, when timing is on
+    # (start, end) CUDA events around each ForwardLayers, when the request asks for timing
     forward_events: list = field(default_factory=list)
 
     def busy_seconds(self) -> float:
@@ -53,6 +55,31 @@ class Checkpointing:
     every: int | None = None  # first stage: a SaveCheckpoint at every multiple of `every`
     resume: Resume | None = None  # first stage, start > 0: the latents and scheduler states at `start`
     save: Callable[[int, BlockLatents], object] | None = None  # first stage: save(iteration, latents)
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, as every stage of a replica runs it.
+
+    `plan` and `checkpointing.start` are the same on every stage; `text` (prompt embeddings), `noise`,
+    `scheduler`, the hooks and the rest of `checkpointing` are read on the first stage only, where
+    `on_step()` follows each scheduler step and `on_block_done(block, latents)` each finished block.
+    """
+
+    plan: GenerationPlan
+    text: torch.Tensor | None = None
+    noise: list[torch.Tensor] | None = None
+    scheduler: object | None = None
+    checkpointing: Checkpointing = field(default_factory=Checkpointing)
+    on_step: Callable[[], object] | None = None
+    on_block_done: Callable[[int, torch.Tensor], object] | None = None
+    timing: bool = False  # record CUDA events around every ForwardLayers (benchmarks)
+
+
+@dataclass
+class GenerationOutput:
+    latents: torch.Tensor | None  # (1, C, F, h, w) on the first stage, None on the others
+    stats: StageStats
 
 
 FAULT_VARIABLE = "DS_DUALPARAL_FAULT"
@@ -89,6 +116,32 @@ class InjectedFault:
         raise RuntimeError(f"fault injected by {FAULT_VARIABLE} at tick {tick}")
 
 
+def balanced_parts(layer_weights: list[float], stages: int, first_stage_extra: float) -> list[int]:
+    """Stage boundaries over the layers (DeepSpeed's balanced partition), the first stage carrying
+    `first_stage_extra` more weight (its decoding) than its layers."""
+    weights = list(layer_weights)
+    weights[0] += first_stage_extra
+    return [int(p) for p in partition_balanced(weights=weights, num_parts=stages)]
+
+
+class StagePipeline(PipelineModule):
+    """DeepSpeed's `PipelineModule`; a 'type:<regex>' partition also counts the first stage's extra work."""
+
+    def __init__(self, *args, first_stage_extra: float = 0.0, **kwargs):
+        self.first_stage_extra = first_stage_extra
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method="uniform"):
+        if not self.first_stage_extra or not method.lower().startswith("type:"):
+            return super()._partition_layers(method)
+        weights = [0.0] * len(self._layer_specs)
+        for index in self._find_layer_type(method.split(":")[1]):
+            weights[index] = 1.0
+        self.parts = balanced_parts(weights, self.num_stages, self.first_stage_extra)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
 class DualParalEngine:
     """Holds this rank's slice of every expert and runs generations through the pipeline."""
 
@@ -101,35 +154,25 @@ class DualParalEngine:
         device: torch.device,
         dtype: torch.dtype,
         attention_backend: str | None = None,
+        fast: bool = False,
+        first_stage_extra: float = 0.0,
     ):
         self.comm = PipeComm(topology)
+        if fast:  # one compiled graph per window shape; a run sees a handful (cache on/off, capture, block 0)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.device = device
         self.config = expert_configs[0]
         self.modules = [
-            PipelineModule(
-                layers=layer_specs(cfg, weights, attention_backend),
+            StagePipeline(
+                layers=layer_specs(cfg, weights, attention_backend, fast),
                 topology=topology,
                 partition_method=partition_method,
+                first_stage_extra=first_stage_extra,
             ).eval()
             for cfg, weights in zip(expert_configs, expert_weights)
         ]
         self.conditioners = [Conditioner(cfg, w).to(device) for cfg, w in zip(expert_configs, expert_weights)]
         self.dtype = dtype
-        self.stats = StageStats()
-        self.timing = False  # record CUDA events around every ForwardLayers (benchmarks)
-        self.checkpointing: Checkpointing | None = None  # set by `checkpointed`
-
-    @contextmanager
-    def checkpointed(self, checkpointing: Checkpointing | None):
-        """Generations inside the with-block resume and save checkpoints as `checkpointing` says.
-
-        An engine setting rather than an argument: callers reach `generate` through `Generator.generate`.
-        """
-        self.checkpointing = checkpointing
-        try:
-            yield self
-        finally:
-            self.checkpointing = None
 
     def set_attention_backend(self, backend: str | None) -> None:
         for module in self.modules:
@@ -151,17 +194,12 @@ class DualParalEngine:
             text = torch.empty((plan.batch, 512, self.config.text_dim), dtype=self.dtype, device=self.device)
         return self.comm.broadcast_from_first(text.to(self.device, self.dtype).contiguous())
 
-    def generate(self, plan, text, noise=None, scheduler=None, on_block_done=None, on_step=None):
-        """Runs one generation; the first stage returns the latents (1, C, F, h, w), others None.
-
-        `noise` and `scheduler` are used on the first stage only; there `on_step()` is called after each
-        block-step's scheduler step and `on_block_done(block, latents)` as each block becomes final.
-        Inside `checkpointed(...)` it starts at a checkpoint's iteration and saves new checkpoints.
-        """
-        checkpointing = self.checkpointing or Checkpointing()
-        run = _Run(self, plan, text, noise, scheduler, on_block_done, on_step, checkpointing)
-        schedule = sched.DualParalSchedule(plan.timeline, self.comm.num_stages, self.stage, checkpointing.start,
-                                           checkpointing.every)
+    def generate(self, request: GenerationRequest) -> GenerationOutput:
+        """Runs one generation; `request.text` must already be on every stage (`share_text`)."""
+        run = _Run(self, request)
+        checkpointing = request.checkpointing
+        schedule = sched.DualParalSchedule(request.plan.timeline, self.comm.num_stages, self.stage,
+                                           checkpointing.start, checkpointing.every)
         fault = InjectedFault.from_environment(self.comm.rank)
         with torch.no_grad():
             for tick, instructions in enumerate(schedule.steps()):
@@ -171,28 +209,26 @@ class DualParalEngine:
                     run.execute(instruction)
                 run.transfer()
             run.finish()
-        return run.latents.video() if self.is_first else None
+        return GenerationOutput(run.latents.video() if self.is_first else None, run.stats)
 
 
 class _Run:
     """The state of one generation on one stage, and the method for each instruction."""
 
-    def __init__(self, engine: DualParalEngine, plan: GenerationPlan, text, noise, scheduler, on_block_done, on_step,
-                 checkpointing: Checkpointing):
+    def __init__(self, engine: DualParalEngine, request: GenerationRequest):
         self.engine = engine
-        self.plan = plan
-        self.build = WindowBuilder(plan, engine.conditioners, text, engine.device)
-        self.checkpointing = checkpointing
+        self.request = request
+        self.plan = plan = request.plan
+        self.build = WindowBuilder(plan, engine.conditioners, request.text, engine.device)
+        self.stats = StageStats()
         self.latents = None
         if engine.is_first:
-            resume = checkpointing.resume
-            assert (resume is None) == (checkpointing.start == 0), "a resumed run starts from a checkpoint's state"
+            resume = request.checkpointing.resume
+            assert (resume is None) == (request.checkpointing.start == 0), "a resumed run starts from a checkpoint's state"
             if resume is None:
-                self.latents = BlockLatents(plan, noise, scheduler, engine.device)
+                self.latents = BlockLatents(plan, request.noise, request.scheduler, engine.device)
             else:
-                self.latents = BlockLatents(plan, resume.latents, scheduler, engine.device, resume.schedulers)
-        self.on_block_done = on_block_done
-        self.on_step = on_step
+                self.latents = BlockLatents(plan, resume.latents, request.scheduler, engine.device, resume.schedulers)
         self.states = {}
         self.predictions = {}
         self.sends: list[tuple[torch.Tensor, int]] = []
@@ -211,7 +247,7 @@ class _Run:
         if not self.sends and not self.recvs:
             return
         self.engine.comm.exchange(self.sends, [(buffer, stage) for buffer, stage, _ in self.recvs])
-        self.engine.stats.bytes_sent += sum(t.numel() * t.element_size() for t, _ in self.sends)
+        self.stats.bytes_sent += sum(t.numel() * t.element_size() for t, _ in self.sends)
         for buffer, _, instruction in self.recvs:
             key = (instruction.block, instruction.step)
             if isinstance(instruction, sched.RecvActivation):
@@ -240,15 +276,15 @@ class _Run:
     def forward_layers(self, instruction) -> None:
         key = (instruction.block, instruction.step)
         module = self.engine.modules[self.plan.expert(instruction.step)]
-        if self.engine.timing:
+        if self.request.timing:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             self.states[key] = module(self.states[key])
             end.record()
-            self.engine.stats.forward_events.append((start, end))
+            self.stats.forward_events.append((start, end))
         else:
             self.states[key] = module(self.states[key])
-        self.engine.stats.block_steps += 1
+        self.stats.block_steps += 1
 
     def send_activation(self, instruction) -> None:
         state = self.states.pop((instruction.block, instruction.step))
@@ -269,16 +305,17 @@ class _Run:
         else:  # a single stage: the prediction never left
             pred = self.states.pop(key).pred
         self.latents.step(instruction.block, instruction.step, pred)
-        if self.on_step is not None:
-            self.on_step()
+        if self.request.on_step is not None:
+            self.request.on_step()
 
     def emit_block(self, instruction) -> None:
-        if self.on_block_done is not None:
-            self.on_block_done(instruction.block, self.latents.block(instruction.block))
+        if self.request.on_block_done is not None:
+            self.request.on_block_done(instruction.block, self.latents.block(instruction.block))
 
     def save_checkpoint(self, instruction) -> None:
-        if self.checkpointing.save is not None:
-            self.checkpointing.save(instruction.iteration, self.latents)
+        save = self.request.checkpointing.save
+        if save is not None:
+            save(instruction.iteration, self.latents)
 
     def finish(self) -> None:
         assert not self.states and not self.predictions, "schedule left work undone"

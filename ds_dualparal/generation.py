@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from deepspeed.runtime.pipe.topology import ProcessTopology
@@ -17,7 +17,7 @@ from deepspeed.runtime.pipe.topology import ProcessTopology
 from . import comm
 from .config import DualParalConfig
 from .denoise import GenerationPlan, make_scheduler, run_reference
-from .engine import DualParalEngine
+from .engine import DualParalEngine, GenerationRequest, StageStats
 from .model import Conditioner, WanConfig, layer_specs
 from .noise import initial_noise
 from .timeline import BlockTimeline
@@ -48,7 +48,7 @@ def build_plan(cfg: DualParalConfig, wan: WanConfig, scheduler, boundary_ratio: 
 class Result:
     latents: torch.Tensor | None  # first stage only
     seconds: float
-    frames: int
+    stats: StageStats
 
 
 class Generator:
@@ -75,13 +75,19 @@ class Generator:
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
         started = time.perf_counter()
+        self.fast = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        vae_layers = cfg.first_stage_vae_layers
         self.engine = DualParalEngine(
-            self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype, cfg.attention_backend
+            self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype,
+            cfg.attention_backend, self.fast, vae_layers,
         )
         read = sum(w.checkpoint.tensors_read for w in weights if isinstance(w, CheckpointWeights))
+        parts = self.engine.modules[0].parts
         log.info(
-            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d checkpoint tensors read)",
-            self.rank, self.engine.stage, stages, self.engine.comm.replica, replicas, time.perf_counter() - started, read,
+            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d checkpoint tensors read; layers %d-%d, "
+            "first stage's decoding counted as %.1f blocks)", self.rank, self.engine.stage, stages,
+            self.engine.comm.replica, replicas, time.perf_counter() - started, read, parts[self.engine.stage],
+            parts[self.engine.stage + 1] - 1, vae_layers,
         )
         self._vae = None
 
@@ -105,9 +111,6 @@ class Generator:
         folder = self.folder.path / "scheduler" if self.folder else None
         return make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder)
 
-    def plan(self, cfg: DualParalConfig) -> GenerationPlan:
-        return build_plan(cfg, self.wan, self.scheduler(cfg), self.boundary_ratio, self.num_experts)
-
     def encode(self, cfgs: list[DualParalConfig]) -> list[torch.Tensor | None]:
         """Prompt embeddings of the given jobs, encoded here on a first stage (one encoder load), else None."""
         if not self.is_first:
@@ -119,27 +122,41 @@ class Generator:
 
     @property
     def vae(self):
+        """The VAE on a first stage; with random weights, Wan2.1's VAE shape with seeded random values."""
         if self._vae is None:
             from diffusers import AutoencoderKLWan
 
-            self._vae = AutoencoderKLWan.from_pretrained(self.folder.path / "vae", dtype=torch.float32, use_safetensors=True)
+            if self.folder is None:
+                torch.manual_seed(self.cfg.seed)
+                self._vae = AutoencoderKLWan().to(self.device, DTYPES[self.cfg.vae_dtype]).eval()
+                return self._vae
+            self._vae = AutoencoderKLWan.from_pretrained(self.folder.path / "vae", dtype=DTYPES[self.cfg.vae_dtype],
+                                                         use_safetensors=True)
             self._vae.to(self.device).eval()
         return self._vae
 
-    def generate(self, cfg: DualParalConfig, text: torch.Tensor | None, on_block_done=None, on_step=None) -> Result:
-        """Runs one video through the pipeline; `text` is needed on the first stage only."""
+    def request(self, cfg: DualParalConfig, text: torch.Tensor | None = None, **options) -> GenerationRequest:
+        """The request of one video: its plan and scheduler, and on a first stage its initial noise.
+
+        `text` (prompt embeddings) is needed on the first stage only; `options` are the other
+        fields of `GenerationRequest` (checkpointing, hooks, timing).
+        """
         scheduler = self.scheduler(cfg)
         plan = build_plan(cfg, self.wan, scheduler, self.boundary_ratio, self.num_experts)
-        text = self.engine.share_text(text, plan)
         noise = None
         if self.is_first:
             shape = (self.wan.in_channels, plan.latent_height, plan.latent_width)
             noise = initial_noise(plan.timeline, cfg.seed, shape, cfg.noise)
+        return GenerationRequest(plan, text, noise, scheduler, **options)
+
+    def generate(self, request: GenerationRequest) -> Result:
+        """Runs one video through the pipeline (collective over the replica's stages)."""
+        text = self.engine.share_text(request.text, request.plan)
         started = time.perf_counter()
-        latents = self.engine.generate(plan, text, noise, scheduler, on_block_done, on_step)
+        output = self.engine.generate(replace(request, text=text))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return Result(latents, time.perf_counter() - started, cfg.num_frames)
+        return Result(output.latents, time.perf_counter() - started, output.stats)
 
 
 def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:

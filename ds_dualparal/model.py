@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
@@ -117,6 +118,40 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+def fuse_qkv(attn) -> None:
+    """Self-attention's q, k, v projections as one (3D x D) matmul, without a second copy of the weights.
+
+    `to_qkv` (what diffusers' `_get_qkv_projections` uses once `fused_projections` is set) holds the
+    weights; `to_q`, `to_k`, `to_v` become views of its rows, so the feature cache can still project
+    keys and values alone. Only for the fast path: a wider matmul may round differently.
+    """
+    parts = (attn.to_q, attn.to_k, attn.to_v)
+    with torch.device("meta"):
+        fused = nn.Linear(attn.to_q.in_features, sum(p.out_features for p in parts))
+    fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+    fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    rows = [p.out_features for p in parts]
+    for part, weight, bias in zip(parts, fused.weight.split(rows), fused.bias.split(rows)):
+        part.weight = nn.Parameter(weight, requires_grad=False)
+        part.bias = nn.Parameter(bias, requires_grad=False)
+    attn.to_qkv = fused
+    attn.fused_projections = True
+
+
+def _cached_key_value(attn, cached: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if attn.fused_projections:  # k and v rows of the fused weight: one matmul
+        dim = attn.to_q.out_features
+        return F.linear(cached, attn.to_qkv.weight[dim:], attn.to_qkv.bias[dim:]).chunk(2, dim=-1)
+    return attn.to_k(cached), attn.to_v(cached)
+
+
+@torch.compiler.disable
+def _attention(query, key, value, backend):
+    # Outside the compiled graph: eager SDPA keeps the backend PyTorch picks for these shapes (cuDNN on
+    # an H200, ~575 TFLOP/s), which the compiled graph did not (~10% slower, measured).
+    return dispatch_attention_fn(query, key, value, backend=backend)
+
+
 class WindowAttnProcessor:
     """Self-attention of a window over itself plus the cached frames of the next block."""
 
@@ -129,8 +164,9 @@ class WindowAttnProcessor:
         if window.capture is not None:
             window.captured = hidden_states[:, window.capture].clone()  # not a view: frees the window
         if window.cached is not None:
-            key = torch.cat([key, attn.to_k(window.cached)], dim=1)
-            value = torch.cat([value, attn.to_v(window.cached)], dim=1)
+            cached_key, cached_value = _cached_key_value(attn, window.cached)
+            key = torch.cat([key, cached_key], dim=1)
+            value = torch.cat([value, cached_value], dim=1)
         num_query = query.shape[1]
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
@@ -138,8 +174,7 @@ class WindowAttnProcessor:
         cos, sin = window.rope
         query = apply_rotary(query, cos[:, :num_query], sin[:, :num_query])
         key = apply_rotary(key, cos[:, : key.shape[1]], sin[:, : key.shape[1]])
-        out = dispatch_attention_fn(query, key, value, backend=self.backend)
-        out = out.flatten(2, 3).type_as(query)
+        out = _attention(query, key, value, self.backend).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -160,7 +195,7 @@ class WindowState:
     rope: tuple[torch.Tensor, torch.Tensor]
     cache: FeatureCache
     read_cache: bool = False  # attend to block+1's cached frames
-    capture: slice | None = None  # leave these tokens' k, v for block-1
+    capture: tuple[int, int] | None = None  # [start, stop) tokens whose attention input block-1 reads
     latents: torch.Tensor | None = None  # window input on the first stage
     hidden: torch.Tensor | None = None
     pred: torch.Tensor | None = None
@@ -214,9 +249,14 @@ class ChunkedFeedForward(FeedForward):
 
 
 class WanBlockLayer(WanTransformerBlock):
-    """One Wan transformer block, run by diffusers' own forward with the windowed self-attention."""
+    """One Wan transformer block, run by diffusers' own forward with the windowed self-attention.
 
-    def __init__(self, config: WanConfig, index: int, weights: WeightSource, backend: str | None = None):
+    `fast=True` (the CUDA default) fuses the q/k/v projections and runs the block through
+    `torch.compile`: one compiled graph per window shape, shared by every layer of the stage.
+    """
+
+    def __init__(self, config: WanConfig, index: int, weights: WeightSource, backend: str | None = None,
+                 fast: bool = False):
         with torch.device("meta"):
             super().__init__(
                 config.inner_dim,
@@ -232,6 +272,10 @@ class WanBlockLayer(WanTransformerBlock):
         self.attn1.set_processor(WindowAttnProcessor())
         self.set_attention_backend(backend)
         _materialized(self, weights, f"blocks.{index}.")
+        self._compute = self._block
+        if fast:
+            fuse_qkv(self.attn1)
+            self._compute = torch.compile(self._block, dynamic=False)
 
     def set_attention_backend(self, backend: str | None) -> None:
         """Self- and cross-attention through this diffusers backend (None: diffusers' default)."""
@@ -239,13 +283,17 @@ class WanBlockLayer(WanTransformerBlock):
         self.attn1.processor.backend = name
         self.attn2.processor._attention_backend = name
 
+    def _block(self, hidden, text, timestep_proj, rope, cached, capture):
+        window = AttentionWindow(rope=rope, cached=cached, capture=None if capture is None else slice(*capture))
+        hidden = WanTransformerBlock.forward(self, hidden, text, timestep_proj, window)
+        return hidden, window.captured
+
     def forward(self, state: WindowState) -> WindowState:
-        window = AttentionWindow(rope=state.rope, capture=state.capture)
-        if state.read_cache:
-            window.cached = state.cache.pop(self.index, state.block + 1)
-        state.hidden = super().forward(state.hidden, state.text, state.timestep_proj, window)
-        if window.captured is not None:
-            state.cache.put(self.index, state.block, window.captured)
+        cached = state.cache.pop(self.index, state.block + 1) if state.read_cache else None
+        state.hidden, captured = self._compute(state.hidden, state.text, state.timestep_proj, state.rope, cached,
+                                               state.capture)
+        if captured is not None:
+            state.cache.put(self.index, state.block, captured)
         return state
 
 
@@ -310,10 +358,11 @@ class Conditioner(nn.Module):
         return temb, timestep_proj.unflatten(1, (6, -1)), text
 
 
-def layer_specs(config: WanConfig, weights: WeightSource, backend: str | None = None) -> list[LayerSpec]:
+def layer_specs(config: WanConfig, weights: WeightSource, backend: str | None = None,
+                fast: bool = False) -> list[LayerSpec]:
     """The DiT as a flat list of lazily built layers: embedding, one per block, head."""
     return (
         [LayerSpec(WanEmbedLayer, config, weights)]
-        + [LayerSpec(WanBlockLayer, config, i, weights, backend) for i in range(config.num_layers)]
+        + [LayerSpec(WanBlockLayer, config, i, weights, backend, fast) for i in range(config.num_layers)]
         + [LayerSpec(WanHeadLayer, config, weights)]
     )

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .schedule import (EmitBlock, ForwardLayers, LoadWindow, RecvActivation, RecvPrediction,
-                       SchedulerStep, SendActivation, SendPrediction, stage_streams)
+                       SchedulerStep, SendActivation, SendPrediction, block_steps_from, stage_streams, tick_table)
 from .timeline import BlockTimeline
 
 
@@ -25,6 +25,7 @@ class Costs:
     layer_seconds: list[float]
     send_seconds: float = 0.0
     scheduler_seconds: float = 0.0
+    tick_seconds: float = 0.0  # fixed cost of each lockstep tick (launches, the batched exchange's set-up)
 
 
 @dataclass
@@ -221,6 +222,35 @@ def simulate(timeline: BlockTimeline, stages: int, costs: Costs) -> SimResult:
     return _Simulation(timeline, stages, costs).run()
 
 
+def simulate_ticks(timeline: BlockTimeline, stages: int, costs: Costs) -> SimResult:
+    """The lockstep pipeline as the engine runs it: each tick lasts as long as its slowest stage's
+    block-step (stage 0 also applies the predictions that arrive), plus the tick's transfer and fixed
+    cost, and no stage starts the next tick before every stage has finished this one.
+
+    `simulate` gives the ideal of the same schedule (each stage waits only for its own inputs);
+    the difference is the price of lockstep.
+    """
+    if len(costs.layer_seconds) != stages:
+        raise ValueError(f"costs.layer_seconds needs one entry per stage ({stages}), "
+                         f"got {len(costs.layer_seconds)}")
+    order = block_steps_from(timeline)
+    ticks = tick_table(timeline, stages)
+    reference = timeline.block_size + timeline.context
+    work = [[0.0] * stages for _ in range(ticks[-1][-1] + 1)]
+    busy = [0.0] * stages
+    for k, row in enumerate(ticks):
+        start, stop = timeline.window_range(order[k].block)
+        for p, tick in enumerate(row):
+            seconds = costs.layer_seconds[p] * (stop - start) / reference
+            work[tick][p] += seconds
+            busy[p] += seconds
+        work[row[-1]][0] += costs.scheduler_seconds  # the prediction is applied in the tick it arrives
+    transfer = costs.send_seconds if stages > 1 else 0.0
+    total = sum(max(stage_work) + transfer + costs.tick_seconds for stage_work in work)
+    bubble = 1.0 - sum(busy) / (stages * total) if total > 0 else 0.0
+    return SimResult(total_seconds=total, busy_seconds=busy, bubble_fraction=bubble, matched_messages=0, log=[])
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -264,6 +294,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="latency of one activation transfer between stages")
     parser.add_argument("--scheduler-seconds", type=_non_negative_float, default=0.0,
                         help="seconds of one scheduler step on stage 0")
+    parser.add_argument("--tick-seconds", type=_non_negative_float, default=0.0,
+                        help="fixed cost of each lockstep tick")
     return parser
 
 
@@ -275,15 +307,19 @@ def main(argv=None) -> int:
         parser.error(f"--context must be in [0, --block-size={args.block_size}], got {args.context}")
     timeline = BlockTimeline(args.frames, args.block_size, args.context, args.steps)
     costs = Costs(layer_seconds=[args.block_step_seconds / args.stages] * args.stages,
-                  send_seconds=args.send_seconds, scheduler_seconds=args.scheduler_seconds)
-    result = simulate(timeline, args.stages, costs)
-    one_device = simulate(timeline, 1, Costs([args.block_step_seconds], 0.0, args.scheduler_seconds))
+                  send_seconds=args.send_seconds, scheduler_seconds=args.scheduler_seconds,
+                  tick_seconds=args.tick_seconds)
+    ideal = simulate(timeline, args.stages, costs)
+    result = simulate_ticks(timeline, args.stages, costs)
+    one_device = simulate_ticks(timeline, 1, Costs([args.block_step_seconds], 0.0, args.scheduler_seconds,
+                                                   args.tick_seconds))
     block_steps = timeline.num_blocks * timeline.num_steps
     print(f"blocks: {timeline.num_blocks} (block 0: {timeline.block_len(0)} frames), "
           f"block-steps: {block_steps}, iterations: {timeline.num_iterations}")
-    print(f"predicted seconds: {result.total_seconds:.3f} "
+    print(f"predicted seconds (lockstep ticks, as the engine runs): {result.total_seconds:.3f} "
           f"(1 device: {one_device.total_seconds:.3f}, "
           f"speedup {one_device.total_seconds / result.total_seconds:.2f}x)")
+    print(f"without lockstep (each stage waits only for its inputs): {ideal.total_seconds:.3f}")
     print(f"block-steps/s: {block_steps / result.total_seconds:.3f}")
     print(f"bubble fraction: {result.bubble_fraction:.4f}")
     return 0

@@ -17,8 +17,10 @@ from tqdm import tqdm
 from . import comm
 from .checkpoint import Checkpoints
 from .engine import Checkpointing
+from .generation import Result
 from .jobs import record
-from .video import Mp4Writer, StreamingDecoder, save_frames, to_uint8_frames
+from .stream import BlockOutput, FrameSink
+from .video import Mp4Writer, StreamingDecoder, save_frames
 
 log = logging.getLogger(__name__)
 
@@ -41,48 +43,50 @@ def save_latents(path: str | Path, latents: torch.Tensor) -> None:
     os.replace(partial, path)
 
 
-def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) -> JobResult:
-    """Generates one job; with `checkpoints`, resumes from its start iteration and saves new ones.
+def generate_streaming(generator, request, sinks: list[FrameSink]) -> tuple[Result, int]:
+    """First stage: runs `request` with each finished block decoded and passed to `sinks` beside the
+    pipeline (see stream.py); returns once every frame is written, with the number of frames.
 
     A resumed run decodes the blocks that were final before the checkpoint from its latents first,
-    so the new mp4 holds every frame (the causal decoder must see every block in order anyway).
+    so the output holds every frame (the causal decoder must see every block in order anyway).
     """
+    output = BlockOutput(StreamingDecoder(generator.vae), sinks, generator.device)
+    try:
+        checkpointing = request.checkpointing
+        for block in range(max(0, checkpointing.start - request.plan.timeline.num_steps + 1)):
+            output.submit(block, checkpointing.resume.latents[block])
+        request.on_block_done = output.submit
+        result = generator.generate(request)
+    finally:
+        output.close()
+    return result, output.frames_written
+
+
+def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) -> JobResult:
+    """Generates one job; with `checkpoints`, resumes from its start iteration and saves new ones."""
     cfg = job.config
-    plan = generator.plan(cfg)
     start = checkpoints.start if checkpoints is not None else 0
     if not generator.is_first:
-        with generator.engine.checkpointed(Checkpointing(start)):
-            result = generator.generate(cfg, None)
+        result = generator.generate(generator.request(cfg, checkpointing=Checkpointing(start)))
         return JobResult(job.name, True, result.seconds, cfg.num_frames)
 
-    timeline = plan.timeline
-    checkpointing = None
+    request = generator.request(cfg, text)
+    timeline = request.plan.timeline
     if checkpoints is not None:
-        resume = checkpoints.load(plan, generator.device) if start else None
-        checkpointing = Checkpointing(start, checkpoints.every, resume, checkpoints.save)
+        resume = checkpoints.load(request.plan, generator.device) if start else None
+        request.checkpointing = Checkpointing(start, checkpoints.every, resume, checkpoints.save)
     total = timeline.num_blocks * timeline.num_steps
     done = sum(1 for step in timeline.block_steps() if step.iteration < start)
     bar = tqdm(total=total, initial=done, desc=job.name, unit="block-step", disable=generator.rank != 0)
-    frames_done = 0
+    request.on_step = bar.update
     started = time.perf_counter()
     try:
         with Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite) as writer:
-            decoder = StreamingDecoder(generator.vae)
-
-            def on_block_done(block, latents):
-                nonlocal frames_done
-                frames = to_uint8_frames(decoder.decode(latents))
-                writer.append(frames)
-                if args.save_frames is not None:
-                    save_frames(args.save_frames / job.name if args.jobs else args.save_frames, frames, frames_done)
-                frames_done += len(frames)
-                log.debug("%s: block %d final, %d frames written", job.name, block, frames_done)
-
-            # blocks that were final before the checkpoint (b + T - 1 < start), for the new mp4
-            for block in range(max(0, start - timeline.num_steps + 1)):
-                on_block_done(block, checkpointing.resume.latents[block])
-            with generator.engine.checkpointed(checkpointing):
-                result = generator.generate(cfg, text, on_block_done, on_step=bar.update)
+            sinks = [lambda frames, _: writer.append(frames)]
+            if args.save_frames is not None:
+                folder = args.save_frames / job.name if args.jobs else args.save_frames
+                sinks.append(lambda frames, first: save_frames(folder, frames, first))
+            result, frames_done = generate_streaming(generator, request, sinks)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
                 save_latents(cfg.save_latents, result.latents)
     except (OSError, RuntimeError) as err:
@@ -92,7 +96,8 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
         log.error("%s failed: %s", job.name, err)
         outcome = JobResult(job.name, False, time.perf_counter() - started, error=str(err))
     else:
-        outcome = JobResult(job.name, True, result.seconds, frames_done)
+        # the whole job: denoising and the decode of the last block, which only ends with it
+        outcome = JobResult(job.name, True, time.perf_counter() - started, frames_done)
         if checkpoints is not None:  # the video is out: nothing is left to resume
             checkpoints.clear()
     finally:

@@ -11,6 +11,7 @@ medians of --repeats.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -60,6 +61,8 @@ def worker(args) -> int:
     from ds_dualparal.flops import block_step_flops
     from ds_dualparal.generation import Generator
     from ds_dualparal.model import WanConfig
+    from ds_dualparal.planner import Costs, simulate_ticks
+    from ds_dualparal.schedule import tick_table
 
     wan = WanConfig(**SHAPES[args.shape])
     cases = parse_cases(args.cases)
@@ -67,7 +70,8 @@ def worker(args) -> int:
     base = DualParalConfig(
         height=args.height, width=args.width, num_frames=4 * (first["latent_frames"] - 1) + 1,
         num_inference_steps=first["steps"], block_size=args.block_size, context=args.context,
-        dtype="bfloat16", guidance_scale=5.0, attention_backend=args.backend,
+        dtype="bfloat16", guidance_scale=5.0, attention_backend=args.backend, compile=args.compile,
+        vae_dtype=args.vae_dtype, first_stage_vae_layers=args.first_stage_vae_layers,
     )
     started = time.perf_counter()
     generator = Generator(base, random_weights=[wan])
@@ -85,24 +89,28 @@ def worker(args) -> int:
         )
         generator.engine.set_attention_backend(case.get("backend", args.backend))
         if n == 0 or "backend" in case:  # later cases reuse the warmed-up kernels of the same block shapes
-            generator.generate(cfg.with_overrides(num_inference_steps=min(2, cfg.num_inference_steps)), text)
+            # 3 steps: a block-step that both reads the cache and leaves one for its neighbour occurs
+            # (each such window variant is compiled once)
+            warmup = cfg.with_overrides(num_inference_steps=min(3, cfg.num_inference_steps))
+            generator.generate(generator.request(warmup, text))
         times, busy = [], []
         for _ in range(args.repeats):
-            generator.engine.stats = type(generator.engine.stats)()
-            generator.engine.timing = cuda
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             comm.barrier()
-            result = generator.generate(cfg, text)
+            request = generator.request(cfg, text, timing=cuda)
+            result = generator.generate(request)
             times.append(result.seconds)
-            busy.append(generator.engine.stats.busy_seconds() if generator.engine.timing else 0.0)
+            busy.append(result.stats.busy_seconds() if cuda else 0.0)
         stats = comm.gather_objects(dict(
             peak=torch.cuda.max_memory_allocated(device) if cuda else 0, busy=statistics.median(busy),
-            sent=generator.engine.stats.bytes_sent,
+            sent=result.stats.bytes_sent,
         ))
+        digest = hashlib.sha256(result.latents.float().cpu().numpy().tobytes()).hexdigest()[:16] if rank0 else None
+        real = real_path(generator, cfg, args.shape, args.repeats) if args.real_path else None
         if not rank0:
             continue
-        plan = generator.plan(cfg)
+        plan = request.plan
         tl = plan.timeline
         flops = sum(
             block_step_flops(wan, plan.window_frames(b) * plan.tokens_per_frame(), tl.context * plan.tokens_per_frame() * tl.has_cache(b, b + s), plan.batch)
@@ -110,6 +118,11 @@ def worker(args) -> int:
         )
         seconds = statistics.median(times)
         stages = generator.topology.get_dim("pipe")
+        # the planner's lockstep simulation with each stage's measured busy time per block-step
+        block_steps = tl.num_blocks * tl.num_steps
+        costs = Costs([s["busy"] / block_steps for s in stats[:stages]]) if cuda else None
+        planner_s = simulate_ticks(tl, stages, costs).total_seconds if cuda else None
+        ticks = tick_table(tl, stages)[-1][-1] + 1
         record = dict(
             kind="dualparal", label=case["label"], shape=args.shape, gpus=stages, latent_frames=case["latent_frames"],
             height=cfg.height, width=cfg.width, steps=cfg.num_inference_steps, blocks=tl.num_blocks,
@@ -118,12 +131,100 @@ def worker(args) -> int:
             seconds_per_step=seconds / tl.num_steps, peak_gib=[s["peak"] / 2**30 for s in stats],
             mfu=flops / seconds / (PEAK_TFLOPS * 1e12 * stages), tflop=flops / 1e12,
             bubble=1.0 - sum(s["busy"] for s in stats[:stages]) / (stages * seconds) if cuda else None,
-            bytes_sent=sum(s["sent"] for s in stats), load_seconds=load_seconds,
+            bytes_sent=sum(s["sent"] for s in stats), load_seconds=load_seconds, fast=generator.fast,
+            partition=[int(p) for p in generator.engine.modules[0].parts], latents_sha256=digest,
+            planner_s=planner_s, ticks=ticks,
+            tick_overhead_s=(seconds - planner_s) / ticks if cuda else None,
         )
+        if real is not None:
+            record.update(real)
         _append(Path(args.out), record)
         print(json.dumps(record), flush=True)
     comm.shutdown()
     return 0
+
+
+class RandomTextEncoder:
+    """UMT5 of the real model's size (Wan: UMT5-XXL encoder) with random weights, through the same
+    `encode_prompt` the CLI uses; the embedded tiny tokenizer stands in for the real one."""
+
+    def __init__(self, shape: str, device):
+        import torch
+        from diffusers import WanPipeline
+        from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+        from ds_dualparal.tiny import TINY_WAN_PATH
+
+        if shape == "debug":
+            config = UMT5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+        else:
+            config = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                feed_forward_proj="gated-gelu")
+        with torch.device(device):
+            encoder = UMT5EncoderModel(config).to(torch.bfloat16).eval()
+        tokenizer = AutoTokenizer.from_pretrained(TINY_WAN_PATH / "tokenizer")
+        self.pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, scheduler=None)
+        self.device = device
+
+    def __call__(self, cfg):
+        import torch
+
+        from ds_dualparal.text import MAX_SEQUENCE_LENGTH
+
+        with torch.no_grad():
+            cond, uncond = self.pipe.encode_prompt(
+                prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, do_classifier_free_guidance=True,
+                max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device, dtype=torch.bfloat16)
+        return torch.cat([cond, uncond])
+
+
+def real_path(generator, cfg, shape: str, repeats: int) -> dict:
+    """The command's path after loading: text encoding (the encoder is then freed, as the CLI does),
+    the pipeline with every finished block decoded by the VAE beside it and its frames converted for
+    the writer (a null sink: no ffmpeg on the GPU machine). Median of `repeats` runs after one
+    warm-up; peak memory of the generation (after the encoder is freed)."""
+    import torch
+
+    from ds_dualparal import comm
+    from ds_dualparal.runner import generate_streaming
+
+    device = generator.device
+    cuda = device.type == "cuda"
+
+    def once():
+        encoder = RandomTextEncoder(shape, device) if generator.is_first else None
+        comm.barrier()
+        started = time.perf_counter()
+        text = encoder(cfg) if generator.is_first else None
+        if cuda:
+            torch.cuda.synchronize(device)
+        encoded = time.perf_counter()
+        del encoder
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        comm.barrier()
+        encoded, restarted = encoded - started, time.perf_counter()
+        request = generator.request(cfg, text)
+        if generator.is_first:
+            generate_streaming(generator, request, [lambda frames, first: None])
+        else:
+            generator.generate(request)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return encoded, time.perf_counter() - restarted
+
+    once()
+    runs = [once() for _ in range(repeats)]
+    stats = comm.gather_objects(dict(
+        peak=torch.cuda.max_memory_allocated(device) if cuda else 0,
+        runs=runs,
+    ))
+    first = stats[0]["runs"]
+    encode = statistics.median(r[0] for r in first)
+    generate = statistics.median(r[1] for r in first)
+    return dict(real_encode_s=encode, real_generate_s=generate, real_total_s=encode + generate,
+                real_runs=first, real_peak_gib=[s["peak"] / 2**30 for s in stats], vae_dtype=cfg.vae_dtype)
 
 
 def baseline(args) -> int:
@@ -178,7 +279,7 @@ def _free_port() -> int:
 
 
 def table(records: list[dict]) -> str:
-    head = f"{'run':<10} {'kind':<9} {'gpus':>4} {'F':>4} {'steps':>5} {'backend':<16} {'s':>8} {'s/step':>7} {'blk-st/s':>8} {'peak GiB/GPU':>14} {'MFU':>6} {'bubble':>6} {'MB sent':>8}"
+    head = f"{'run':<10} {'kind':<9} {'gpus':>4} {'F':>4} {'steps':>5} {'backend':<16} {'s':>8} {'s/step':>7} {'blk-st/s':>8} {'peak GiB/GPU':>14} {'MFU':>6} {'bubble':>6} {'MB sent':>8} {'real s':>7} {'real peak GiB':>14}"
     lines = [head, "-" * len(head)]
     for r in records:
         peak = "/".join(f"{p:.2f}" for p in r["peak_gib"])
@@ -186,6 +287,7 @@ def table(records: list[dict]) -> str:
             f"{r['label']:<10} {r['kind']:<9} {r['gpus']:>4} {r['latent_frames']:>4} {r['steps']:>5} {r['backend']:<16} "
             f"{r['seconds']:>8.2f} {r['seconds_per_step']:>7.3f} {r.get('block_steps_per_s', 0):>8.2f} {peak:>14} "
             f"{r['mfu']:>6.1%} {r.get('bubble') or 0:>6.1%} {r.get('bytes_sent', 0) / 1e6:>8.0f}"
+            f" {r.get('real_total_s', 0):>7.2f} {'/'.join(f'{p:.2f}' for p in r.get('real_peak_gib', [])):>14}"
         )
     return "\n".join(lines)
 
@@ -206,17 +308,23 @@ def driver(args) -> int:
     out.unlink(missing_ok=True)
     common = ["--shape", args.shape, "--height", str(args.height), "--width", str(args.width),
               "--block-size", str(args.block_size), "--context", str(args.context), "--repeats", str(args.repeats),
-              "--out", str(out), "--cases", args.cases]
+              "--out", str(out)]
     if args.backend:
         common += ["--backend", args.backend]
+    if args.compile is not None:
+        common += ["--compile" if args.compile else "--no-compile"]
+    if args.real_path:
+        common += ["--real-path"]
+    common += ["--vae-dtype", args.vae_dtype]
+    common += ["--first-stage-vae-layers", str(args.first_stage_vae_layers)]
     status = 0
     for gpus in [int(g) for g in args.gpus.split(",") if g]:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
-                   str(_free_port()), str(Path(__file__).resolve()), "--worker", *common]
+                   str(_free_port()), str(Path(__file__).resolve()), "--worker", *common, "--cases", args.cases]
         status |= _call(command, args.timeout)
     if args.baseline:
         base_cases = args.baseline_cases or args.cases
-        command = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", *common[:-1], base_cases]
+        command = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", *common, "--cases", base_cases]
         status |= _call(command, args.timeout)
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     print(table(records))
@@ -234,6 +342,13 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="anchor:48:10", help="label:latent_frames:steps[:backend[:HxW]],...")
     parser.add_argument("--backend", default=None, help="attention backend for all cases (diffusers name)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="fused q/k/v + torch.compile (default: on with CUDA)")
+    parser.add_argument("--real-path", action="store_true",
+                        help="also time the command's path: text encoding, pipeline, streaming VAE decode")
+    parser.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--first-stage-vae-layers", type=float, default=0.0,
+                        help="stage 0's decoding in blocks' worth of work, for the partition")
     parser.add_argument("--baseline", action="store_true", help="also run diffusers' WanPipeline on one GPU")
     parser.add_argument("--baseline-cases", default=None)
     parser.add_argument("--out", default="bench.jsonl")

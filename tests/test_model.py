@@ -123,7 +123,7 @@ def test_block_layer_reads_and_writes_the_feature_cache(wan, stage_model):
         return layers[1](state).hidden
 
     with torch.no_grad():
-        run(1, capture=slice(4, 8))  # block 1 leaves its second frame's k, v for block 0
+        run(1, capture=(4, 8))  # block 1 leaves its second frame's k, v for block 0
         assert len(cache) == 1
         plain = run(0)
         assert len(cache) == 1
@@ -186,3 +186,30 @@ def test_chunked_feed_forward_equals_the_whole(monkeypatch):
     whole = FeedForward.forward(ff, x)
     monkeypatch.setattr(ChunkedFeedForward, "chunk", 8)
     torch.testing.assert_close(ff(x), whole)
+
+
+def test_fast_block_equals_the_plain_block(wan, stage_model):
+    """Fused q/k/v and torch.compile (the CUDA default): same block output and cached input, within
+    float32 rounding; the fused weights are views, not a second copy."""
+    conditioner, _ = stage_model
+    weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+    plain, fast = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, fast=True)
+    attn = fast.attn1
+    assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[wan.inner_dim:].data_ptr()
+    torch.manual_seed(6)
+    temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
+    hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
+    outputs = []
+    for layer in (plain, fast):
+        cache = FeatureCache()
+        cache.put(1, 1, cached)
+        state = WindowState(
+            block=0, grid=(3, 2, 2), own_frames=2, guidance=None, temb=temb, timestep_proj=proj, text=text,
+            rope=conditioner.rotary(4, 2, 2, "cpu"), cache=cache, read_cache=True, capture=(4, 8),
+            hidden=hidden.clone(),
+        )
+        with torch.no_grad():
+            outputs.append((layer(state).hidden, cache.pop(1, 0)))
+    (want, want_captured), (got, got_captured) = outputs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_captured, want_captured, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,79 @@
+"""Finished blocks decoded and written beside the pipeline, not inside it.
+
+The first stage hands each final block to `BlockOutput.submit` and goes straight back to the
+schedule; a worker thread decodes the block with the streaming VAE decoder (on CUDA on a stream of
+its own, so decoding overlaps the transformer's kernels) and passes the frames to the sinks (mp4
+writer, PNG frames). Blocks are decoded in the order they are submitted, which is temporal order, so
+the video equals a decode of the whole latent video. A failure in the worker is raised on the
+caller's thread at the next `submit` or at `close`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .video import StreamingDecoder, to_uint8_frames
+
+FrameSink = Callable[[np.ndarray, int], object]  # (frames (n, H, W, 3) uint8, index of the first frame)
+
+
+class BlockOutput:
+    """Decodes submitted latent blocks in order on a worker thread and feeds their frames to `sinks`."""
+
+    def __init__(self, decoder: StreamingDecoder, sinks: list[FrameSink], device: torch.device):
+        self.decoder = decoder
+        self.sinks = sinks
+        self.frames_written = 0
+        self.seconds = 0.0  # decode and write time on the worker (it overlaps the denoising)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, name="block-output", daemon=True)
+        self._worker.start()
+
+    def submit(self, block: int, latents: torch.Tensor) -> None:
+        """Queue block `block`'s final latents (not modified afterwards) for decoding and writing."""
+        self._raise_failure()
+        ready = None
+        if self._stream is not None:
+            # the worker's stream waits for the kernels that produced the latents, and the allocator
+            # keeps their memory until the worker's kernels that read them are done
+            ready = torch.cuda.Event()
+            ready.record()
+            latents.record_stream(self._stream)
+        self._queue.put((block, latents, ready))
+
+    def close(self) -> None:
+        """Waits for every submitted block to be written; raises the worker's failure, if any."""
+        self._queue.put(None)
+        self._worker.join()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the caller learns of the failure at its next call
+            block, latents, ready = item
+            started = time.perf_counter()
+            try:
+                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                    if ready is not None:
+                        self._stream.wait_event(ready)
+                    frames = to_uint8_frames(self.decoder.decode(latents))  # to the CPU: waits for the decode
+                for sink in self.sinks:
+                    sink(frames, self.frames_written)
+                self.frames_written += len(frames)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                self._error = err
+            self.seconds += time.perf_counter() - started
