@@ -12,36 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from .config import ConfigError, load_config
+from .config import FLAGS, ConfigError, DualParalConfig, load_config, tags
 from .jobs import Job, done_outputs, read_jobs, record
 
 log = logging.getLogger("ds_dualparal")
-
-# flag -> config field
-FLAGS = {
-    "model": ("model", str, "local diffusers folder or hub id (default: the embedded tiny checkpoint)"),
-    "prompt": ("prompt", str, "text prompt"),
-    "negative_prompt": ("negative_prompt", str, "negative prompt for classifier-free guidance"),
-    "frames": ("num_frames", int, "video frames, 4k+1"),
-    "height": ("height", int, "height in pixels, a multiple of 16"),
-    "width": ("width", int, "width in pixels, a multiple of 16"),
-    "steps": ("num_inference_steps", int, "denoising steps per block"),
-    "guidance": ("guidance_scale", float, "classifier-free guidance scale (CFG on when > 1)"),
-    "block_size": ("block_size", int, "latent frames per block (B)"),
-    "context": ("context", int, "context frames taken from the previous block (c, 0..B)"),
-    "seed": ("seed", int, "noise seed"),
-    "dtype": ("dtype", str, "float32, bfloat16 or float16"),
-    "scheduler": ("scheduler", str, "unipc or euler"),
-    "flow_shift": ("flow_shift", float, "flow-matching shift"),
-    "noise": ("noise", str, "coordinated or independent initial noise"),
-    "stages": ("pipeline_stages", int, "pipeline stages per replica (default: all ranks)"),
-    "attention_backend": ("attention_backend", str, "diffusers attention backend, e.g. _native_cudnn"),
-    "output": ("output", str, "output mp4 (single video)"),
-    "save_latents": ("save_latents", str, "also save the final latents as safetensors (key 'latents')"),
-    "fps": ("fps", int, "frames per second of the mp4"),
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other bad input
@@ -54,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate long videos with Wan by DualParal, pipelined over DeepSpeed ranks.",
     )
     parser.add_argument("--config", help="ds_config JSON with a 'dualparal' section (default: built-in defaults)")
-    for flag, (_, kind, text) in FLAGS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=text)
+    for flag, field in FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, help=DualParalConfig.model_fields[field].description,
+                            **_flag_options(field))
     parser.add_argument("--jobs", type=Path, help="JSON Lines file, one job per line (prompt, frames, seed, output, ...)")
     parser.add_argument("--output-dir", type=Path, help="folder for the outputs and manifest of --jobs")
     parser.add_argument("--resume", action="store_true", help="with --jobs: skip jobs the manifest marks done")
@@ -69,15 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_options(field: str) -> dict:
+    """argparse keywords of a setting's flag: type and shown choices from its annotation, then its own tags.
+
+    A Literal's values are shown, not enforced here: the config check refuses a wrong one with the
+    same one-line message as in a config file.
+    """
+    annotation = DualParalConfig.model_fields[field].annotation
+    kinds = (annotation,) if get_origin(annotation) is Literal else get_args(annotation) or (annotation,)
+    kind = next(k for k in kinds if k is not type(None))
+    if get_origin(kind) is Literal:
+        options = {"type": str, "metavar": "{" + ",".join(get_args(kind)) + "}"}
+    else:
+        options = {"type": kind}
+    return {**options, **tags(field)["flag_options"]}
+
+
 def config_from_args(args):
     """The run config: the config file (or defaults) with the flags applied."""
-    overrides = {field: getattr(args, flag) for flag, (field, _, _) in FLAGS.items()}
+    overrides = {field: getattr(args, flag) for flag, field in FLAGS.items()}
     return load_config(args.config, overrides).dualparal
 
 
 def _name_flag(args, message: str) -> str:
     """`dualparal.num_frames: ...` -> `--frames: ...` when the value came from that flag."""
-    for flag, (field, _, _) in FLAGS.items():
+    for flag, field in FLAGS.items():
         if getattr(args, flag) is not None and message.startswith(f"dualparal.{field}:"):
             return "--" + flag.replace("_", "-") + message[len(f"dualparal.{field}") :]
     return message

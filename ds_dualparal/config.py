@@ -4,6 +4,24 @@ DeepSpeed's own top-level keys pass through untouched; the ``dualparal`` section
 frozen, typed ``DualParalConfig``. Every user mistake surfaces as one ``ConfigError`` line that
 starts with the offending field's path and says what is allowed. No torch import: the config is
 checked before anything heavy starts.
+
+Each field is declared once, with ``setting(...)``, which tags it for the rest of the program:
+
+- ``scope="model"``: fixed when the model loads, the same for every job of a run (a jobs line that
+  sets it is refused); ``scope="job"``: may change per job.
+- ``latents=True``: the final latents depend on it, so it is part of a resume checkpoint's
+  fingerprint (``checkpoint.py``).
+- ``flag="name"``: the command-line flag ``--name`` that overrides it (``cli.py``); its help text is
+  the field's description, its type and allowed values come from the annotation. A flag whose name
+  differs from the field is also accepted as a key in a jobs line (``frames`` for ``num_frames``).
+- ``flag_options={...}``: extra ``argparse.add_argument`` keywords, for a flag that argparse must
+  handle specially. E.g. a repeatable ``--lora PATH[:SCALE]`` takes ``flag_options={"action":
+  "append", "metavar": "PATH[:SCALE]"}``; argparse then hands over a list of strings, which the
+  field's own ``field_validator(..., mode="before")`` turns into the field's type.
+
+``MODEL_FIELDS``, ``LATENTS_FIELDS`` and ``FLAGS`` below are derived from these tags, and the
+allowed schedulers and noise modes from their ``Literal`` types: adding a setting is a change in
+this class only (plus the code that uses it).
 """
 
 from __future__ import annotations
@@ -39,6 +57,26 @@ AttentionBackend = Literal[
     "xformers",
 ]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
+Scheduler = Literal["unipc", "euler"]
+SCHEDULERS = get_args(Scheduler)
+NoiseMode = Literal["coordinated", "independent"]
+NOISE_MODES = get_args(NoiseMode)
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def setting(
+    default: Any,
+    description: str,
+    *,
+    scope: Literal["model", "job"],
+    latents: bool,
+    flag: str | None = None,
+    flag_options: dict[str, Any] | None = None,
+    **constraints: Any,
+) -> Any:
+    """A ``DualParalConfig`` field with its tags (module docstring); ``constraints`` go to pydantic's Field."""
+    tags = {"scope": scope, "latents": latents, "flag": flag, "flag_options": flag_options or {}}
+    return Field(default, description=description, json_schema_extra=tags, **constraints)
 
 
 class ConfigError(ValueError):
@@ -54,60 +92,86 @@ class DualParalConfig(BaseModel):
     # Strict: a JSON config says 480, not "480" or 480.0 or true.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    model: str | None = Field(
+    model: str | None = setting(
         None,
+        "Local diffusers folder or hub id of a Wan T2V model; unset: the embedded tiny checkpoint.",
+        scope="model", latents=True, flag="model",
         min_length=1,
-        description="Local diffusers folder or hub id of a Wan T2V model; None is the embedded tiny checkpoint.",
     )
-    prompt: str = Field(
-        "A cat walks on the grass, realistic style.", description="Text prompt for the video."
+    prompt: str = setting(
+        "A cat walks on the grass, realistic style.", "Text prompt for the video.",
+        scope="job", latents=True, flag="prompt",
     )
-    negative_prompt: str = Field("", description="Negative prompt, used by classifier-free guidance.")
-    height: int = Field(480, gt=0, description="Video height in pixels, a multiple of 16.")
-    width: int = Field(832, gt=0, description="Video width in pixels, a multiple of 16.")
-    num_frames: int = Field(81, ge=1, description="Video frames, 4k+1 (the VAE's temporal compression).")
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps per block.")
-    guidance_scale: float = Field(
-        5.0, ge=0, allow_inf_nan=False, description="Classifier-free guidance scale; CFG is on when > 1."
+    negative_prompt: str = setting(
+        "", "Negative prompt, used by classifier-free guidance.", scope="job", latents=True, flag="negative_prompt"
     )
-    guidance_scale_2: float | None = Field(
-        None,
-        ge=0,
-        allow_inf_nan=False,
-        description="Guidance scale of Wan2.2's low-noise expert; None uses guidance_scale.",
+    height: int = setting(
+        480, "Video height in pixels, a multiple of 16.", scope="job", latents=True, flag="height", gt=0
     )
-    scheduler: Literal["unipc", "euler"] = Field(
-        "unipc", description="Per-block scheduler: UniPC multistep or flow-match Euler."
+    width: int = setting(
+        832, "Video width in pixels, a multiple of 16.", scope="job", latents=True, flag="width", gt=0
     )
-    flow_shift: float = Field(3.0, gt=0, allow_inf_nan=False, description="Flow-matching timestep shift.")
-    block_size: int = Field(8, ge=1, description="Latent frames per block (B).")
-    context: int = Field(
-        8, ge=0, description="Latent frames of context shared with each neighbouring block (c <= B)."
+    num_frames: int = setting(
+        81, "Video frames, 4k+1 (the VAE's temporal compression).", scope="job", latents=True, flag="frames", ge=1
     )
-    noise: Literal["coordinated", "independent"] = Field(
-        "coordinated",
-        description="Initial noise: one shared pool permuted per block, or fresh noise per block.",
+    num_inference_steps: int = setting(
+        50, "Denoising steps per block.", scope="job", latents=True, flag="steps", ge=1
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="Dtype of the transformer's weights and activations."
+    guidance_scale: float = setting(
+        5.0, "Classifier-free guidance scale; CFG is on when > 1.", scope="job", latents=True, flag="guidance",
+        ge=0, allow_inf_nan=False,
     )
-    seed: int = Field(0, ge=0, description="Seed of the initial noise; the output depends on nothing else random.")
-    partition_method: str = Field(
-        "type:WanBlockLayer",
-        description="DeepSpeed pipeline partitioning: 'uniform' or 'type:<regex>' over layer class names.",
+    guidance_scale_2: float | None = setting(
+        None, "Guidance scale of Wan2.2's low-noise expert; unset: guidance_scale.",
+        scope="job", latents=True,
+        ge=0, allow_inf_nan=False,
     )
-    pipeline_stages: int | None = Field(
-        None, ge=1, description="Pipeline stages per replica; None uses all ranks in one replica."
+    scheduler: Scheduler = setting(
+        "unipc", "Per-block scheduler: UniPC multistep or flow-match Euler.",
+        scope="job", latents=True, flag="scheduler",
     )
-    attention_backend: AttentionBackend | None = Field(
-        None, description="diffusers attention backend; None keeps diffusers' default."
+    flow_shift: float = setting(
+        3.0, "Flow-matching timestep shift.", scope="job", latents=True, flag="flow_shift", gt=0, allow_inf_nan=False
     )
-    comm_timeout_s: int = Field(600, gt=0, description="Timeout of the distributed process group, in seconds.")
-    output: str = Field("outputs/video.mp4", min_length=1, description="Path of the output video.")
-    save_latents: str | None = Field(
-        None, min_length=1, description="If set, also save the final latents to this path."
+    block_size: int = setting(8, "Latent frames per block (B).", scope="job", latents=True, flag="block_size", ge=1)
+    context: int = setting(
+        8, "Latent frames of context shared with each neighbouring block (c <= B).",
+        scope="job", latents=True, flag="context", ge=0,
     )
-    fps: int = Field(16, gt=0, description="Frames per second of the output video.")
+    noise: NoiseMode = setting(
+        "coordinated", "Initial noise: one shared pool permuted per block, or fresh noise per block.",
+        scope="job", latents=True, flag="noise",
+    )
+    dtype: Dtype = setting(
+        "bfloat16", "Dtype of the transformer's weights and activations.", scope="model", latents=True, flag="dtype"
+    )
+    seed: int = setting(
+        0, "Seed of the initial noise; the output depends on nothing else random.",
+        scope="job", latents=True, flag="seed", ge=0,
+    )
+    partition_method: str = setting(
+        "type:WanBlockLayer", "DeepSpeed pipeline partitioning: 'uniform' or 'type:<regex>' over layer class names.",
+        scope="model", latents=False,
+    )
+    pipeline_stages: int | None = setting(
+        None, "Pipeline stages per replica; unset: all ranks in one replica.",
+        scope="model", latents=False, flag="stages", ge=1,
+    )
+    attention_backend: AttentionBackend | None = setting(
+        None, "diffusers attention backend; unset: diffusers' default.",
+        scope="model", latents=True, flag="attention_backend",
+    )
+    comm_timeout_s: int = setting(
+        600, "Timeout of the distributed process group, in seconds.", scope="model", latents=False, gt=0
+    )
+    output: str = setting(
+        "outputs/video.mp4", "Path of the output video (mp4).", scope="job", latents=False, flag="output", min_length=1
+    )
+    save_latents: str | None = setting(
+        None, "If set, also save the final latents to this path (safetensors, key 'latents').",
+        scope="job", latents=False, flag="save_latents", min_length=1,
+    )
+    fps: int = setting(16, "Frames per second of the output video.", scope="job", latents=False, flag="fps", gt=0)
 
     @property
     def latent_frames(self) -> int:
@@ -203,6 +267,21 @@ class DualParalConfig(BaseModel):
                 "dualparal", "{shown}: invalid regex ({error})", {"shown": _show(value), "error": str(exc)}
             ) from None
         return value
+
+
+def tags(name: str) -> dict[str, Any]:
+    """The tags ``setting`` gave field ``name``: scope, latents, flag, flag_options."""
+    extra = DualParalConfig.model_fields[name].json_schema_extra
+    assert isinstance(extra, dict) and "scope" in extra, f"DualParalConfig.{name}: declare it with setting(...)"
+    return extra
+
+
+# Settings of the loaded model, the same for every job of a run.
+MODEL_FIELDS = tuple(name for name in DualParalConfig.model_fields if tags(name)["scope"] == "model")
+# Settings the final latents depend on (a resume checkpoint's fingerprint).
+LATENTS_FIELDS = tuple(name for name in DualParalConfig.model_fields if tags(name)["latents"])
+# Command-line flag (argparse dest; `--block-size` on the command line) -> field.
+FLAGS = {tags(name)["flag"]: name for name in DualParalConfig.model_fields if tags(name)["flag"]}
 
 
 @dataclass

@@ -10,6 +10,11 @@ from hypothesis import strategies as st
 
 from ds_dualparal.config import (
     ATTENTION_BACKENDS,
+    FLAGS,
+    LATENTS_FIELDS,
+    MODEL_FIELDS,
+    NOISE_MODES,
+    SCHEDULERS,
     ConfigError,
     DualParalConfig,
     RunConfig,
@@ -104,11 +109,45 @@ def test_every_field_is_documented():
         assert info.description, name
 
 
+def test_every_field_is_classified():
+    """A new field must say, through setting(...), whether it is model- or job-level and changes the latents."""
+    for name, info in DualParalConfig.model_fields.items():
+        tags = info.json_schema_extra
+        assert isinstance(tags, dict), f"{name}: declare it with setting(...)"
+        assert tags["scope"] in ("model", "job"), name
+        assert type(tags["latents"]) is bool, name
+        assert tags["flag"] is None or tags["flag"].isidentifier(), name
+        assert isinstance(tags["flag_options"], dict), name
+
+
+def test_the_tags_keep_the_tables_they_replaced():
+    """The hand-written tables before the tags (cli.FLAGS, jobs.MODEL_FIELDS, checkpoint.OUTPUT_FIELDS + model);
+    fields added since may only add to them."""
+    old_fields = {
+        "model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+        "guidance_scale_2", "scheduler", "flow_shift", "block_size", "context", "noise", "dtype", "seed",
+        "partition_method", "pipeline_stages", "attention_backend", "comm_timeout_s", "output", "save_latents", "fps",
+    }
+    assert set(MODEL_FIELDS) & old_fields == {
+        "model", "dtype", "partition_method", "pipeline_stages", "attention_backend", "comm_timeout_s"}
+    not_latents = {"partition_method", "pipeline_stages", "comm_timeout_s", "output", "save_latents", "fps"}
+    assert set(LATENTS_FIELDS) & old_fields == old_fields - not_latents
+    assert {flag: field for flag, field in FLAGS.items() if field in old_fields} == {
+        "model": "model", "prompt": "prompt", "negative_prompt": "negative_prompt", "height": "height", "width": "width",
+        "frames": "num_frames", "steps": "num_inference_steps", "guidance": "guidance_scale", "scheduler": "scheduler",
+        "flow_shift": "flow_shift", "block_size": "block_size", "context": "context", "noise": "noise",
+        "dtype": "dtype", "seed": "seed", "stages": "pipeline_stages", "attention_backend": "attention_backend",
+        "output": "output", "save_latents": "save_latents", "fps": "fps",
+    }
+    assert (SCHEDULERS, NOISE_MODES) == (("unipc", "euler"), ("coordinated", "independent"))
+
+
 def test_deepspeed_keys_pass_through_untouched():
     ds = {"steps_per_print": 7, "comms_logger": {"enabled": True, "verbose": False}, "wall_clock_breakdown": True}
     run = config_from_dict({**ds, "dualparal": {"seed": 3}}, source="x.json")
     assert run.deepspeed == ds
     assert run.dualparal.seed == 3
+    assert run.source == "x.json"
     assert run.source == "x.json"
 
 
