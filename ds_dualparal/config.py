@@ -1,9 +1,10 @@
-"""Run configuration: a DeepSpeed config JSON whose ``dualparal`` section is validated here.
+"""Run configuration: the ``dualparal`` section of a config JSON, validated into ``DualParalConfig``.
 
-DeepSpeed's own top-level keys pass through untouched; the ``dualparal`` section becomes a
-frozen, typed ``DualParalConfig``. Every user mistake surfaces as one ``ConfigError`` line that
-starts with the offending field's path and says what is allowed. No torch import: the config is
-checked before anything heavy starts.
+Only the ``dualparal`` section is read. The shipped files are shaped like DeepSpeed configs and may
+hold DeepSpeed's own top-level keys, but those are accepted and ignored: nothing passes them to
+DeepSpeed. Every user mistake surfaces as one ``ConfigError`` line that starts with the offending
+field's path and says what is allowed. No torch import: the config is checked before anything
+heavy starts.
 
 Each field is declared once, with ``setting(...)``, which tags it for the rest of the program:
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
 import pydantic
@@ -286,15 +287,14 @@ FLAGS = {tags(name)["flag"]: name for name in DualParalConfig.model_fields if ta
 
 @dataclass
 class RunConfig:
-    """A whole run config: the validated section plus DeepSpeed's own keys, untouched."""
+    """A loaded config file: its validated ``dualparal`` section and where it came from."""
 
     dualparal: DualParalConfig
-    deepspeed: dict = field(default_factory=dict)
     source: str | None = None
 
 
 def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a DeepSpeed config JSON (None: all defaults) and apply ``overrides`` (None values skipped)."""
+    """Read a config JSON (None: all defaults) and apply ``overrides`` (None values skipped)."""
     if path is None:
         return config_from_dict({}, overrides=overrides)
     source = os.fspath(path)
@@ -315,7 +315,7 @@ def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
 
 
 def config_from_dict(d: Any, source: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Split a parsed config into DeepSpeed's keys and the validated ``dualparal`` section."""
+    """The validated ``dualparal`` section of a parsed config; the other top-level keys are ignored."""
     where = source or "config"
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: the top level must be a JSON object, got {_json_type(d)}")
@@ -323,8 +323,7 @@ def config_from_dict(d: Any, source: str | None = None, overrides: Mapping[str, 
     if not isinstance(section, dict):
         raise ConfigError(f"{SECTION}: must be a JSON object, got {_json_type(section)}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    deepspeed = {k: v for k, v in d.items() if k != SECTION}
-    return RunConfig(dualparal=_validate_section({**section, **given}), deepspeed=deepspeed, source=source)
+    return RunConfig(dualparal=_validate_section({**section, **given}), source=source)
 
 
 def _validate_section(values: dict) -> DualParalConfig:

@@ -51,8 +51,6 @@ def test_every_shipped_config_is_listed_and_loads():
     for path in SHIPPED:
         run = load_config(path)
         assert run.source == str(path)
-        assert run.deepspeed["train_micro_batch_size_per_gpu"] == 1
-        assert "dualparal" not in run.deepspeed
 
 
 def test_tiny_config_is_the_cpu_demo():
@@ -91,7 +89,7 @@ def test_model_configs(name, model, shape, steps, guidance, flow_shift):
 
 def test_defaults():
     run = load_config(None)
-    assert run == RunConfig(dualparal=DualParalConfig(), deepspeed={}, source=None)
+    assert run == RunConfig(dualparal=DualParalConfig(), source=None)
     cfg = run.dualparal
     assert cfg.model is None
     assert cfg.prompt == "A cat walks on the grass, realistic style."
@@ -142,12 +140,10 @@ def test_the_tags_keep_the_tables_they_replaced():
     assert (SCHEDULERS, NOISE_MODES) == (("unipc", "euler"), ("coordinated", "independent"))
 
 
-def test_deepspeed_keys_pass_through_untouched():
+def test_other_top_level_keys_are_accepted_and_ignored():
     ds = {"steps_per_print": 7, "comms_logger": {"enabled": True, "verbose": False}, "wall_clock_breakdown": True}
     run = config_from_dict({**ds, "dualparal": {"seed": 3}}, source="x.json")
-    assert run.deepspeed == ds
-    assert run.dualparal.seed == 3
-    assert run.source == "x.json"
+    assert run == RunConfig(dualparal=DualParalConfig(seed=3), source="x.json")
     assert run.source == "x.json"
 
 
@@ -295,7 +291,6 @@ def test_overrides_apply_on_top_of_the_file_and_skip_none(tmp_path):
     path = write_json(tmp_path, {"steps_per_print": 5, "dualparal": {"seed": 1, "height": 64, "width": 64}})
     run = load_config(path, overrides={"seed": 7, "num_inference_steps": 3, "height": None})
     assert (run.dualparal.seed, run.dualparal.num_inference_steps, run.dualparal.height) == (7, 3, 64)
-    assert run.deepspeed == {"steps_per_print": 5}
 
 
 def test_overrides_are_validated_together_with_the_file(tmp_path):
