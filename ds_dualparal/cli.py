@@ -203,7 +203,7 @@ def _decide(args, cfg):
     model folder. Returns the jobs and the checkpoint folder (None without --checkpoint-dir)."""
     from . import comm
     from .checkpoint import ResumeError
-    from .weights import CheckpointError
+    from .weights import ModelError
 
     error = jobs = checkpoints = None
     rank, world_size = comm.world()
@@ -214,7 +214,7 @@ def _decide(args, cfg):
         check_model(cfg)
         if rank == 0 and args.checkpoint_dir is not None:
             checkpoints = open_checkpoints(args, cfg)
-    except (ConfigError, CheckpointError, ResumeError) as err:
+    except (ConfigError, ModelError, ResumeError) as err:
         error = str(err)
     _agree(error)
     return comm.share_object((jobs, checkpoints))
@@ -223,12 +223,12 @@ def _decide(args, cfg):
 def _load(cfg):
     """This rank's stage; a rank that cannot load it (e.g. a shard missing on its node) stops them all."""
     from .generation import Generator
-    from .weights import CheckpointError
+    from .weights import ModelError
 
     generator = error = None
     try:
         generator = Generator(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, ModelError) as err:
         error = str(err)
     _agree(error)
     return generator

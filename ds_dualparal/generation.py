@@ -21,7 +21,7 @@ from .engine import DualParalEngine
 from .model import Conditioner, WanConfig, layer_specs
 from .noise import initial_noise
 from .timeline import BlockTimeline
-from .weights import CheckpointWeights, ModelFolder, RandomWeights, resolve_model
+from .weights import FolderWeights, ModelFolder, RandomWeights, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Generator:
         if random_weights is None:
             self.folder = ModelFolder(resolve_model(cfg.model))
             expert_configs = [WanConfig.from_json(f / "config.json") for f in self.folder.experts]
-            weights = [CheckpointWeights(f, self.dtype, self.device) for f in self.folder.experts]
+            weights = [FolderWeights(f, self.dtype, self.device) for f in self.folder.experts]
             self.boundary_ratio = self.folder.boundary_ratio
         else:
             self.folder = None
@@ -78,9 +78,9 @@ class Generator:
         self.engine = DualParalEngine(
             self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype, cfg.attention_backend
         )
-        read = sum(w.checkpoint.tensors_read for w in weights if isinstance(w, CheckpointWeights))
+        read = sum(w.safetensors.tensors_read for w in weights if isinstance(w, FolderWeights))
         log.info(
-            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d checkpoint tensors read)",
+            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d weight tensors read)",
             self.rank, self.engine.stage, stages, self.engine.comm.replica, replicas, time.perf_counter() - started, read,
         )
         self._vae = None
@@ -149,7 +149,7 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
     experts = []
     for expert in folder.experts:
         wan = WanConfig.from_json(expert / "config.json")
-        weights = CheckpointWeights(expert, dtype, device)
+        weights = FolderWeights(expert, dtype, device)
         layers = [spec.build() for spec in layer_specs(wan, weights, cfg.attention_backend)]
         experts.append((Conditioner(wan, weights).to(device), layers))
     from .text import encode_prompts
