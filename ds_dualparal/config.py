@@ -43,6 +43,10 @@ SECTION = "dualparal"
 SPATIAL_MULTIPLE = 16
 # Wan's causal VAE maps 4k+1 video frames to k+1 latent frames.
 TEMPORAL_FACTOR = 4
+# Wan pads or cuts every prompt to this many UMT5 tokens.
+TEXT_TOKENS = 512
+# Wan2.2-T2V-A14B's boundary_ratio: its high-noise expert runs the steps with t >= ratio * 1000.
+WAN22_BOUNDARY_RATIO = 0.875
 
 # diffusers attention backends that run without downloading kernels and accept a key/value
 # sequence longer than the query (the feature cache makes it so).

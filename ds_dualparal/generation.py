@@ -15,7 +15,7 @@ import torch
 from deepspeed.runtime.pipe.topology import ProcessTopology
 
 from . import comm
-from .config import DualParalConfig
+from .config import WAN22_BOUNDARY_RATIO, DualParalConfig
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine
 from .model import Conditioner, WanConfig, layer_specs
@@ -71,7 +71,7 @@ class Generator:
             self.folder = None
             expert_configs = random_weights
             weights = [RandomWeights(cfg.seed + e, self.dtype, self.device) for e in range(len(random_weights))]
-            self.boundary_ratio = 0.875 if len(random_weights) == 2 else None
+            self.boundary_ratio = WAN22_BOUNDARY_RATIO if len(random_weights) == 2 else None
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
         started = time.perf_counter()
