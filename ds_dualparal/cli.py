@@ -50,7 +50,8 @@ def _flag_options(field: str) -> dict:
     """argparse keywords of a setting's flag: type and shown choices from its annotation, then its own tags.
 
     A Literal's values are shown, not enforced here: the config check refuses a wrong one with the
-    same one-line message as in a config file.
+    same one-line message as in a config file. Any other type than int, float or str (a list, a
+    model) arrives as the flag's text, for the field's own validator to convert.
     """
     annotation = DualParalConfig.model_fields[field].annotation
     kinds = (annotation,) if get_origin(annotation) is Literal else get_args(annotation) or (annotation,)
@@ -58,7 +59,7 @@ def _flag_options(field: str) -> dict:
     if get_origin(kind) is Literal:
         options = {"type": str, "metavar": "{" + ",".join(get_args(kind)) + "}"}
     else:
-        options = {"type": kind}
+        options = {"type": kind if kind in (int, float, str) else str}
     return {**options, **tags(field)["flag_options"]}
 
 
