@@ -18,8 +18,9 @@ tensors go to safetensors, the rest to JSON.
 A checkpoint is written into `DIR/.iter_000012.partial` and renamed when whole, so a folder named
 `iter_*` is always complete; the older checkpoints are deleted after, and all once the video is out.
 The fingerprint is the sha256 of a canonical JSON of everything the latents depend on (the config
-fields tagged `latents=True` in config.py, with the model as its resolved folder, and the format); not the number of ranks, which the latents do
-not depend on, so a run may resume on another number of stages.
+fields tagged `latents=True` in config.py, with the model as its resolved folder, and the format);
+not the number of ranks, which the latents do not depend on, so a run may resume on another number
+of stages.
 """
 
 from __future__ import annotations

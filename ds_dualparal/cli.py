@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="generate.py",
         description="Generate long videos with Wan by DualParal, pipelined over DeepSpeed ranks.",
     )
-    parser.add_argument("--config", help="ds_config JSON with a 'dualparal' section (default: built-in defaults)")
+    parser.add_argument("--config", help="config JSON; only its 'dualparal' section is read (default: built-in defaults)")
     for flag, field in FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, help=DualParalConfig.model_fields[field].description,
                             **_flag_options(field))

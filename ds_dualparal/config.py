@@ -13,16 +13,17 @@ Each field is declared once, with ``setting(...)``, which tags it for the rest o
 - ``latents=True``: the final latents depend on it, so it is part of a resume checkpoint's
   fingerprint (``checkpoint.py``).
 - ``flag="name"``: the command-line flag ``--name`` that overrides it (``cli.py``); its help text is
-  the field's description, its type and allowed values come from the annotation. A flag whose name
-  differs from the field is also accepted as a key in a jobs line (``frames`` for ``num_frames``).
+  the field's description, its type and shown choices come from the annotation (a type other than
+  int, float, str or a Literal arrives as text). A flag whose name differs from the field is also
+  accepted as a key in a jobs line (``frames`` for ``num_frames``).
 - ``flag_options={...}``: extra ``argparse.add_argument`` keywords, for a flag that argparse must
   handle specially. E.g. a repeatable ``--lora PATH[:SCALE]`` takes ``flag_options={"action":
   "append", "metavar": "PATH[:SCALE]"}``; argparse then hands over a list of strings, which the
   field's own ``field_validator(..., mode="before")`` turns into the field's type.
 
 ``MODEL_FIELDS``, ``LATENTS_FIELDS`` and ``FLAGS`` below are derived from these tags, and the
-allowed schedulers and noise modes from their ``Literal`` types: adding a setting is a change in
-this class only (plus the code that uses it).
+allowed schedulers and noise modes from their ``Literal`` types: adding a setting is one
+declaration in ``DualParalConfig`` (plus the code that uses it).
 """
 
 from __future__ import annotations
