@@ -17,9 +17,10 @@ tensors go to safetensors, the rest to JSON.
 
 A checkpoint is written into `DIR/.iter_000012.partial` and renamed when whole, so a folder named
 `iter_*` is always complete; the older checkpoints are deleted after, and all once the video is out.
-The fingerprint is the sha256 of a canonical JSON of everything the latents depend on (the output
-fields of the config, the model folder, the format); not the number of ranks, which the latents do
-not depend on, so a run may resume on another number of stages.
+The fingerprint is the sha256 of a canonical JSON of everything the latents depend on (the config
+fields tagged `latents=True` in config.py, with the model as its resolved folder, and the format);
+not the number of ranks, which the latents do not depend on, so a run may resume on another number
+of stages.
 """
 
 from __future__ import annotations
@@ -37,17 +38,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import LATENTS_FIELDS
 from .denoise import BlockLatents, GenerationPlan
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-# Config fields the latents depend on; the others (output paths, fps, ranks, timeouts) do not.
-OUTPUT_FIELDS = (
-    "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
-    "guidance_scale_2", "scheduler", "flow_shift", "block_size", "context", "noise", "dtype", "seed",
-    "attention_backend", "compile",
-)
 LATENTS, SCHEDULERS, STATE, MANIFEST = "latents.safetensors", "schedulers.safetensors", "state.json", "manifest.json"
 _CHECKPOINT = re.compile(r"iter_(\d{6,})")
 
@@ -57,8 +53,8 @@ class ResumeError(ValueError):
 
 
 def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
-    """What the latents of `cfg` depend on, as JSON values."""
-    fields = {name: getattr(cfg, name) for name in OUTPUT_FIELDS}
+    """What the latents of `cfg` depend on, as JSON values; the model as the folder it resolved to."""
+    fields = {name: getattr(cfg, name) for name in LATENTS_FIELDS}
     fields.update(model=str(Path(model_path).resolve()), format=FORMAT)
     return fields
 

@@ -12,37 +12,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from .config import ConfigError, load_config
+from .config import FLAGS, ConfigError, DualParalConfig, load_config, tags
 from .jobs import Job, done_outputs, read_jobs, record
 
 log = logging.getLogger("ds_dualparal")
-
-# flag -> config field
-FLAGS = {
-    "model": ("model", str, "local diffusers folder or hub id (default: the embedded tiny checkpoint)"),
-    "prompt": ("prompt", str, "text prompt"),
-    "negative_prompt": ("negative_prompt", str, "negative prompt for classifier-free guidance"),
-    "frames": ("num_frames", int, "video frames, 4k+1"),
-    "height": ("height", int, "height in pixels, a multiple of 16"),
-    "width": ("width", int, "width in pixels, a multiple of 16"),
-    "steps": ("num_inference_steps", int, "denoising steps per block"),
-    "guidance": ("guidance_scale", float, "classifier-free guidance scale (CFG on when > 1)"),
-    "block_size": ("block_size", int, "latent frames per block (B)"),
-    "context": ("context", int, "context frames taken from the previous block (c, 0..B)"),
-    "seed": ("seed", int, "noise seed"),
-    "dtype": ("dtype", str, "float32, bfloat16 or float16"),
-    "scheduler": ("scheduler", str, "unipc or euler"),
-    "flow_shift": ("flow_shift", float, "flow-matching shift"),
-    "noise": ("noise", str, "coordinated or independent initial noise"),
-    "stages": ("pipeline_stages", int, "pipeline stages per replica (default: all ranks)"),
-    "attention_backend": ("attention_backend", str, "diffusers attention backend, e.g. _native_cudnn"),
-    "vae_dtype": ("vae_dtype", str, "float32 or bfloat16 VAE decoder"),
-    "output": ("output", str, "output mp4 (single video)"),
-    "save_latents": ("save_latents", str, "also save the final latents as safetensors (key 'latents')"),
-    "fps": ("fps", int, "frames per second of the mp4"),
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other bad input
@@ -54,11 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="generate.py",
         description="Generate long videos with Wan by DualParal, pipelined over DeepSpeed ranks.",
     )
-    parser.add_argument("--config", help="ds_config JSON with a 'dualparal' section (default: built-in defaults)")
-    for flag, (_, kind, text) in FLAGS.items():
-        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=text)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="fused q/k/v and torch.compile of every block (default: on with CUDA, off on CPU)")
+    parser.add_argument("--config", help="config JSON; only its 'dualparal' section is read (default: built-in defaults)")
+    for flag, field in FLAGS.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, help=DualParalConfig.model_fields[field].description,
+                            **_flag_options(field))
     parser.add_argument("--jobs", type=Path, help="JSON Lines file, one job per line (prompt, frames, seed, output, ...)")
     parser.add_argument("--output-dir", type=Path, help="folder for the outputs and manifest of --jobs")
     parser.add_argument("--resume", action="store_true", help="with --jobs: skip jobs the manifest marks done")
@@ -72,16 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_options(field: str) -> dict:
+    """argparse keywords of a setting's flag: type and shown choices from its annotation, then its own tags.
+
+    A Literal's values are shown, not enforced here: the config check refuses a wrong one with the
+    same one-line message as in a config file. Any other type than int, float or str (a list, a
+    model) arrives as the flag's text, for the field's own validator to convert.
+    """
+    annotation = DualParalConfig.model_fields[field].annotation
+    kinds = (annotation,) if get_origin(annotation) is Literal else get_args(annotation) or (annotation,)
+    kind = next(k for k in kinds if k is not type(None))
+    if get_origin(kind) is Literal:
+        options = {"type": str, "metavar": "{" + ",".join(get_args(kind)) + "}"}
+    else:
+        options = {"type": kind if kind in (int, float, str) else str}
+    return {**options, **tags(field)["flag_options"]}
+
+
 def config_from_args(args):
     """The run config: the config file (or defaults) with the flags applied."""
-    overrides = {field: getattr(args, flag) for flag, (field, _, _) in FLAGS.items()}
-    overrides["compile"] = args.compile
+    overrides = {field: getattr(args, flag) for flag, field in FLAGS.items()}
     return load_config(args.config, overrides).dualparal
 
 
 def _name_flag(args, message: str) -> str:
     """`dualparal.num_frames: ...` -> `--frames: ...` when the value came from that flag."""
-    for flag, (field, _, _) in FLAGS.items():
+    for flag, field in FLAGS.items():
         if getattr(args, flag) is not None and message.startswith(f"dualparal.{field}:"):
             return "--" + flag.replace("_", "-") + message[len(f"dualparal.{field}") :]
     return message
@@ -214,7 +204,7 @@ def _decide(args, cfg):
     model folder. Returns the jobs and the checkpoint folder (None without --checkpoint-dir)."""
     from . import comm
     from .checkpoint import ResumeError
-    from .weights import CheckpointError
+    from .weights import ModelError
 
     error = jobs = checkpoints = None
     rank, world_size = comm.world()
@@ -225,7 +215,7 @@ def _decide(args, cfg):
         check_model(cfg)
         if rank == 0 and args.checkpoint_dir is not None:
             checkpoints = open_checkpoints(args, cfg)
-    except (ConfigError, CheckpointError, ResumeError) as err:
+    except (ConfigError, ModelError, ResumeError) as err:
         error = str(err)
     _agree(error)
     return comm.share_object((jobs, checkpoints))
@@ -234,12 +224,12 @@ def _decide(args, cfg):
 def _load(cfg):
     """This rank's stage; a rank that cannot load it (e.g. a shard missing on its node) stops them all."""
     from .generation import Generator
-    from .weights import CheckpointError
+    from .weights import ModelError
 
     generator = error = None
     try:
         generator = Generator(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, ModelError) as err:
         error = str(err)
     _agree(error)
     return generator

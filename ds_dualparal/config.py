@@ -1,17 +1,38 @@
-"""Run configuration: a DeepSpeed config JSON whose ``dualparal`` section is validated here.
+"""Run configuration: the ``dualparal`` section of a config JSON, validated into ``DualParalConfig``.
 
-DeepSpeed's own top-level keys pass through untouched; the ``dualparal`` section becomes a
-frozen, typed ``DualParalConfig``. Every user mistake surfaces as one ``ConfigError`` line that
-starts with the offending field's path and says what is allowed. No torch import: the config is
-checked before anything heavy starts.
+Only the ``dualparal`` section is read. The shipped files are shaped like DeepSpeed configs and may
+hold DeepSpeed's own top-level keys, but those are accepted and ignored: nothing passes them to
+DeepSpeed. Every user mistake surfaces as one ``ConfigError`` line that starts with the offending
+field's path and says what is allowed. No torch import: the config is checked before anything
+heavy starts.
+
+Each field is declared once, with ``setting(...)``, which tags it for the rest of the program:
+
+- ``scope="model"``: fixed when the model loads, the same for every job of a run (a jobs line that
+  sets it is refused); ``scope="job"``: may change per job.
+- ``latents=True``: the final latents depend on it, so it is part of a resume checkpoint's
+  fingerprint (``checkpoint.py``).
+- ``flag="name"``: the command-line flag ``--name`` that overrides it (``cli.py``); its help text is
+  the field's description, its type and shown choices come from the annotation (a type other than
+  int, float, str or a Literal arrives as text). A flag whose name differs from the field is also
+  accepted as a key in a jobs line (``frames`` for ``num_frames``).
+- ``flag_options={...}``: extra ``argparse.add_argument`` keywords, for a flag that argparse must
+  handle specially. E.g. a repeatable ``--lora PATH[:SCALE]`` takes ``flag_options={"action":
+  "append", "metavar": "PATH[:SCALE]"}``; argparse then hands over a list of strings, which the
+  field's own ``field_validator(..., mode="before")`` turns into the field's type.
+
+``MODEL_FIELDS``, ``LATENTS_FIELDS`` and ``FLAGS`` below are derived from these tags, and the
+allowed schedulers and noise modes from their ``Literal`` types: adding a setting is one
+declaration in ``DualParalConfig`` (plus the code that uses it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
 import pydantic
@@ -24,6 +45,10 @@ SECTION = "dualparal"
 SPATIAL_MULTIPLE = 16
 # Wan's causal VAE maps 4k+1 video frames to k+1 latent frames.
 TEMPORAL_FACTOR = 4
+# Wan pads or cuts every prompt to this many UMT5 tokens.
+TEXT_TOKENS = 512
+# Wan2.2-T2V-A14B's boundary_ratio: its high-noise expert runs the steps with t >= ratio * 1000.
+WAN22_BOUNDARY_RATIO = 0.875
 
 # diffusers attention backends that run without downloading kernels and accept a key/value
 # sequence longer than the query (the feature cache makes it so).
@@ -39,6 +64,26 @@ AttentionBackend = Literal[
     "xformers",
 ]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
+Scheduler = Literal["unipc", "euler"]
+SCHEDULERS = get_args(Scheduler)
+NoiseMode = Literal["coordinated", "independent"]
+NOISE_MODES = get_args(NoiseMode)
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def setting(
+    default: Any,
+    description: str,
+    *,
+    scope: Literal["model", "job"],
+    latents: bool,
+    flag: str | None = None,
+    flag_options: dict[str, Any] | None = None,
+    **constraints: Any,
+) -> Any:
+    """A ``DualParalConfig`` field with its tags (module docstring); ``constraints`` go to pydantic's Field."""
+    tags = {"scope": scope, "latents": latents, "flag": flag, "flag_options": flag_options or {}}
+    return Field(default, description=description, json_schema_extra=tags, **constraints)
 
 
 class ConfigError(ValueError):
@@ -54,75 +99,101 @@ class DualParalConfig(BaseModel):
     # Strict: a JSON config says 480, not "480" or 480.0 or true.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    model: str | None = Field(
+    model: str | None = setting(
         None,
+        "Local diffusers folder or hub id of a Wan T2V model; unset: the embedded tiny checkpoint.",
+        scope="model", latents=True, flag="model",
         min_length=1,
-        description="Local diffusers folder or hub id of a Wan T2V model; None is the embedded tiny checkpoint.",
     )
-    prompt: str = Field(
-        "A cat walks on the grass, realistic style.", description="Text prompt for the video."
+    prompt: str = setting(
+        "A cat walks on the grass, realistic style.", "Text prompt for the video.",
+        scope="job", latents=True, flag="prompt",
     )
-    negative_prompt: str = Field("", description="Negative prompt, used by classifier-free guidance.")
-    height: int = Field(480, gt=0, description="Video height in pixels, a multiple of 16.")
-    width: int = Field(832, gt=0, description="Video width in pixels, a multiple of 16.")
-    num_frames: int = Field(81, ge=1, description="Video frames, 4k+1 (the VAE's temporal compression).")
-    num_inference_steps: int = Field(50, ge=1, description="Denoising steps per block.")
-    guidance_scale: float = Field(
-        5.0, ge=0, allow_inf_nan=False, description="Classifier-free guidance scale; CFG is on when > 1."
+    negative_prompt: str = setting(
+        "", "Negative prompt, used by classifier-free guidance.", scope="job", latents=True, flag="negative_prompt"
     )
-    guidance_scale_2: float | None = Field(
-        None,
-        ge=0,
-        allow_inf_nan=False,
-        description="Guidance scale of Wan2.2's low-noise expert; None uses guidance_scale.",
+    height: int = setting(
+        480, "Video height in pixels, a multiple of 16.", scope="job", latents=True, flag="height", gt=0
     )
-    scheduler: Literal["unipc", "euler"] = Field(
-        "unipc", description="Per-block scheduler: UniPC multistep or flow-match Euler."
+    width: int = setting(
+        832, "Video width in pixels, a multiple of 16.", scope="job", latents=True, flag="width", gt=0
     )
-    flow_shift: float = Field(3.0, gt=0, allow_inf_nan=False, description="Flow-matching timestep shift.")
-    block_size: int = Field(8, ge=1, description="Latent frames per block (B).")
-    context: int = Field(
-        8, ge=0, description="Latent frames of context shared with each neighbouring block (c <= B)."
+    num_frames: int = setting(
+        81, "Video frames, 4k+1 (the VAE's temporal compression).", scope="job", latents=True, flag="frames", ge=1
     )
-    noise: Literal["coordinated", "independent"] = Field(
-        "coordinated",
-        description="Initial noise: one shared pool permuted per block, or fresh noise per block.",
+    num_inference_steps: int = setting(
+        50, "Denoising steps per block.", scope="job", latents=True, flag="steps", ge=1
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="Dtype of the transformer's weights and activations."
+    guidance_scale: float = setting(
+        5.0, "Classifier-free guidance scale; CFG is on when > 1.", scope="job", latents=True, flag="guidance",
+        ge=0, allow_inf_nan=False,
     )
-    seed: int = Field(0, ge=0, description="Seed of the initial noise; the output depends on nothing else random.")
-    partition_method: str = Field(
-        "type:WanBlockLayer",
-        description="DeepSpeed pipeline partitioning: 'uniform' or 'type:<regex>' over layer class names.",
+    guidance_scale_2: float | None = setting(
+        None, "Guidance scale of Wan2.2's low-noise expert; unset: guidance_scale.",
+        scope="job", latents=True,
+        ge=0, allow_inf_nan=False,
     )
-    pipeline_stages: int | None = Field(
-        None, ge=1, description="Pipeline stages per replica; None uses all ranks in one replica."
+    scheduler: Scheduler = setting(
+        "unipc", "Per-block scheduler: UniPC multistep or flow-match Euler.",
+        scope="job", latents=True, flag="scheduler",
     )
-    attention_backend: AttentionBackend | None = Field(
-        None, description="diffusers attention backend; None keeps diffusers' default."
+    flow_shift: float = setting(
+        3.0, "Flow-matching timestep shift.", scope="job", latents=True, flag="flow_shift", gt=0, allow_inf_nan=False
     )
-    compile: bool | None = Field(
-        None,
-        description="Fast path: fused q/k/v projections and torch.compile of every transformer block; "
-        "None: on with CUDA, off on CPU.",
+    block_size: int = setting(8, "Latent frames per block (B).", scope="job", latents=True, flag="block_size", ge=1)
+    context: int = setting(
+        8, "Latent frames of context shared with each neighbouring block (c <= B).",
+        scope="job", latents=True, flag="context", ge=0,
     )
-    vae_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype of the VAE decoder (bfloat16: faster, less memory, pixels within ~1%)."
+    noise: NoiseMode = setting(
+        "coordinated", "Initial noise: one shared pool permuted per block, or fresh noise per block.",
+        scope="job", latents=True, flag="noise",
     )
-    first_stage_vae_layers: float = Field(
-        0.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="Stage 0 decodes the finished blocks: give it this many transformer blocks' worth of work less "
-        "when partitioning (0: an even split, which measured best for short videos, see BENCHMARKS.md).",
+    dtype: Dtype = setting(
+        "bfloat16", "Dtype of the transformer's weights and activations.", scope="model", latents=True, flag="dtype"
     )
-    comm_timeout_s: int = Field(600, gt=0, description="Timeout of the distributed process group, in seconds.")
-    output: str = Field("outputs/video.mp4", min_length=1, description="Path of the output video.")
-    save_latents: str | None = Field(
-        None, min_length=1, description="If set, also save the final latents to this path."
+    seed: int = setting(
+        0, "Seed of the initial noise; the output depends on nothing else random.",
+        scope="job", latents=True, flag="seed", ge=0,
     )
-    fps: int = Field(16, gt=0, description="Frames per second of the output video.")
+    partition_method: str = setting(
+        "type:WanBlockLayer", "DeepSpeed pipeline partitioning: 'uniform' or 'type:<regex>' over layer class names.",
+        scope="model", latents=False,
+    )
+    pipeline_stages: int | None = setting(
+        None, "Pipeline stages per replica; unset: all ranks in one replica.",
+        scope="model", latents=False, flag="stages", ge=1,
+    )
+    attention_backend: AttentionBackend | None = setting(
+        None, "diffusers attention backend; unset: diffusers' default.",
+        scope="model", latents=True, flag="attention_backend",
+    )
+    compile: bool | None = setting(
+        None, "Fast path: fused q/k/v projections and torch.compile of every transformer block; "
+        "unset: on with CUDA, off on CPU.",
+        scope="model", latents=True, flag="compile",
+        flag_options={"action": argparse.BooleanOptionalAction, "type": None, "metavar": None},
+    )
+    vae_dtype: Literal["float32", "bfloat16"] = setting(
+        "float32", "Dtype of the VAE decoder (bfloat16: faster, half the memory, pixels within a few levels).",
+        scope="model", latents=False, flag="vae_dtype",
+    )
+    first_stage_vae_layers: float = setting(
+        0.0, "Stage 0 decodes the finished blocks: give it this many transformer blocks' worth of work less "
+        "when partitioning (0: an even split, which measured best for the anchor config, see BENCHMARKS.md).",
+        scope="model", latents=False, ge=0, allow_inf_nan=False,
+    )
+    comm_timeout_s: int = setting(
+        600, "Timeout of the distributed process group, in seconds.", scope="model", latents=False, gt=0
+    )
+    output: str = setting(
+        "outputs/video.mp4", "Path of the output video (mp4).", scope="job", latents=False, flag="output", min_length=1
+    )
+    save_latents: str | None = setting(
+        None, "If set, also save the final latents to this path (safetensors, key 'latents').",
+        scope="job", latents=False, flag="save_latents", min_length=1,
+    )
+    fps: int = setting(16, "Frames per second of the output video.", scope="job", latents=False, flag="fps", gt=0)
 
     @property
     def latent_frames(self) -> int:
@@ -220,17 +291,31 @@ class DualParalConfig(BaseModel):
         return value
 
 
+def tags(name: str) -> dict[str, Any]:
+    """The tags ``setting`` gave field ``name``: scope, latents, flag, flag_options."""
+    extra = DualParalConfig.model_fields[name].json_schema_extra
+    assert isinstance(extra, dict) and "scope" in extra, f"DualParalConfig.{name}: declare it with setting(...)"
+    return extra
+
+
+# Settings of the loaded model, the same for every job of a run.
+MODEL_FIELDS = tuple(name for name in DualParalConfig.model_fields if tags(name)["scope"] == "model")
+# Settings the final latents depend on (a resume checkpoint's fingerprint).
+LATENTS_FIELDS = tuple(name for name in DualParalConfig.model_fields if tags(name)["latents"])
+# Command-line flag (argparse dest; `--block-size` on the command line) -> field.
+FLAGS = {tags(name)["flag"]: name for name in DualParalConfig.model_fields if tags(name)["flag"]}
+
+
 @dataclass
 class RunConfig:
-    """A whole run config: the validated section plus DeepSpeed's own keys, untouched."""
+    """A loaded config file: its validated ``dualparal`` section and where it came from."""
 
     dualparal: DualParalConfig
-    deepspeed: dict = field(default_factory=dict)
     source: str | None = None
 
 
 def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a DeepSpeed config JSON (None: all defaults) and apply ``overrides`` (None values skipped)."""
+    """Read a config JSON (None: all defaults) and apply ``overrides`` (None values skipped)."""
     if path is None:
         return config_from_dict({}, overrides=overrides)
     source = os.fspath(path)
@@ -251,7 +336,7 @@ def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
 
 
 def config_from_dict(d: Any, source: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Split a parsed config into DeepSpeed's keys and the validated ``dualparal`` section."""
+    """The validated ``dualparal`` section of a parsed config; the other top-level keys are ignored."""
     where = source or "config"
     if not isinstance(d, dict):
         raise ConfigError(f"{where}: the top level must be a JSON object, got {_json_type(d)}")
@@ -259,8 +344,7 @@ def config_from_dict(d: Any, source: str | None = None, overrides: Mapping[str, 
     if not isinstance(section, dict):
         raise ConfigError(f"{SECTION}: must be a JSON object, got {_json_type(section)}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    deepspeed = {k: v for k, v in d.items() if k != SECTION}
-    return RunConfig(dualparal=_validate_section({**section, **given}), deepspeed=deepspeed, source=source)
+    return RunConfig(dualparal=_validate_section({**section, **given}), source=source)
 
 
 def _validate_section(values: dict) -> DualParalConfig:

@@ -1,4 +1,4 @@
-"""Block-wise denoising (DESIGN.md §1): latents and schedulers of the blocks, the per-block-step
+"""Block-wise denoising (docs/DESIGN.md §1): latents and schedulers of the blocks, the per-block-step
 window state that every stage builds for itself, and the single-process reference.
 
 The reference runs the block-steps in the timeline's sequential order through every layer in one
@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
+from .config import SCHEDULERS
 from .model import Conditioner, FeatureCache, WindowState
 from .timeline import BlockStep, BlockTimeline
-
-SCHEDULERS = ("unipc", "euler")
 
 # Wan's UniPC settings, for folders whose scheduler config is missing.
 _WAN_UNIPC = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000)

@@ -22,6 +22,7 @@ from deepspeed.runtime.utils import partition_balanced
 
 from . import schedule as sched
 from .comm import PipeComm
+from .config import TEXT_TOKENS
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
 from .model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
 from .timeline import BlockStep
@@ -191,7 +192,7 @@ class DualParalEngine:
     def share_text(self, text: torch.Tensor | None, plan: GenerationPlan) -> torch.Tensor:
         """Prompt embeddings, encoded on the first stage, on every stage of the replica."""
         if not self.is_first:
-            text = torch.empty((plan.batch, 512, self.config.text_dim), dtype=self.dtype, device=self.device)
+            text = torch.empty((plan.batch, TEXT_TOKENS, self.config.text_dim), dtype=self.dtype, device=self.device)
         return self.comm.broadcast_from_first(text.to(self.device, self.dtype).contiguous())
 
     def generate(self, request: GenerationRequest) -> GenerationOutput:

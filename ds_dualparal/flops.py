@@ -19,4 +19,3 @@ def block_step_flops(wan: WanConfig, window_tokens: int, cached_tokens: int, bat
     cross_attention = 2 * 2 * n * d * d + 2 * 2 * TEXT_TOKENS * d * d + 2 * 2 * n * TEXT_TOKENS * d
     ffn = 2 * 2 * n * d * wan.ffn_dim
     return float(batch * wan.num_layers * (self_attention + cross_attention + ffn))
-

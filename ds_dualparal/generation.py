@@ -15,13 +15,13 @@ import torch
 from deepspeed.runtime.pipe.topology import ProcessTopology
 
 from . import comm
-from .config import DualParalConfig
+from .config import WAN22_BOUNDARY_RATIO, DualParalConfig
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine, GenerationRequest, StageStats
 from .model import Conditioner, WanConfig, layer_specs
 from .noise import initial_noise
 from .timeline import BlockTimeline
-from .weights import CheckpointWeights, ModelFolder, RandomWeights, resolve_model
+from .weights import FolderWeights, ModelFolder, RandomWeights, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -65,29 +65,27 @@ class Generator:
         if random_weights is None:
             self.folder = ModelFolder(resolve_model(cfg.model))
             expert_configs = [WanConfig.from_json(f / "config.json") for f in self.folder.experts]
-            weights = [CheckpointWeights(f, self.dtype, self.device) for f in self.folder.experts]
+            weights = [FolderWeights(f, self.dtype, self.device) for f in self.folder.experts]
             self.boundary_ratio = self.folder.boundary_ratio
         else:
             self.folder = None
             expert_configs = random_weights
             weights = [RandomWeights(cfg.seed + e, self.dtype, self.device) for e in range(len(random_weights))]
-            self.boundary_ratio = 0.875 if len(random_weights) == 2 else None
+            self.boundary_ratio = WAN22_BOUNDARY_RATIO if len(random_weights) == 2 else None
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
         started = time.perf_counter()
         self.fast = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        vae_layers = cfg.first_stage_vae_layers
         self.engine = DualParalEngine(
             self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype,
-            cfg.attention_backend, self.fast, vae_layers,
+            cfg.attention_backend, self.fast, cfg.first_stage_vae_layers,
         )
-        read = sum(w.checkpoint.tensors_read for w in weights if isinstance(w, CheckpointWeights))
+        read = sum(w.safetensors.tensors_read for w in weights if isinstance(w, FolderWeights))
         parts = self.engine.modules[0].parts
         log.info(
-            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d checkpoint tensors read; layers %d-%d, "
-            "first stage's decoding counted as %.1f blocks)", self.rank, self.engine.stage, stages,
-            self.engine.comm.replica, replicas, time.perf_counter() - started, read, parts[self.engine.stage],
-            parts[self.engine.stage + 1] - 1, vae_layers,
+            "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d weight tensors read; layers %d-%d)",
+            self.rank, self.engine.stage, stages, self.engine.comm.replica, replicas, time.perf_counter() - started,
+            read, parts[self.engine.stage], parts[self.engine.stage + 1] - 1,
         )
         self._vae = None
 
@@ -166,7 +164,7 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
     experts = []
     for expert in folder.experts:
         wan = WanConfig.from_json(expert / "config.json")
-        weights = CheckpointWeights(expert, dtype, device)
+        weights = FolderWeights(expert, dtype, device)
         layers = [spec.build() for spec in layer_specs(wan, weights, cfg.attention_backend)]
         experts.append((Conditioner(wan, weights).to(device), layers))
     from .text import encode_prompts

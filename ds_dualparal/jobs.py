@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, DualParalConfig
+from .config import FLAGS, MODEL_FIELDS, ConfigError, DualParalConfig
 
 MANIFEST = "manifest.jsonl"
-# Settings of the loaded model, the same for every job of a run.
-MODEL_FIELDS = ("model", "dtype", "partition_method", "pipeline_stages", "attention_backend", "comm_timeout_s",
-                "compile", "vae_dtype", "first_stage_vae_layers")
-ALIASES = {"frames": "num_frames", "steps": "num_inference_steps", "guidance": "guidance_scale"}
+# A jobs line may use a setting's flag name for it, as on the command line (frames for num_frames).
+ALIASES = {flag: field for flag, field in FLAGS.items() if flag != field}
 
 
 @dataclass

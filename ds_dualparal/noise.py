@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import NOISE_MODES
 from .timeline import BlockTimeline
-
-NOISE_MODES = ("coordinated", "independent")
 
 
 def _generator(seed: int) -> torch.Generator:

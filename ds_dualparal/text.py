@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-MAX_SEQUENCE_LENGTH = 512
+from .config import TEXT_TOKENS
 
 
 def encode_prompts(
@@ -15,8 +15,8 @@ def encode_prompts(
 ) -> list[torch.Tensor]:
     """Embeddings of (prompt, negative prompt, cfg) triples, kept on the CPU until a job runs.
 
-    Each is (2, 512, text_dim) [cond; uncond] with CFG, else (1, 512, text_dim). The encoder is
-    loaded once for all of them and freed before denoising starts.
+    Each is (2, TEXT_TOKENS, text_dim) [cond; uncond] with CFG, else (1, TEXT_TOKENS, text_dim). The
+    encoder is loaded once for all of them and freed before denoising starts.
     """
     from diffusers import WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
@@ -32,7 +32,7 @@ def encode_prompts(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 do_classifier_free_guidance=cfg,
-                max_sequence_length=MAX_SEQUENCE_LENGTH,
+                max_sequence_length=TEXT_TOKENS,
                 device=torch.device(device),
                 dtype=dtype,
             )

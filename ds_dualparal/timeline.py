@@ -1,4 +1,4 @@
-"""Which block performs which denoising step at which iteration (DESIGN.md section 1).
+"""Which block performs which denoising step at which iteration (docs/DESIGN.md §1).
 
 Pure Python: no tensors. The schedule, the planner and the engine all read the same timeline.
 """

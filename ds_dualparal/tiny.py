@@ -12,13 +12,13 @@ import shutil
 
 import torch
 
+from .config import TEXT_TOKENS, WAN22_BOUNDARY_RATIO
+
 logger = logging.getLogger(__name__)
 
 TINY_WAN_PATH = pathlib.Path(__file__).parent / "assets" / "tiny-wan"
 
 TEXT_DIM = 32
-MAX_SEQUENCE_LENGTH = 512
-BOUNDARY_RATIO = 0.875
 # Small enough that even the tiny transformer is written as several shards, as real Wan checkpoints are.
 TRANSFORMER_SHARD_SIZE = "40KB"
 
@@ -123,7 +123,7 @@ def _build_tokenizer():
         pad_token="<pad>",
         eos_token="</s>",
         unk_token="<unk>",
-        model_max_length=MAX_SEQUENCE_LENGTH,
+        model_max_length=TEXT_TOKENS,
         padding_side="right",
     )
 
@@ -162,7 +162,7 @@ def write_tiny_wan(path, *, seed: int = 0, two_experts: bool = False, num_layers
         scheduler=scheduler,
         transformer=transformer,
         transformer_2=transformer_2,
-        boundary_ratio=BOUNDARY_RATIO if two_experts else None,
+        boundary_ratio=WAN22_BOUNDARY_RATIO if two_experts else None,
     )
 
     for name in ("transformer", "transformer_2"):

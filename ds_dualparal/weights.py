@@ -1,6 +1,6 @@
-"""Where layer tensors come from: a diffusers safetensors checkpoint, or seeded random values.
+"""Where layer tensors come from: a diffusers model folder of safetensors, or seeded random values.
 
-Only safetensors are read (never pickles). A checkpoint component is one
+Only safetensors are read (never pickles). A component folder (e.g. `transformer/`) holds one
 `diffusion_pytorch_model.safetensors` or shards listed by its `.index.json`; a layer asks for its
 own keys and only the shards that hold them are opened.
 """
@@ -20,11 +20,11 @@ from .model import WeightSource, keeps_fp32
 _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-class CheckpointError(ValueError):
+class ModelError(ValueError):
     """A model folder that cannot be loaded; the message names the file and what is wrong."""
 
 
-class SafetensorsCheckpoint:
+class SafetensorsFolder:
     """Random access to the tensors of one diffusers component folder (e.g. `transformer/`)."""
 
     def __init__(self, folder: str | Path):
@@ -35,13 +35,13 @@ class SafetensorsCheckpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+                raise ModelError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
             self._file_of = {key: self.folder / name for key, name in weight_map.items()}
         elif single.is_file():
             with safe_open(single, framework="pt") as f:
                 self._file_of = {key: single for key in f.keys()}
         else:
-            raise CheckpointError(f"{self.folder}: no {_WEIGHTS_NAME} or {_WEIGHTS_NAME}.index.json")
+            raise ModelError(f"{self.folder}: no {_WEIGHTS_NAME} or {_WEIGHTS_NAME}.index.json")
         self.tensors_read = 0
 
     def keys(self) -> list[str]:
@@ -50,14 +50,14 @@ class SafetensorsCheckpoint:
     def read(self, keys: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         missing = [k for k in keys if k not in self._file_of]
         if missing:
-            raise CheckpointError(f"{self.folder}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+            raise ModelError(f"{self.folder}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
         by_file: dict[Path, list[str]] = {}
         for key in keys:
             by_file.setdefault(self._file_of[key], []).append(key)
         out = {}
         for path, file_keys in by_file.items():
             if not path.is_file():
-                raise CheckpointError(f"{path}: shard listed in the index is missing")
+                raise ModelError(f"{path}: shard listed in the index is missing")
             with safe_open(path, framework="pt", device=str(device)) as f:
                 for key in file_keys:
                     out[key] = f.get_tensor(key)
@@ -69,23 +69,23 @@ def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(torch.float32 if keeps_fp32(name) else dtype)
 
 
-class CheckpointWeights(WeightSource):
-    """Loads a layer's tensors from a transformer checkpoint, cast to `dtype` (fp32 where diffusers keeps it)."""
+class FolderWeights(WeightSource):
+    """Loads a layer's tensors from a transformer's safetensors folder, cast to `dtype` (fp32 where diffusers keeps it)."""
 
     def __init__(self, folder: str | Path, dtype: torch.dtype, device: torch.device | str):
-        self.checkpoint = SafetensorsCheckpoint(folder)
+        self.safetensors = SafetensorsFolder(folder)
         self.dtype = dtype
         self.device = torch.device(device)
 
     def materialize(self, module: nn.Module, prefix: str) -> None:
         names = list(module.state_dict().keys())
-        tensors = self.checkpoint.read([prefix + n for n in names], device="cpu")
+        tensors = self.safetensors.read([prefix + n for n in names], device="cpu")
         state = {n: _cast(n, tensors[prefix + n], self.dtype).to(self.device) for n in names}
         for name, tensor in state.items():
             expected = module.state_dict()[name].shape
             if tensor.shape != expected:
-                raise CheckpointError(
-                    f"{self.checkpoint.folder}: tensor {prefix + name} has shape {tuple(tensor.shape)}, "
+                raise ModelError(
+                    f"{self.safetensors.folder}: tensor {prefix + name} has shape {tuple(tensor.shape)}, "
                     f"the config expects {tuple(expected)}"
                 )
         module.load_state_dict(state, strict=True, assign=True)
@@ -94,7 +94,7 @@ class CheckpointWeights(WeightSource):
 class RandomWeights(WeightSource):
     """Seeded random tensors of a layer's shapes (benchmarks of full-size models without a download).
 
-    Each tensor's values depend only on (seed, its checkpoint name), never on the partition.
+    Each tensor's values depend only on (seed, its tensor name), never on the partition.
     """
 
     def __init__(self, seed: int, dtype: torch.dtype, device: torch.device | str):
@@ -123,28 +123,28 @@ class ModelFolder:
     def __init__(self, path: str | Path, need: tuple[str, ...] = COMPONENTS):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise CheckpointError(f"model folder {self.path} does not exist")
+            raise ModelError(f"model folder {self.path} does not exist")
         index_file = self.path / "model_index.json"
         try:
             self.index = json.loads(index_file.read_text()) if index_file.is_file() else {}
         except ValueError as err:
-            raise CheckpointError(f"{index_file}: invalid JSON ({err})") from None
+            raise ModelError(f"{index_file}: invalid JSON ({err})") from None
         for name in need:
             if not (self.path / name).is_dir():
-                raise CheckpointError(f"model folder {self.path} has no '{name}' component")
+                raise ModelError(f"model folder {self.path} has no '{name}' component")
         experts = ["transformer"]
         if self.index.get("transformer_2") and self.index["transformer_2"][0] is not None:
             experts.append("transformer_2")
         self.experts = [self.path / name for name in experts]
         for folder in self.experts:
             if not (folder / "config.json").is_file():
-                raise CheckpointError(f"model folder {self.path}: {folder.name}/config.json is missing")
+                raise ModelError(f"model folder {self.path}: {folder.name}/config.json is missing")
         ratio = self.index.get("boundary_ratio")
         self.boundary_ratio = float(ratio) if ratio is not None and len(self.experts) == 2 else None
 
 
 def resolve_model(model: str | None) -> Path:
-    """A local folder as given, the embedded tiny checkpoint for None, else a hub id to download."""
+    """A local folder as given, the embedded tiny model for None, else a hub id to download."""
     if model is None:
         from .tiny import TINY_WAN_PATH
 
@@ -157,4 +157,4 @@ def resolve_model(model: str | None) -> Path:
     try:
         return Path(snapshot_download(model))
     except Exception as err:  # offline, unknown repo, no permission: all one message for the user
-        raise CheckpointError(f"model {model!r}: not a local folder and could not be downloaded ({err})") from None
+        raise ModelError(f"model {model!r}: not a local folder and could not be downloaded ({err})") from None

@@ -57,7 +57,7 @@ def worker(args) -> int:
     import torch
 
     from ds_dualparal import comm
-    from ds_dualparal.config import DualParalConfig
+    from ds_dualparal.config import TEXT_TOKENS, DualParalConfig
     from ds_dualparal.flops import block_step_flops
     from ds_dualparal.generation import Generator
     from ds_dualparal.model import WanConfig
@@ -79,7 +79,7 @@ def worker(args) -> int:
     device = generator.device
     text = None
     if generator.is_first:
-        text = torch.randn((2, 512, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+        text = torch.randn((2, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     rank0 = generator.rank == 0
     cuda = device.type == "cuda"
     for n, case in enumerate(cases):
@@ -232,6 +232,7 @@ def baseline(args) -> int:
     import torch
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
+    from ds_dualparal.config import TEXT_TOKENS
     from ds_dualparal.flops import block_step_flops
     from ds_dualparal.model import WanConfig
 
@@ -242,7 +243,7 @@ def baseline(args) -> int:
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
-    text = torch.randn((2, 512, 4096), device=device, dtype=torch.bfloat16)
+    text = torch.randn((2, TEXT_TOKENS, 4096), device=device, dtype=torch.bfloat16)
     wan = WanConfig(**SHAPES[args.shape])
     for case in parse_cases(args.cases):
         frames = 4 * (case["latent_frames"] - 1) + 1

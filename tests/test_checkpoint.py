@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import TINY_CONFIG, run_deepspeed, run_generate
 from ds_dualparal.checkpoint import Checkpoints, ResumeError, fingerprint_fields
 from ds_dualparal.cli import build_parser, check_args, config_from_args
-from ds_dualparal.config import ConfigError, load_config
+from ds_dualparal.config import LATENTS_FIELDS, ConfigError, load_config
 from ds_dualparal.denoise import BlockLatents, GenerationPlan, make_scheduler, scheduler_state
 from ds_dualparal.schedule import (DualParalSchedule, ForwardLayers, LoadWindow, RecvActivation, RecvPrediction,
                                    SaveCheckpoint, SchedulerStep, SendActivation, SendPrediction, block_steps_from,
@@ -184,6 +184,14 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, base_cfg, change):
         Checkpoints.open(folder.folder, 1, base_cfg.with_overrides(**change), TINY_WAN_PATH, 99)
     assert str(info.value) == (f"--checkpoint-dir: {folder.folder / 'iter_000004'} is a checkpoint of another run "
                                f"(different {', '.join(sorted(change))}); give another --checkpoint-dir or delete it")
+
+
+def test_every_field_the_latents_depend_on_is_in_the_fingerprint(base_cfg):
+    fields = fingerprint_fields(base_cfg, TINY_WAN_PATH)
+    assert set(fields) == set(LATENTS_FIELDS) | {"format"}
+    for name in LATENTS_FIELDS:
+        expected = str(TINY_WAN_PATH.resolve()) if name == "model" else getattr(base_cfg, name)
+        assert fields[name] == expected, name
 
 
 def test_what_the_output_does_not_depend_on_is_not_in_the_fingerprint(tmp_path, base_cfg):

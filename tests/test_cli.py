@@ -7,6 +7,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import TINY_CONFIG, run_deepspeed, run_generate
+from ds_dualparal.cli import build_parser, config_from_args
+from ds_dualparal.config import FLAGS, DualParalConfig
 from ds_dualparal.tiny import TINY_WAN_PATH
 
 # tiny.json: 21 video frames (6 latent frames) of 64x64, 16 latent channels.
@@ -119,6 +121,16 @@ def test_config_file_mistakes(workdir):
         for word in words:
             assert word in line, name
     assert list(workdir.iterdir()) == []
+
+
+def test_every_setting_flag_comes_from_its_field():
+    actions = {a.dest: a for a in build_parser()._actions}
+    for flag, field in FLAGS.items():
+        assert actions[flag].option_strings == ["--" + flag.replace("_", "-")]
+        assert actions[flag].help == DualParalConfig.model_fields[field].description
+    args = build_parser().parse_args(["--frames", "17", "--guidance", "2.5", "--stages", "1", "--scheduler", "euler"])
+    cfg = config_from_args(args)
+    assert (cfg.num_frames, cfg.guidance_scale, cfg.pipeline_stages, cfg.scheduler) == (17, 2.5, 1, "euler")
 
 
 def test_help_documents_every_flag(workdir):

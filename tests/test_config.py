@@ -10,6 +10,11 @@ from hypothesis import strategies as st
 
 from ds_dualparal.config import (
     ATTENTION_BACKENDS,
+    FLAGS,
+    LATENTS_FIELDS,
+    MODEL_FIELDS,
+    NOISE_MODES,
+    SCHEDULERS,
     ConfigError,
     DualParalConfig,
     RunConfig,
@@ -46,8 +51,6 @@ def test_every_shipped_config_is_listed_and_loads():
     for path in SHIPPED:
         run = load_config(path)
         assert run.source == str(path)
-        assert run.deepspeed["train_micro_batch_size_per_gpu"] == 1
-        assert "dualparal" not in run.deepspeed
 
 
 def test_tiny_config_is_the_cpu_demo():
@@ -86,7 +89,7 @@ def test_model_configs(name, model, shape, steps, guidance, flow_shift):
 
 def test_defaults():
     run = load_config(None)
-    assert run == RunConfig(dualparal=DualParalConfig(), deepspeed={}, source=None)
+    assert run == RunConfig(dualparal=DualParalConfig(), source=None)
     cfg = run.dualparal
     assert cfg.model is None
     assert cfg.prompt == "A cat walks on the grass, realistic style."
@@ -104,11 +107,43 @@ def test_every_field_is_documented():
         assert info.description, name
 
 
-def test_deepspeed_keys_pass_through_untouched():
+def test_every_field_is_classified():
+    """A new field must say, through setting(...), whether it is model- or job-level and changes the latents."""
+    for name, info in DualParalConfig.model_fields.items():
+        tags = info.json_schema_extra
+        assert isinstance(tags, dict), f"{name}: declare it with setting(...)"
+        assert tags["scope"] in ("model", "job"), name
+        assert type(tags["latents"]) is bool, name
+        assert tags["flag"] is None or tags["flag"].isidentifier(), name
+        assert isinstance(tags["flag_options"], dict), name
+
+
+def test_the_tags_keep_the_tables_they_replaced():
+    """The hand-written tables before the tags (cli.FLAGS, jobs.MODEL_FIELDS, checkpoint.OUTPUT_FIELDS + model);
+    fields added since may only add to them."""
+    old_fields = {
+        "model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
+        "guidance_scale_2", "scheduler", "flow_shift", "block_size", "context", "noise", "dtype", "seed",
+        "partition_method", "pipeline_stages", "attention_backend", "comm_timeout_s", "output", "save_latents", "fps",
+    }
+    assert set(MODEL_FIELDS) & old_fields == {
+        "model", "dtype", "partition_method", "pipeline_stages", "attention_backend", "comm_timeout_s"}
+    not_latents = {"partition_method", "pipeline_stages", "comm_timeout_s", "output", "save_latents", "fps"}
+    assert set(LATENTS_FIELDS) & old_fields == old_fields - not_latents
+    assert {flag: field for flag, field in FLAGS.items() if field in old_fields} == {
+        "model": "model", "prompt": "prompt", "negative_prompt": "negative_prompt", "height": "height", "width": "width",
+        "frames": "num_frames", "steps": "num_inference_steps", "guidance": "guidance_scale", "scheduler": "scheduler",
+        "flow_shift": "flow_shift", "block_size": "block_size", "context": "context", "noise": "noise",
+        "dtype": "dtype", "seed": "seed", "stages": "pipeline_stages", "attention_backend": "attention_backend",
+        "output": "output", "save_latents": "save_latents", "fps": "fps",
+    }
+    assert (SCHEDULERS, NOISE_MODES) == (("unipc", "euler"), ("coordinated", "independent"))
+
+
+def test_other_top_level_keys_are_accepted_and_ignored():
     ds = {"steps_per_print": 7, "comms_logger": {"enabled": True, "verbose": False}, "wall_clock_breakdown": True}
     run = config_from_dict({**ds, "dualparal": {"seed": 3}}, source="x.json")
-    assert run.deepspeed == ds
-    assert run.dualparal.seed == 3
+    assert run == RunConfig(dualparal=DualParalConfig(seed=3), source="x.json")
     assert run.source == "x.json"
 
 
@@ -256,7 +291,6 @@ def test_overrides_apply_on_top_of_the_file_and_skip_none(tmp_path):
     path = write_json(tmp_path, {"steps_per_print": 5, "dualparal": {"seed": 1, "height": 64, "width": 64}})
     run = load_config(path, overrides={"seed": 7, "num_inference_steps": 3, "height": None})
     assert (run.dualparal.seed, run.dualparal.num_inference_steps, run.dualparal.height) == (7, 3, 64)
-    assert run.deepspeed == {"steps_per_print": 5}
 
 
 def test_overrides_are_validated_together_with_the_file(tmp_path):

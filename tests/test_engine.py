@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from ds_dualparal.config import load_config
 from ds_dualparal.generation import reference_latents
 from ds_dualparal.tiny import TINY_WAN_PATH
-from ds_dualparal.weights import SafetensorsCheckpoint
+from ds_dualparal.weights import SafetensorsFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ds_configs" / "tiny.json"
@@ -53,10 +53,10 @@ def test_stages_match_the_reference_bit_for_bit(tmp_path, tiny_reference, ranks)
     assert torch.equal(load_file(tmp_path / "l.safetensors")["latents"], tiny_reference)
     assert (tmp_path / "video.mp4").is_file()
     # each rank reads only its stage's tensors, plus the small condition embedder every stage keeps
-    read = [int(n) for n in re.findall(r"\((\d+) checkpoint tensors read", result.stdout + result.stderr)]
-    checkpoint = SafetensorsCheckpoint(TINY_WAN_PATH / "transformer")
-    embedder = sum(k.startswith("condition_embedder.") for k in checkpoint.keys())
-    assert len(read) == ranks and sum(read) == len(checkpoint.keys()) + (ranks - 1) * embedder
+    read = [int(n) for n in re.findall(r"\((\d+) weight tensors read;", result.stdout + result.stderr)]
+    transformer = SafetensorsFolder(TINY_WAN_PATH / "transformer")
+    embedder = sum(k.startswith("condition_embedder.") for k in transformer.keys())
+    assert len(read) == ranks and sum(read) == len(transformer.keys()) + (ranks - 1) * embedder
 
 
 def test_no_context_and_uniform_partition(tmp_path):

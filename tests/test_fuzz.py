@@ -15,7 +15,7 @@ from conftest import ROOT, TINY_CONFIG, run_generate
 from ds_dualparal.config import DualParalConfig, load_config
 from ds_dualparal.jobs import parse_job, read_jobs
 from ds_dualparal.tiny import TINY_WAN_PATH
-from ds_dualparal.weights import CheckpointError, SafetensorsCheckpoint
+from ds_dualparal.weights import ModelError, SafetensorsFolder
 
 OUT = Path("/out")
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -146,8 +146,8 @@ def test_a_component_with_only_pickled_weights_is_refused(tmp_path):
     folder = tmp_path / "transformer"
     folder.mkdir()
     _pickled_weights(folder, marker)
-    with pytest.raises(CheckpointError, match="no diffusion_pytorch_model.safetensors"):
-        SafetensorsCheckpoint(folder)
+    with pytest.raises(ModelError, match="no diffusion_pytorch_model.safetensors"):
+        SafetensorsFolder(folder)
     assert not marker.exists()
 
 

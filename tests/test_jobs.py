@@ -45,6 +45,10 @@ def test_per_job_overrides_and_flag_aliases(base):
     assert (cfg.negative_prompt, cfg.fps) == ("blurry", 4)
 
 
+def test_a_model_level_field_is_refused_under_its_flag_name_too(base):
+    assert parse({"stages": 2}, base).error == "pipeline_stages: is a setting of the whole run and cannot change per job"
+
+
 def test_alias_and_long_name_together_are_refused(base):
     assert parse({"frames": 17, "num_frames": 21}, base).error == "frames: given together with num_frames, its long name"
 

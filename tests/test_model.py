@@ -16,7 +16,7 @@ from ds_dualparal.model import (
     layer_specs,
 )
 from ds_dualparal.tiny import TINY_WAN_PATH
-from ds_dualparal.weights import CheckpointError, CheckpointWeights, RandomWeights, SafetensorsCheckpoint
+from ds_dualparal.weights import FolderWeights, ModelError, RandomWeights, SafetensorsFolder
 
 TRANSFORMER = TINY_WAN_PATH / "transformer"
 
@@ -28,7 +28,7 @@ def wan():
 
 @pytest.fixture(scope="module")
 def stage_model(wan):
-    weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+    weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
     return Conditioner(wan, weights), [spec.build() for spec in layer_specs(wan, weights)]
 
 
@@ -133,17 +133,17 @@ def test_block_layer_reads_and_writes_the_feature_cache(wan, stage_model):
 
 
 def test_stage_reads_only_its_own_tensors(wan):
-    total = len(SafetensorsCheckpoint(TRANSFORMER).keys())
+    total = len(SafetensorsFolder(TRANSFORMER).keys())
     counts = []
     for start, stop in ((0, 2), (2, 4), (4, 5)):  # embed+block0 | block1+block2 | head
-        weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+        weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
         modules = [spec.build() for spec in layer_specs(wan, weights)[start:stop]]
         expected = sum(len(m.state_dict()) for m in modules)
-        assert weights.checkpoint.tensors_read == expected
+        assert weights.safetensors.tensors_read == expected
         counts.append(expected)
-    conditioner_weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+    conditioner_weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
     Conditioner(wan, conditioner_weights)
-    assert sum(counts) + conditioner_weights.checkpoint.tensors_read == total
+    assert sum(counts) + conditioner_weights.safetensors.tensors_read == total
     assert max(counts) < total
 
 
@@ -156,21 +156,21 @@ def test_random_weights_do_not_depend_on_the_partition(wan):
 
 
 def test_bf16_keeps_diffusers_fp32_modules(wan):
-    layer = WanBlockLayer(wan, 0, CheckpointWeights(TRANSFORMER, torch.bfloat16, "cpu"))
+    layer = WanBlockLayer(wan, 0, FolderWeights(TRANSFORMER, torch.bfloat16, "cpu"))
     assert layer.scale_shift_table.dtype == torch.float32
     assert layer.attn1.to_q.weight.dtype == torch.bfloat16
     assert layer.norm2.weight.dtype == torch.float32
 
 
-def test_missing_shard_is_a_checkpoint_error(tmp_path):
+def test_missing_shard_is_a_model_error(tmp_path):
     import shutil
 
     shutil.copytree(TRANSFORMER, tmp_path / "transformer")
     shard = sorted((tmp_path / "transformer").glob("*-00002-of-*.safetensors"))[0]
     shard.unlink()
-    checkpoint = SafetensorsCheckpoint(tmp_path / "transformer")
-    with pytest.raises(CheckpointError, match="missing"):
-        checkpoint.read(checkpoint.keys())
+    folder = SafetensorsFolder(tmp_path / "transformer")
+    with pytest.raises(ModelError, match="missing"):
+        folder.read(folder.keys())
 
 
 def test_chunked_feed_forward_equals_the_whole(monkeypatch):
@@ -192,7 +192,7 @@ def test_fast_block_equals_the_plain_block(wan, stage_model):
     """Fused q/k/v and torch.compile (the CUDA default): same block output and cached input, within
     float32 rounding; the fused weights are views, not a second copy."""
     conditioner, _ = stage_model
-    weights = CheckpointWeights(TRANSFORMER, torch.float32, "cpu")
+    weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
     plain, fast = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, fast=True)
     attn = fast.attn1
     assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[wan.inner_dim:].data_ptr()

@@ -11,14 +11,14 @@ from ds_dualparal.model import Conditioner, WanConfig, layer_specs
 from ds_dualparal.noise import initial_noise
 from ds_dualparal.timeline import BlockTimeline
 from ds_dualparal.tiny import TINY_WAN_PATH, write_tiny_wan
-from ds_dualparal.weights import CheckpointWeights, ModelFolder
+from ds_dualparal.weights import FolderWeights, ModelFolder
 
 
 def load_experts(folder: ModelFolder):
     experts = []
     for path in folder.experts:
         wan = WanConfig.from_json(path / "config.json")
-        weights = CheckpointWeights(path, torch.float32, "cpu")
+        weights = FolderWeights(path, torch.float32, "cpu")
         experts.append((Conditioner(wan, weights), [spec.build() for spec in layer_specs(wan, weights)]))
     return wan, experts
 

@@ -1,4 +1,4 @@
-"""BlockTimeline: partition, iteration timeline, feature-cache presence and dependencies (DESIGN.md §1)."""
+"""BlockTimeline: partition, iteration timeline, feature-cache presence and dependencies (docs/DESIGN.md §1)."""
 
 import pytest
 from hypothesis import given, settings

@@ -9,7 +9,8 @@ from diffusers import WanPipeline
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from ds_dualparal.tiny import BOUNDARY_RATIO, TINY_WAN_PATH, main, write_tiny_wan
+from ds_dualparal.config import WAN22_BOUNDARY_RATIO
+from ds_dualparal.tiny import TINY_WAN_PATH, main, write_tiny_wan
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
@@ -125,11 +126,11 @@ def test_two_experts_differ_and_load(two_expert_path):
     second = _transformer_tensors(two_expert_path / "transformer_2")
     assert first.keys() == second.keys()
     assert not torch.equal(first["blocks.0.attn1.to_q.weight"], second["blocks.0.attn1.to_q.weight"])
-    assert json.loads((two_expert_path / "model_index.json").read_text())["boundary_ratio"] == BOUNDARY_RATIO
+    assert json.loads((two_expert_path / "model_index.json").read_text())["boundary_ratio"] == WAN22_BOUNDARY_RATIO
 
     pipe = WanPipeline.from_pretrained(two_expert_path)
     assert pipe.transformer_2 is not None
-    assert pipe.config.boundary_ratio == BOUNDARY_RATIO
+    assert pipe.config.boundary_ratio == WAN22_BOUNDARY_RATIO
     # Two steps straddle the boundary (t=999 then t<875), so both experts run.
     video = pipe(
         prompt="a cat",
