@@ -46,7 +46,7 @@ FORMAT = 1
 OUTPUT_FIELDS = (
     "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
     "guidance_scale_2", "scheduler", "flow_shift", "block_size", "context", "noise", "dtype", "seed",
-    "attention_backend",
+    "attention_backend", "loras",
 )
 LATENTS, SCHEDULERS, STATE, MANIFEST = "latents.safetensors", "schedulers.safetensors", "state.json", "manifest.json"
 _CHECKPOINT = re.compile(r"iter_(\d{6,})")
@@ -58,7 +58,9 @@ class ResumeError(ValueError):
 
 def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
     """What the latents of `cfg` depend on, as JSON values."""
-    fields = {name: getattr(cfg, name) for name in OUTPUT_FIELDS}
+    fields = cfg.model_dump(mode="json", include=set(OUTPUT_FIELDS))
+    if not fields["loras"]:  # runs without LoRAs keep the fingerprint they had before the field existed
+        del fields["loras"]
     fields.update(model=str(Path(model_path).resolve()), format=FORMAT)
     return fields
 

@@ -17,7 +17,8 @@ from .config import ConfigError, DualParalConfig
 
 MANIFEST = "manifest.jsonl"
 # Settings of the loaded model, the same for every job of a run.
-MODEL_FIELDS = ("model", "dtype", "partition_method", "pipeline_stages", "attention_backend", "comm_timeout_s")
+MODEL_FIELDS = ("model", "dtype", "partition_method", "pipeline_stages", "attention_backend", "comm_timeout_s",
+                "loras")
 ALIASES = {"frames": "num_frames", "steps": "num_inference_steps", "guidance": "guidance_scale"}
 
 
