@@ -40,8 +40,12 @@ def _targets(wan: WanConfig):
         yield f"blocks.{i}.ffn.net.2", f"blocks.{i}.ffn.2"
 
 
-def write_lora(path, wan: WanConfig, naming: str, seed: int = 1, head: bool = False):
-    """A random rank-4 LoRA on every block's linear layers (and the head's proj_out if `head`)."""
+def write_lora(path, wan: WanConfig, naming: str, seed: int = 1, head: bool = False, alpha: float | None = None):
+    """A random rank-4 LoRA on every block's linear layers (and the head's proj_out if `head`).
+
+    `alpha` with the diffusers naming: a lora_alpha in diffusers' adapter metadata, as its
+    `save_lora_weights` writes it (scaling alpha / rank).
+    """
     generator = torch.Generator().manual_seed(seed)
     shapes = model_shapes(wan)
     targets = list(_targets(wan)) + ([("proj_out", "head.head")] if head else [])
@@ -59,7 +63,12 @@ def write_lora(path, wan: WanConfig, naming: str, seed: int = 1, head: bool = Fa
             state[f"diffusion_model.{wan_name}.diff_b"] = torch.randn(out_features, generator=generator) * 0.1
             if wan_name.startswith("blocks."):  # diffusers' converter reads alpha of block layers only
                 state[f"diffusion_model.{wan_name}.alpha"] = torch.tensor(8.0)  # alpha / rank = 2
-    save_file(state, path)
+    metadata = None
+    if alpha is not None:
+        config = {"r": RANK, "lora_alpha": alpha, "target_modules": sorted({n for n, _ in targets}),
+                  "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "use_rslora": False}
+        metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
+    save_file(state, path, metadata=metadata)
     return path
 
 
@@ -69,6 +78,7 @@ def loras(tmp_path_factory):
     return {
         "diffusers": write_lora(folder / "diffusers.safetensors", TINY_WAN, "diffusers"),
         "wan": write_lora(folder / "wan.safetensors", TINY_WAN, "wan", seed=2, head=True),
+        "metadata": write_lora(folder / "metadata.safetensors", TINY_WAN, "diffusers", seed=3, alpha=2.0),
         "folder": folder,
     }
 
@@ -86,7 +96,7 @@ def our_state(sources, wan=TINY_WAN) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("naming, scale", [("diffusers", 0.7), ("wan", 1.0)])
+@pytest.mark.parametrize("naming, scale", [("diffusers", 0.7), ("wan", 1.0), ("metadata", 1.5)])
 def test_fused_weights_are_diffusers_fuse_lora_bit_for_bit(loras, naming, scale):
     sources = with_loras([CheckpointWeights(TINY_WAN_PATH / "transformer", torch.float32, "cpu")], [TINY_WAN],
                          [LoraSpec(path=str(loras[naming]), scale=scale)])
@@ -104,6 +114,18 @@ def test_fused_weights_are_diffusers_fuse_lora_bit_for_bit(loras, naming, scale)
     lora = LoraFile(loras[naming])
     expected = {t + ".weight" for t in lora.targets} | {t + ".bias" for t, v in lora.targets.items() if "bias" in v.parts}
     assert set(changed) == expected
+
+
+def test_a_half_precision_weight_is_fused_in_fp32_and_rounded_once(loras):
+    lora = LoraFile(loras["diffusers"])
+    sources = with_loras([CheckpointWeights(TINY_WAN_PATH / "transformer", torch.bfloat16, "cpu")], [TINY_WAN],
+                         [LoraSpec(path=str(loras["diffusers"]), scale=0.5)])
+    ours = our_state(sources)
+    plain = our_state([CheckpointWeights(TINY_WAN_PATH / "transformer", torch.bfloat16, "cpu")])
+    for name, target in lora.targets.items():
+        tensors = lora.read(target)
+        want = (plain[name + ".weight"].float() + (tensors["up"] @ tensors["down"]) * 0.5).to(torch.bfloat16)
+        assert ours[name + ".weight"].dtype == torch.bfloat16 and torch.equal(ours[name + ".weight"], want), name
 
 
 def _one_block_config(**kw) -> DualParalConfig:
