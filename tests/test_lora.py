@@ -214,7 +214,7 @@ def test_generate_refuses_a_bad_lora_with_exit_code_2(workdir):
         assert not (workdir / "v.mp4").exists()
 
 
-def test_lora_flag_and_config_field():
+def test_lora_flag_and_config_field(tmp_path):
     assert parse_lora("a.safetensors") == {"path": "a.safetensors"}
     assert parse_lora("a.safetensors:0.5") == {"path": "a.safetensors", "scale": 0.5}
     assert parse_lora("a.safetensors:0.5:low_noise") == {"path": "a.safetensors", "scale": 0.5, "expert": "low_noise"}
@@ -222,6 +222,13 @@ def test_lora_flag_and_config_field():
     assert parse_lora("dir:with:colons.safetensors") == {"path": "dir:with:colons.safetensors"}
     args = build_parser().parse_args(["--config", str(TINY_CONFIG), "--lora", "a.safetensors", "--lora", "b.safetensors:-1"])
     assert config_from_args(args).loras == (LoraSpec(path="a.safetensors"), LoraSpec(path="b.safetensors", scale=-1.0))
+    raw = json.loads(TINY_CONFIG.read_text())
+    raw["dualparal"]["loras"] = [{"path": "c.safetensors", "expert": "both"}]
+    (tmp_path / "c.json").write_text(json.dumps(raw))
+    assert config_from_args(build_parser().parse_args(["--config", str(tmp_path / "c.json")])).loras == (
+        LoraSpec(path="c.safetensors"),)
+    flags = build_parser().parse_args(["--config", str(tmp_path / "c.json"), "--lora", "a.safetensors"])
+    assert config_from_args(flags).loras == (LoraSpec(path="a.safetensors"),), "the flags replace the config's list"
     with pytest.raises(ConfigError, match=r"^dualparal.loras\[0\].scale: inf must be a finite number$"):
         config_from_args(build_parser().parse_args(["--lora", "a.safetensors:inf"]))
     with pytest.raises(ConfigError, match=r"^dualparal.loras\[1\].expert: \"mid\" is not allowed"):
