@@ -23,5 +23,5 @@ setup(
         "pydantic>=2",
         "ftfy",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "peft>=0.17"]},
 )

@@ -44,6 +44,9 @@ from .denoise import BlockLatents, GenerationPlan
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+# Settings added after FORMAT 1: left out of the fingerprint at these values, so that a run which
+# does not use them keeps the fingerprint it had before they existed.
+ADDED_AT_DEFAULT = {"loras": [], "compile": None}
 LATENTS, SCHEDULERS, STATE, MANIFEST = "latents.safetensors", "schedulers.safetensors", "state.json", "manifest.json"
 _CHECKPOINT = re.compile(r"iter_(\d{6,})")
 
@@ -54,7 +57,10 @@ class ResumeError(ValueError):
 
 def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
     """What the latents of `cfg` depend on, as JSON values; the model as the folder it resolved to."""
-    fields = {name: getattr(cfg, name) for name in LATENTS_FIELDS}
+    fields = cfg.model_dump(mode="json", include=set(LATENTS_FIELDS))
+    for name, default in ADDED_AT_DEFAULT.items():
+        if fields[name] == default:  # runs that do not use a later setting keep the fingerprint they had
+            del fields[name]
     fields.update(model=str(Path(model_path).resolve()), format=FORMAT)
     return fields
 

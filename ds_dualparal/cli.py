@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field in FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, help=DualParalConfig.model_fields[field].description,
                             **_flag_options(field))
+    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE[:EXPERT]]",
+                        help="fuse this LoRA (.safetensors) into the weights at load; repeatable, in order; SCALE "
+                             "defaults to 1.0, EXPERT (Wan2.2-A14B) is high_noise, low_noise or both (default); "
+                             "the flags replace the config's 'loras'")
     parser.add_argument("--jobs", type=Path, help="JSON Lines file, one job per line (prompt, frames, seed, output, ...)")
     parser.add_argument("--output-dir", type=Path, help="folder for the outputs and manifest of --jobs")
     parser.add_argument("--resume", action="store_true", help="with --jobs: skip jobs the manifest marks done")
@@ -66,11 +70,31 @@ def _flag_options(field: str) -> dict:
 def config_from_args(args):
     """The run config: the config file (or defaults) with the flags applied."""
     overrides = {field: getattr(args, flag) for flag, field in FLAGS.items()}
+    if args.lora:
+        overrides["loras"] = [parse_lora(text) for text in args.lora]
     return load_config(args.config, overrides).dualparal
+
+
+def parse_lora(text: str) -> dict:
+    """`PATH[:SCALE[:EXPERT]]` -> a `loras` entry; a suffix that is neither stays part of the path."""
+    entry = {"path": text}
+    head, _, tail = text.rpartition(":")
+    if head and tail in ("high_noise", "low_noise", "both"):
+        entry.update(path=head, expert=tail)
+        head, _, tail = head.rpartition(":")
+    try:
+        scale = float(tail)
+    except ValueError:
+        return entry
+    if head:
+        entry.update(path=head, scale=scale)
+    return entry
 
 
 def _name_flag(args, message: str) -> str:
     """`dualparal.num_frames: ...` -> `--frames: ...` when the value came from that flag."""
+    if args.lora and message.startswith("dualparal.loras"):
+        return "--lora" + message[len("dualparal.loras"):]
     for flag, field in FLAGS.items():
         if getattr(args, flag) is not None and message.startswith(f"dualparal.{field}:"):
             return "--" + flag.replace("_", "-") + message[len(f"dualparal.{field}") :]
@@ -133,10 +157,15 @@ def _outputs(job: Job) -> list[tuple[str, Path]]:
 
 
 def check_model(cfg) -> None:
-    """This node's model folder has every component (a hub id is downloaded here)."""
+    """This node's model folder has every component (a hub id is downloaded here), and the LoRAs fit it."""
     from .weights import ModelFolder, resolve_model
 
-    ModelFolder(resolve_model(cfg.model))
+    folder = ModelFolder(resolve_model(cfg.model))
+    if cfg.loras:
+        from .lora import check_loras
+        from .model import WanConfig
+
+        check_loras(cfg.loras, [WanConfig.from_json(f / "config.json") for f in folder.experts])
 
 
 def open_checkpoints(args, cfg):

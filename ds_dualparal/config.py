@@ -93,6 +93,18 @@ class ConfigError(ValueError):
         super().__init__(_one_line(message))
 
 
+class LoraSpec(BaseModel):
+    """One LoRA of ``loras``: fused into the transformer's weights at load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    path: str = Field(min_length=1, description="Local .safetensors file (diffusers/PEFT or original Wan names).")
+    scale: float = Field(1.0, allow_inf_nan=False, description="Multiplies the LoRA's delta (alpha/rank included).")
+    expert: Literal["high_noise", "low_noise", "both"] = Field(
+        "both", description="Wan2.2-A14B: the expert it applies to (transformer / transformer_2); 'both' otherwise."
+    )
+
+
 class DualParalConfig(BaseModel):
     """The ``dualparal`` section of a run config."""
 
@@ -182,6 +194,10 @@ class DualParalConfig(BaseModel):
         0.0, "Stage 0 decodes the finished blocks: give it this many transformer blocks' worth of work less "
         "when partitioning (0: an even split, which measured best for the anchor config, see BENCHMARKS.md).",
         scope="model", latents=False, ge=0, allow_inf_nan=False,
+    )
+    loras: tuple[LoraSpec, ...] = setting(
+        (), "LoRAs fused into the weights at load, in order (model-level, like model).",
+        scope="model", latents=True, strict=False,
     )
     comm_timeout_s: int = setting(
         600, "Timeout of the distributed process group, in seconds.", scope="model", latents=False, gt=0
@@ -305,6 +321,8 @@ LATENTS_FIELDS = tuple(name for name in DualParalConfig.model_fields if tags(nam
 # Command-line flag (argparse dest; `--block-size` on the command line) -> field.
 FLAGS = {tags(name)["flag"]: name for name in DualParalConfig.model_fields if tags(name)["flag"]}
 
+_LORAS_SHAPE = 'an array of {"path": ..., "scale": ..., "expert": ...} objects'
+
 
 @dataclass
 class RunConfig:
@@ -365,13 +383,22 @@ def _format_error(error: Mapping[str, Any]) -> str:
     value = error.get("input")
     ctx = error.get("ctx") or {}
     shown = _show(value)
+    model = DualParalConfig
+    if name == "loras":  # a list of objects: name the entry and its field
+        if len(loc) < 3:
+            where = path + (f"[{loc[1]}]" if len(loc) == 2 else "")
+            return f"{where}: {shown} must be " + ("an object" if len(loc) == 2 else _LORAS_SHAPE)
+        model, name = LoraSpec, str(loc[2])
+        path = f"{path}[{loc[1]}].{name}"
     if kind == "extra_forbidden":
-        allowed = ", ".join(DualParalConfig.model_fields)
+        allowed = ", ".join(model.model_fields)
         return f"{path}: unknown field; allowed fields: {allowed}"
     if kind == "dualparal":
         return f"{path}: {error['msg']}"
+    if kind == "missing":
+        return f"{path}: is required"
     if kind == "literal_error":
-        return f"{path}: {shown} is not allowed; expected {ctx.get('expected')}" + _none_hint(name)
+        return f"{path}: {shown} is not allowed; expected {ctx.get('expected')}" + _none_hint(name, model)
     limits = {
         "greater_than": ">",
         "greater_than_equal": ">=",
@@ -383,18 +410,18 @@ def _format_error(error: Mapping[str, Any]) -> str:
         return f"{path}: {shown} must be {limits[kind]} {limit}"
     if kind == "float_type" and type(value) is int:
         return f"{path}: {shown} is too large for a float"
-    expected = _expected_type(name)
+    expected = _expected_type(name, model)
     if kind in ("int_type", "int_parsing", "int_from_float", "float_type", "float_parsing", "string_type", "bool_type"):
         return f"{path}: {shown} is not {expected}"
     if kind == "finite_number":
         return f"{path}: {shown} must be a finite number"
     if kind == "string_too_short":
-        return f"{path}: must not be empty" + _none_hint(name)
+        return f"{path}: must not be empty" + _none_hint(name, model)
     return f"{path}: {shown}: {error.get('msg', kind)}"
 
 
-def _expected_type(name: str) -> str:
-    info = DualParalConfig.model_fields.get(name)
+def _expected_type(name: str, model: type[BaseModel] = DualParalConfig) -> str:
+    info = model.model_fields.get(name)
     if info is None:
         return "of the right type"
     types = getattr(info.annotation, "__args__", (info.annotation,))
@@ -403,8 +430,8 @@ def _expected_type(name: str) -> str:
     return word + (" or null" if type(None) in types else "")
 
 
-def _none_hint(name: str) -> str:
-    info = DualParalConfig.model_fields.get(name)
+def _none_hint(name: str, model: type[BaseModel] = DualParalConfig) -> str:
+    info = model.model_fields.get(name)
     return " (or null)" if info is not None and info.default is None else ""
 
 

@@ -2,7 +2,7 @@
 
 `Generator` loads the model once (each rank only its stage's tensors) and then generates any number
 of videos whose settings may differ per job (prompt, size, frames, steps, block size, ...); the
-model-level settings (model, dtype, partition, stages, attention backend) are fixed at load.
+model-level settings (model, dtype, partition, stages, attention backend, LoRAs) are fixed at load.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from . import comm
 from .config import WAN22_BOUNDARY_RATIO, DualParalConfig
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine, GenerationRequest, StageStats
+from .lora import tensors_read as lora_tensors_read
+from .lora import with_loras
 from .model import Conditioner, WanConfig, layer_specs
 from .noise import initial_noise
 from .timeline import BlockTimeline
@@ -72,6 +74,7 @@ class Generator:
             expert_configs = random_weights
             weights = [RandomWeights(cfg.seed + e, self.dtype, self.device) for e in range(len(random_weights))]
             self.boundary_ratio = WAN22_BOUNDARY_RATIO if len(random_weights) == 2 else None
+        weights = with_loras(weights, expert_configs, cfg.loras)
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
         started = time.perf_counter()
@@ -80,13 +83,16 @@ class Generator:
             self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype,
             cfg.attention_backend, self.fast, cfg.first_stage_vae_layers,
         )
-        read = sum(w.safetensors.tensors_read for w in weights if isinstance(w, FolderWeights))
+        bases = [getattr(w, "base", w) for w in weights]  # under a LoRA's LoraWeights
+        read = sum(w.safetensors.tensors_read for w in bases if isinstance(w, FolderWeights))
         parts = self.engine.modules[0].parts
         log.info(
             "rank %d: stage %d/%d of replica %d/%d loaded in %.1fs (%d weight tensors read; layers %d-%d)",
             self.rank, self.engine.stage, stages, self.engine.comm.replica, replicas, time.perf_counter() - started,
             read, parts[self.engine.stage], parts[self.engine.stage + 1] - 1,
         )
+        if cfg.loras:
+            log.info("rank %d: %d LoRAs fused (%d LoRA tensors read)", self.rank, len(cfg.loras), lora_tensors_read(weights))
         self._vae = None
 
     @property
@@ -162,9 +168,9 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
     folder = ModelFolder(resolve_model(cfg.model))
     dtype = DTYPES[cfg.dtype]
     experts = []
-    for expert in folder.experts:
-        wan = WanConfig.from_json(expert / "config.json")
-        weights = FolderWeights(expert, dtype, device)
+    configs = [WanConfig.from_json(expert / "config.json") for expert in folder.experts]
+    sources = with_loras([FolderWeights(e, dtype, device) for e in folder.experts], configs, cfg.loras)
+    for wan, weights in zip(configs, sources):
         layers = [spec.build() for spec in layer_specs(wan, weights, cfg.attention_backend)]
         experts.append((Conditioner(wan, weights).to(device), layers))
     from .text import encode_prompts
