@@ -18,6 +18,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from .files import no_duplicate_keys
+
 SECTION = "dualparal"
 
 # VAE downsamples space by 8, the patch embedding by 2 more.
@@ -227,7 +229,7 @@ def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read config file ({_describe(exc)})") from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+        data = json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except (ValueError, RecursionError) as exc:
@@ -332,15 +334,6 @@ def _one_line(message: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    result: dict = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
 
 
 def _reject_constant(name: str) -> Any:

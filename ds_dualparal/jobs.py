@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, DualParalConfig
+from .files import DuplicateKeyError, no_duplicate_keys
 
 MANIFEST = "manifest.jsonl"
 # Settings of the loaded model, the same for every job of a run.
@@ -64,14 +65,6 @@ def _string(entry: dict, key: str) -> str:
     return value
 
 
-def _object(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = next((k for k in keys if keys.count(k) > 1), None)
-    if repeated is not None:
-        raise ConfigError(f"{repeated}: given twice")
-    return dict(pairs)
-
-
 def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) -> Job:
     """One jobs-file line -> a Job; an invalid line gives a Job with `error` set (never raises).
 
@@ -81,11 +74,11 @@ def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) ->
     relative = f"{name}.mp4"
     try:
         try:
-            entry: Any = json.loads(line, object_pairs_hook=_object)
+            entry: Any = json.loads(line, object_pairs_hook=no_duplicate_keys)
         except json.JSONDecodeError as err:
             raise ConfigError(f"invalid JSON at column {err.colno}: {err.msg}") from None
-        except ConfigError:  # from _object
-            raise
+        except DuplicateKeyError as err:
+            raise ConfigError(f"{err.key}: given twice") from None
         except RecursionError:
             raise ConfigError("invalid JSON: nested too deeply") from None
         except ValueError as err:  # e.g. an integer of more digits than Python converts
