@@ -116,13 +116,17 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = False, folder: bool
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the end: a live writer's temporary is never removed
         try:
             yield temporary
+        except BaseException:  # the writer's own error goes on as it is
+            _remove(temporary)
+            raise
+        try:
             _publish(temporary, path, overwrite, folder)
+        except (OutputError, FileExistsError):
+            raise
+        except OSError as err:
+            raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
         finally:
             _remove(temporary)
-    except (OutputError, FileExistsError):
-        raise
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
         os.close(lock)
 
