@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .files import OutputError
 from .jobs import Job, done_outputs, read_jobs, record
 
 log = logging.getLogger("ds_dualparal")
@@ -51,6 +52,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="generate.py",
+        allow_abbrev=False,  # `--frame 81` is a typo, not `--frames`
         description="Generate long videos with Wan by DualParal, pipelined over DeepSpeed ranks.",
     )
     parser.add_argument("--config", help="ds_config JSON with a 'dualparal' section (default: built-in defaults)")
@@ -165,7 +167,10 @@ def main(argv=None) -> int:
         level=os.environ.get("DS_DUALPARAL_LOG", "INFO"),
         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
     )
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         cfg = config_from_args(args)
         check_args(args, cfg)
@@ -183,11 +188,22 @@ def main(argv=None) -> int:
     except FileExistsError as err:  # found by this rank alone: its output appeared while it was written
         _say(str(err))
         return 2
+    except OutputError as err:  # found by this rank alone: an output it cannot write (disk full, ...)
+        _say(str(err))
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: temporaries are gone (atomic_output), the finished outputs stay
+        return _interrupted()
     except Exception as err:  # a fault or a bug: say which rank and what, then fail (the launcher stops the rest)
         first_line = str(err).splitlines()[0] if str(err) else ""
         log.critical("rank %s failed: %s: %s", os.environ.get("RANK", "0"), type(err).__name__, first_line,
                      exc_info=True)
         return 1
+
+
+def _interrupted() -> int:
+    if os.environ.get("RANK", "0") == "0":
+        _say("interrupted (Ctrl-C); unfinished outputs were removed")
+    return 130
 
 
 def _say(message: str) -> None:
@@ -256,15 +272,16 @@ def _run(args, cfg) -> int:
             elif job.done:
                 log.info("%s (line %d): skipped, the manifest marks %s done", job.name, job.index, job.relative)
     runnable = [job for job in jobs if job.config is not None and not job.done]
+    invalid = sum(job.error is not None for job in jobs)  # the same on every rank: the jobs are shared
     if not runnable:  # the same on every rank: nothing to load the model for
         log.info("nothing to run")
         comm.shutdown()
-        return 0
-    return _generate(_load(cfg), args, runnable, checkpoints)
+        return 1 if invalid else 0
+    return _generate(_load(cfg), args, runnable, checkpoints, invalid)
 
 
-def _generate(generator, args, runnable: list[Job], checkpoints=None) -> int:
-    """This rank's replica takes every num_replicas-th job."""
+def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: int = 0) -> int:
+    """This rank's replica takes every num_replicas-th job. Exit code 1 when any job failed (or was invalid)."""
     from . import comm
     from .runner import run_job, summarize
 
@@ -274,7 +291,6 @@ def _generate(generator, args, runnable: list[Job], checkpoints=None) -> int:
     started = time.perf_counter()
     for job, text in zip(mine, texts):
         results.append(run_job(generator, job, text, args, checkpoints))
-    summarize(generator, results, time.perf_counter() - started)
+    failed = summarize(generator, results, time.perf_counter() - started)
     comm.shutdown()
-    failed = sum(not r.ok for r in results)
-    return 1 if failed and args.jobs is None else 0
+    return 1 if failed or invalid else 0

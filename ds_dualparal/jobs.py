@@ -8,13 +8,16 @@ failed job, appended whole, so several replicas can share it and `--resume` can 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, DualParalConfig
-from .files import DuplicateKeyError, no_duplicate_keys
+from .files import DuplicateKeyError, append_line, no_duplicate_keys
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 # Settings of the loaded model, the same for every job of a run.
@@ -143,7 +146,11 @@ def done_outputs(output_dir: Path) -> set[str]:
     if not manifest.is_file():
         return set()
     done = set()
-    for line in manifest.read_text().splitlines():
+    try:
+        text = manifest.read_bytes().decode("utf-8", errors="replace")  # a torn line may cut a character
+    except OSError:
+        return set()
+    for line in text.splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
@@ -154,12 +161,18 @@ def done_outputs(output_dir: Path) -> set[str]:
     return done
 
 
-def record(output_dir: Path, entry: dict) -> None:
-    """Appends one manifest line in a single write, so that lines of concurrent replicas never interleave."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    fd = os.open(output_dir / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def record(output_dir: Path, entry: dict) -> bool:
+    """Appends one manifest line whole (`files.append_line`: one write under a lock, after a newline if
+    the file ends in a torn line), so that lines of concurrent replicas never interleave.
+
+    A manifest that cannot be written (disk full, ...) is logged in one line and the batch goes on:
+    returns False then.
+    """
     try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        append_line(output_dir / MANIFEST, json.dumps(entry, sort_keys=True))
+    except OSError as err:
+        log.error("manifest %s: cannot record job %s: %s", output_dir / MANIFEST, entry.get("job"),
+                  getattr(err, "strerror", None) or err)
+        return False
+    return True

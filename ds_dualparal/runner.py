@@ -4,8 +4,8 @@ closing summary."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import comm
 from .checkpoint import Checkpoints
 from .engine import Checkpointing
+from .files import OutputError, atomic_output
 from .jobs import record
 from .video import Mp4Writer, StreamingDecoder, save_frames, to_uint8_frames
 
@@ -32,13 +33,26 @@ class JobResult:
     error: str | None = None
 
 
-def save_latents(path: str | Path, latents: torch.Tensor) -> None:
-    """Final latents as safetensors (key 'latents'), written under a temporary name then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
-    os.replace(partial, path)
+class JobFailed(Exception):
+    """A job-level failure found on the first stage (a write error, non-finite latents): the job fails,
+    the run and the other stages go on."""
+
+
+def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True) -> None:
+    """Final latents as safetensors (key 'latents'), written under a unique temporary name then renamed."""
+    with atomic_output(path, overwrite=overwrite) as partial:
+        try:
+            save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
+        except OSError as err:
+            raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def check_finite(block: int, latents: torch.Tensor) -> None:
+    """Non-finite latents (an overflow, e.g. from an extreme guidance or flow shift) fail the job."""
+    if not bool(torch.isfinite(latents).all()):
+        bad = int((~torch.isfinite(latents)).sum())
+        raise JobFailed(f"block {block}: {bad} of {latents.numel()} latent values are not finite (NaN or inf); "
+                        "the video would be garbage (lower --guidance or --flow-shift)")
 
 
 def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) -> JobResult:
@@ -46,6 +60,10 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
 
     A resumed run decodes the blocks that were final before the checkpoint from its latents first,
     so the new mp4 holds every frame (the causal decoder must see every block in order anyway).
+
+    A job-level failure on the first stage (an output that cannot be written, non-finite latents)
+    fails this job only: with one stage it stops at once; with more, the first stage stops writing and
+    runs on in step with the others to the end of the generation. Nothing is left at a final name.
     """
     cfg = job.config
     plan = generator.plan(cfg)
@@ -63,18 +81,37 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
     total = timeline.num_blocks * timeline.num_steps
     done = sum(1 for step in timeline.block_steps() if step.iteration < start)
     bar = tqdm(total=total, initial=done, desc=job.name, unit="block-step", disable=generator.rank != 0)
+    single_stage = generator.topology.get_dim("pipe") == 1
     frames_done = 0
+    failure: list[BaseException] = []  # the first job-level failure, kept while the other stages run on
     started = time.perf_counter()
     try:
-        with Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite) as writer:
+        with contextlib.ExitStack() as outputs:
+            writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite))
+            frames_dir = None
+            if args.save_frames is not None:
+                final_frames = args.save_frames / job.name if args.jobs else args.save_frames
+                frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=args.overwrite, folder=True))
             decoder = StreamingDecoder(generator.vae)
 
             def on_block_done(block, latents):
                 nonlocal frames_done
-                frames = to_uint8_frames(decoder.decode(latents))
-                writer.append(frames)
-                if args.save_frames is not None:
-                    save_frames(args.save_frames / job.name if args.jobs else args.save_frames, frames, frames_done)
+                if failure:
+                    return
+                try:
+                    check_finite(block, latents)
+                    frames = to_uint8_frames(decoder.decode(latents))
+                    writer.append(frames)
+                    if frames_dir is not None:
+                        try:
+                            save_frames(frames_dir, frames, frames_done)
+                        except OSError as err:
+                            raise OutputError(f"cannot write frames into {final_frames}: {err.strerror or err}")
+                except (OSError, JobFailed) as err:
+                    if single_stage:
+                        raise
+                    failure.append(err)
+                    return
                 frames_done += len(frames)
                 log.debug("%s: block %d final, %d frames written", job.name, block, frames_done)
 
@@ -83,14 +120,17 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
                 on_block_done(block, checkpointing.resume.latents[block])
             with generator.engine.checkpointed(checkpointing):
                 result = generator.generate(cfg, text, on_block_done, on_step=bar.update)
+            if failure:
+                raise failure[0]
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
-                save_latents(cfg.save_latents, result.latents)
-    except (OSError, RuntimeError) as err:
-        # A failed job is recorded and the batch goes on only where no other stage waits on this one.
-        if args.jobs is None or generator.topology.get_dim("pipe") > 1:
+                save_latents(cfg.save_latents, result.latents, overwrite=args.overwrite)
+    except (OSError, JobFailed) as err:  # this job's own outputs or values: the job fails, the run goes on
+        outcome = _failed(job, err, started)
+    except Exception as err:
+        # Anything else fails the job where no other stage waits on this one (a batch on one stage).
+        if args.jobs is None or not single_stage:
             raise
-        log.error("%s failed: %s", job.name, err)
-        outcome = JobResult(job.name, False, time.perf_counter() - started, error=str(err))
+        outcome = _failed(job, err, started)
     else:
         outcome = JobResult(job.name, True, result.seconds, frames_done)
         if checkpoints is not None:  # the video is out: nothing is left to resume
@@ -106,14 +146,24 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
     return outcome
 
 
-def summarize(generator, results: list[JobResult], seconds: float) -> None:
-    """Rank 0 logs the jobs and frames of every replica, seconds, frames/s and every rank's peak memory."""
+def _failed(job, err: BaseException, started: float) -> JobResult:
+    message = " ".join(str(err).splitlines()) or type(err).__name__
+    log.error("%s failed: %s", job.name, message)
+    return JobResult(job.name, False, time.perf_counter() - started, error=message)
+
+
+def summarize(generator, results: list[JobResult], seconds: float) -> int:
+    """Rank 0 logs the jobs and frames of every replica, seconds, frames/s and every rank's peak memory.
+
+    Collective; returns the number of jobs that failed on any replica (the same on every rank)."""
     peak = torch.cuda.max_memory_allocated(generator.device) if generator.device.type == "cuda" else None
     # Frames are counted on first stages only: the other stages of a replica ran the same jobs.
     done = [r for r in results if r.ok] if generator.is_first else []
-    ranks = comm.gather_objects((peak, len(done), sum(r.frames for r in done), seconds))
+    failed = sum(not r.ok for r in results) if generator.is_first else 0
+    ranks = comm.gather_objects((peak, len(done), sum(r.frames for r in done), seconds, failed))
+    failed = sum(r[4] for r in ranks)
     if generator.rank != 0:
-        return
+        return failed
     jobs = sum(r[1] for r in ranks)
     frames = sum(r[2] for r in ranks)
     seconds = max(r[3] for r in ranks)  # replicas run side by side
@@ -122,3 +172,6 @@ def summarize(generator, results: list[JobResult], seconds: float) -> None:
         "done: %d job(s) on %d replica(s) in %.1fs, %d frames, %.2f frames/s; peak memory %s",
         jobs, generator.num_replicas, seconds, frames, frames / seconds if seconds else 0.0, memory,
     )
+    if failed:
+        log.error("%d job(s) failed", failed)
+    return failed

@@ -158,6 +158,23 @@ def test_done_outputs_are_done_records_whose_file_exists(tmp_path):
     assert done_outputs(tmp_path / "missing") == set()
 
 
+def test_a_record_after_a_torn_line_is_whole_and_counts(tmp_path):
+    """A crash while appending leaves a line cut short (here mid-character); the next record is not glued to it."""
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "b.mp4").write_bytes(b"x")
+    record(tmp_path, {"status": "done", "output": "a.mp4"})
+    with open(tmp_path / MANIFEST, "ab") as f:
+        f.write('{"status": "done", "job": "\u00e9'.encode()[:-1])
+    assert record(tmp_path, {"status": "done", "output": "b.mp4"})
+    assert done_outputs(tmp_path) == {"a.mp4", "b.mp4"}
+
+
+def test_a_manifest_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog):
+    (tmp_path / MANIFEST).mkdir()
+    assert record(tmp_path, {"job": "a", "status": "done"}) is False
+    assert f"manifest {tmp_path / MANIFEST}: cannot record job a" in caplog.text
+
+
 # ---- decisions of the command line
 
 
@@ -236,7 +253,8 @@ def batch(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("batch")
     jobs_file = write_jobs(cwd / "jobs.jsonl", CAT, BAD, DOG)
     result = run_generate("--config", TINY_CONFIG, "--jobs", jobs_file, "--output-dir", "out", cwd=cwd)
-    assert result.returncode == 0, result.explain()
+    assert result.returncode == 1, result.explain()  # the good jobs ran; the exit code says one failed
+    assert "Traceback" not in result.stderr
     out = cwd / "out"
     return cwd, out, manifest(out)
 
