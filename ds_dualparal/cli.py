@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, load_config
-from .files import OutputError
-from .jobs import Job, done_outputs, read_jobs, record
+from .files import OutputError, location_problem, same_file_key
+from .jobs import MANIFEST, Job, done_outputs, read_jobs, record
 
 log = logging.getLogger("ds_dualparal")
 
@@ -111,13 +111,30 @@ def check_args(args, cfg) -> None:
 
 
 def plan_jobs(args, cfg) -> list[Job]:
-    """The jobs of this run, decided once (on rank 0): invalid, already done, or to run."""
+    """The jobs of this run, decided once (on rank 0): invalid, already done, or to run.
+
+    Every place the run writes is checked here, before any weights load: it can be made and written,
+    it is not another output of the run (nor the manifest), and it does not exist yet (without --overwrite).
+    """
     if args.jobs is None:
         job = Job(0, Path(cfg.output).stem, Path(cfg.output), cfg)
-        for flag, path in _outputs(job):
-            if path.exists() and not args.overwrite:
+        paths = _outputs(job, args)
+        if args.checkpoint_dir is not None:
+            paths.append(("--checkpoint-dir", args.checkpoint_dir))
+        seen: dict[str, str] = {}
+        for flag, path in paths:
+            problem = location_problem(path, folder=flag in ("--save-frames", "--checkpoint-dir"))
+            if problem is not None:
+                raise ConfigError(f"{flag}: {_shown(path)} {problem}")
+            key = same_file_key(path)
+            if key in seen:
+                raise ConfigError(f"{flag}: {path} is also the {seen[key]}; every output needs its own path")
+            seen[key] = flag
+        for flag, path in paths:
+            if flag != "--checkpoint-dir" and _exists(path) and not args.overwrite:
                 raise ConfigError(f"{flag}: {path} already exists; pass --overwrite to replace it")
         return [job]
+    _check_output_dir(args.output_dir)
     jobs = read_jobs(args.jobs, cfg, args.output_dir)
     done = done_outputs(args.output_dir) if args.resume else set()
     for job in jobs:
@@ -126,17 +143,51 @@ def plan_jobs(args, cfg) -> list[Job]:
         if job.relative in done:
             job.done = True
             continue
-        existing = [path for _, path in _outputs(job) if path.exists()]
-        if existing and not args.overwrite:
-            job.error = f"output: {existing[0]} already exists; pass --overwrite to replace it"
+        outputs = _outputs(job, args)
+        problem = next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
+                        if (problem := location_problem(path, folder=flag == "--save-frames")) is not None), None)
+        existing = [(flag, path) for flag, path in outputs if _exists(path)]
+        if problem is None and existing and not args.overwrite:
+            flag, path = existing[0]
+            problem = f"{_key(flag)}: {path} already exists; pass --overwrite to replace it"
+        if problem is not None:
+            job.error = problem
             job.config = None
     return jobs
 
 
-def _outputs(job: Job) -> list[tuple[str, Path]]:
+def _key(flag: str) -> str:
+    """A job's field for an output flag (--save-frames stays a flag: it is not a job field)."""
+    return {"--output": "output", "--save-latents": "save_latents"}.get(flag, flag)
+
+
+def _shown(path) -> str:
+    text = str(path)
+    return repr(text) if not text.isprintable() else text
+
+
+def _exists(path: Path) -> bool:
+    """An output that is there already; an empty folder (made for the frames) does not count."""
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return path.exists() or path.is_symlink()
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    problem = location_problem(output_dir, folder=True)
+    if problem is not None:
+        raise ConfigError(f"--output-dir: {_shown(output_dir)} {problem}")
+    manifest = output_dir / MANIFEST
+    if manifest.is_symlink() or (manifest.exists() and not manifest.is_file()):
+        raise ConfigError(f"--output-dir: {manifest} is not a regular file; move it away")
+
+
+def _outputs(job: Job, args=None) -> list[tuple[str, Path]]:
     paths = [("--output", job.output)]
     if job.config.save_latents is not None:
         paths.append(("--save-latents", Path(job.config.save_latents)))
+    if args is not None and args.save_frames is not None:
+        paths.append(("--save-frames", args.save_frames / job.name if args.jobs else args.save_frames))
     return paths
 
 

@@ -175,3 +175,42 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+NAME_MAX = 255
+
+
+def location_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why an output cannot be written at `path` (a file, or a folder with `folder=True`), found before
+    any work starts; None if it can. Writes nothing that stays (a probe file is made and removed)."""
+    text = os.fspath(path)
+    if "\0" in text:
+        return "must not contain a NUL character"
+    path = Path(text)
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if too_long is not None:
+        return f"has a name longer than {NAME_MAX} bytes ({too_long[:20]}...)"
+    if path.is_dir() and not folder:
+        return "is a folder"
+    if path.exists() and folder and not path.is_dir():
+        return "is not a folder"
+    ancestor = path if folder and path.is_dir() else path.parent  # where the first new entry goes
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be made: {ancestor} is not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be written: {ancestor} is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".probe.", suffix=TEMP_SUFFIX)
+    except OSError as err:
+        return f"cannot be written: {ancestor}: {err.strerror or err}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def same_file_key(path: str | os.PathLike) -> str:
+    """A key under which two paths that may name one file compare equal: links resolved, case folded
+    (a case-insensitive file system, or a folder shared with one, maps `a.mp4` and `a.MP4` to one file)."""
+    return str(Path(os.path.abspath(path)).resolve()).casefold()

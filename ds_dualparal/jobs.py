@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, DualParalConfig
-from .files import DuplicateKeyError, append_line, no_duplicate_keys
+from .files import DuplicateKeyError, append_line, is_temporary_name, no_duplicate_keys, same_file_key
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,19 @@ def _inside(output_dir: Path, key: str, relative: str, suffix: str | None = None
         raise ConfigError(f"{key}: {relative!r} must be a relative path inside --output-dir")
     if suffix is not None and path.suffix.lower() != suffix:
         raise ConfigError(f"{key}: {relative!r} must end in {suffix}")
+    temporary = next((part for part in path.parts if is_temporary_name(part)), None)
+    if temporary is not None:
+        raise ConfigError(f"{key}: {relative!r} is named like a temporary file (.<name>.*.partial), "
+                          "which writers delete; choose another name")
+    if key == "save_latents" and path.parts[0].casefold() == MANIFEST:
+        raise ConfigError(f"{key}: {relative!r} is the manifest of --output-dir")
+    try:
+        resolved = (output_dir / path).resolve()
+        escapes = not resolved.is_relative_to(output_dir.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        escapes = True
+    if escapes:
+        raise ConfigError(f"{key}: {relative!r} leads out of --output-dir through a symbolic link")
     return output_dir / path
 
 
@@ -116,27 +130,49 @@ def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) ->
         return Job(index, name, output_dir / relative, error=str(err).replace("dualparal.", ""), relative=relative)
 
 
+MAX_JOBS_FILE_BYTES = 64 * 2**20
+
+
 def read_jobs(path: Path, base: DualParalConfig, output_dir: Path) -> list[Job]:
-    """Every line of a jobs file as a Job; two jobs writing the same file make the later one fail."""
+    """Every line of a jobs file as a Job; two jobs writing the same file make the later one fail.
+
+    The same file means the same path after links are resolved, compared case-insensitively; two jobs
+    of one name would share a frames folder (`--save-frames DIR/<name>`), so a name is used once too.
+    """
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"--jobs: {path} is not a regular file")
+            data = f.read(MAX_JOBS_FILE_BYTES + 1)
+        if len(data) > MAX_JOBS_FILE_BYTES:
+            raise ConfigError(f"--jobs: {path} is larger than {MAX_JOBS_FILE_BYTES // 2**20} MiB")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"--jobs: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise ConfigError(f"--jobs: {path} holds no jobs")
     jobs = [parse_job(n, line, base, output_dir) for n, line in lines]
-    seen: dict[Path, int] = {}
+    seen: dict[str, int] = {}
+    names: dict[str, int] = {}
     for job in jobs:
         if job.error is not None:
             continue
         paths = [job.output] + ([Path(job.config.save_latents)] if job.config.save_latents else [])
-        clash = next((p for p in paths if p in seen), None)
+        if len({same_file_key(p) for p in paths}) < len(paths):
+            job.error = f"save_latents: {job.config.save_latents} is also this job's output"
+        clash = next((p for p in paths if same_file_key(p) in seen), None)
         if clash is not None:
-            job.error = f"output: {clash.relative_to(output_dir)} is also written by line {seen[clash]}"
+            job.error = f"output: {clash.relative_to(output_dir)} is also written by line {seen[same_file_key(clash)]}"
+        elif job.name.casefold() in names:
+            job.error = f"name: {job.name!r} is also the name of line {names[job.name.casefold()]}"
+        if job.error is not None:
             job.config = None
             continue
-        seen.update({p: job.index for p in paths})
+        seen.update({same_file_key(p): job.index for p in paths})
+        names[job.name.casefold()] = job.index
     return jobs
 
 
