@@ -18,6 +18,7 @@ from .files import OutputError, location_problem, same_file_key
 from .jobs import MANIFEST, Job, done_outputs, read_jobs, record
 
 log = logging.getLogger("ds_dualparal")
+LARGE_TFLOP = 1000.0
 
 # flag -> config field
 FLAGS = {
@@ -191,11 +192,66 @@ def _outputs(job: Job, args=None) -> list[tuple[str, Path]]:
     return paths
 
 
-def check_model(cfg) -> None:
-    """This node's model folder has every component (a hub id is downloaded here)."""
-    from .weights import ModelFolder, resolve_model
+def check_model(cfg, device_type: str = "cpu"):
+    """This node's model folder has every component, whole (a hub id is downloaded here), and the
+    model-level settings fit it and this device. Returns the (first) transformer's WanConfig."""
+    import re
 
-    ModelFolder(resolve_model(cfg.model))
+    from .config import ATTENTION_BACKENDS, CPU_ATTENTION_BACKENDS
+    from .denoise import make_scheduler
+    from .model import WanConfig
+    from .modelcheck import check_model_folder
+    from .weights import CheckpointError, resolve_model
+
+    folder = check_model_folder(resolve_model(cfg.model))
+    try:
+        make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
+    except Exception as err:  # diffusers' own checks of a config it accepts as JSON
+        raise CheckpointError(f"{folder.path / 'scheduler'}: cannot make the {cfg.scheduler} scheduler "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(folder.path / "tokenizer")
+    except Exception as err:  # a tokenizer folder transformers cannot read, in whatever way
+        raise CheckpointError(f"{folder.path / 'tokenizer'}: cannot load the tokenizer "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    wan = WanConfig.from_json(folder.experts[0] / "config.json")
+    # DeepSpeed splits the layers (embedding, one per transformer block, head) by the partition method.
+    names = ["WanEmbedLayer"] + ["WanBlockLayer"] * wan.num_layers + ["WanHeadLayer"]
+    method = cfg.partition_method
+    if method.lower().startswith("type:"):  # DeepSpeed fails (a traceback) when the regex matches no layer
+        pattern = re.compile(method[len("type:"):], re.IGNORECASE)
+        if not any(pattern.search(name) for name in names):
+            raise ConfigError(f"dualparal.partition_method: {method!r} matches none of the layer classes "
+                              f"({', '.join(sorted(set(names)))})")
+    backend = cfg.attention_backend
+    if device_type == "cpu" and backend is not None and backend not in CPU_ATTENTION_BACKENDS:
+        gpu_only = [b for b in ATTENTION_BACKENDS if b not in CPU_ATTENTION_BACKENDS]
+        raise ConfigError(f"dualparal.attention_backend: {backend!r} needs a GPU ({', '.join(gpu_only)} do); "
+                          f"on CPU use {', '.join(CPU_ATTENTION_BACKENDS)} or null")
+    return wan
+
+
+def check_work(args, jobs: list[Job], wan, device_type: str) -> None:
+    """Rank 0 says what each job costs and refuses (one line) a job that cannot fit the device."""
+    from .estimate import device_memory, estimate, refusal
+
+    memory = device_memory(device_type)
+    for job in jobs:
+        if job.config is None or job.done:
+            continue
+        work = estimate(job.config, wan)
+        reason = refusal(work, memory)
+        if reason is None:
+            # a large job is said loudly, before it starts (a TFLOP is minutes on a CPU, a second on a GPU)
+            log.log(logging.WARNING if work.tflop > LARGE_TFLOP else logging.INFO, "%s: %s", job.name, work.describe())
+            continue
+        cfg = job.config
+        message = f"{cfg.num_frames} frames of {cfg.height}x{cfg.width} {reason}"
+        if args.jobs is None:
+            raise ConfigError(f"--frames/--height/--width: {message}")
+        job.error, job.config = f"num_frames/height/width: {message}", None
 
 
 def open_checkpoints(args, cfg):
@@ -279,13 +335,18 @@ def _decide(args, cfg):
     from .checkpoint import ResumeError
     from .weights import CheckpointError
 
+    import torch
+
     error = jobs = checkpoints = None
     rank, world_size = comm.world()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         cfg.pipeline_topology(world_size)
         if rank == 0:
             jobs = plan_jobs(args, cfg)
-        check_model(cfg)
+        wan = check_model(cfg, device_type)
+        if rank == 0:
+            check_work(args, jobs, wan, device_type)
         if rank == 0 and args.checkpoint_dir is not None:
             checkpoints = open_checkpoints(args, cfg)
     except (ConfigError, CheckpointError, ResumeError) as err:

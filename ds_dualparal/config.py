@@ -41,6 +41,15 @@ AttentionBackend = Literal[
     "xformers",
 ]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
+# the backends that also run on a CPU (the others need CUDA kernels)
+CPU_ATTENTION_BACKENDS = ("native", "_native_math", "_native_flash")
+
+# Past these the numbers overflow (all-NaN latents, a timeout timedelta cannot hold, a seed torch's
+# generator refuses); Wan's own settings are guidance 3-7 and flow shift 2-12.
+MAX_GUIDANCE = 100.0
+MAX_FLOW_SHIFT = 100.0
+MAX_SEED = 2**63 - 1
+MAX_COMM_TIMEOUT_S = 7 * 24 * 3600
 
 
 class ConfigError(ValueError):
@@ -70,18 +79,21 @@ class DualParalConfig(BaseModel):
     num_frames: int = Field(81, ge=1, description="Video frames, 4k+1 (the VAE's temporal compression).")
     num_inference_steps: int = Field(50, ge=1, description="Denoising steps per block.")
     guidance_scale: float = Field(
-        5.0, ge=0, allow_inf_nan=False, description="Classifier-free guidance scale; CFG is on when > 1."
+        5.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale; CFG is on when > 1."
     )
     guidance_scale_2: float | None = Field(
         None,
         ge=0,
+        le=MAX_GUIDANCE,
         allow_inf_nan=False,
         description="Guidance scale of Wan2.2's low-noise expert; None uses guidance_scale.",
     )
     scheduler: Literal["unipc", "euler"] = Field(
         "unipc", description="Per-block scheduler: UniPC multistep or flow-match Euler."
     )
-    flow_shift: float = Field(3.0, gt=0, allow_inf_nan=False, description="Flow-matching timestep shift.")
+    flow_shift: float = Field(
+        3.0, gt=0, le=MAX_FLOW_SHIFT, allow_inf_nan=False, description="Flow-matching timestep shift."
+    )
     block_size: int = Field(8, ge=1, description="Latent frames per block (B).")
     context: int = Field(
         8, ge=0, description="Latent frames of context shared with each neighbouring block (c <= B)."
@@ -93,7 +105,9 @@ class DualParalConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "bfloat16", description="Dtype of the transformer's weights and activations."
     )
-    seed: int = Field(0, ge=0, description="Seed of the initial noise; the output depends on nothing else random.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed of the initial noise; the output depends on nothing else random."
+    )
     partition_method: str = Field(
         "type:WanBlockLayer",
         description="DeepSpeed pipeline partitioning: 'uniform' or 'type:<regex>' over layer class names.",
@@ -104,7 +118,13 @@ class DualParalConfig(BaseModel):
     attention_backend: AttentionBackend | None = Field(
         None, description="diffusers attention backend; None keeps diffusers' default."
     )
-    comm_timeout_s: int = Field(600, gt=0, description="Timeout of the distributed process group, in seconds.")
+    comm_timeout_s: int = Field(
+        600,
+        gt=0,
+        le=MAX_COMM_TIMEOUT_S,
+        description="Seconds a transfer may wait for a peer rank before the run fails (default 600: a hung rank "
+        "is given up after about 10 minutes).",
+    )
     output: str = Field("outputs/video.mp4", min_length=1, description="Path of the output video.")
     save_latents: str | None = Field(
         None, min_length=1, description="If set, also save the final latents to this path."

@@ -61,7 +61,10 @@ def broken_models(tmp_path_factory):
     no_shard = shutil.copytree(TINY_WAN_PATH, root / "no_shard")
     shard = sorted((no_shard / "transformer").glob("*-of-*.safetensors"))[-1]  # holds the head: the last stage's
     shard.unlink()
-    return {"no_vae": no_vae, "no_shard": no_shard, "shard": shard.name}
+    truncated_vae = shutil.copytree(TINY_WAN_PATH, root / "truncated_vae")
+    vae = truncated_vae / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[:-1000])
+    return {"no_vae": no_vae, "no_shard": no_shard, "shard": shard.name, "truncated_vae": truncated_vae}
 
 
 def _write(folder, name, text):
@@ -86,6 +89,13 @@ BAD_INPUTS = {
     "model-missing": (["--model", "/nonexistent"], ["/nonexistent", "does not exist"]),
     "model-without-vae": (["--model", "{no_vae}"], ["no_vae", "'vae'"]),
     "model-without-shard": (["--model", "{no_shard}"], ["{shard}", "missing"]),
+    # found by a hostile probe (issue 16)
+    "seed-past-64-bits": (["--seed", str(2**64)], ["--seed", str(2**64), "<= 9223372036854775807"]),
+    "guidance-overflows": (["--guidance", "1e308"], ["--guidance", "<= 100"]),
+    "abbreviated-flag": (["--frame", "21"], ["unrecognized arguments: --frame 21"]),
+    "model-is-a-file": (["--model", "/etc/passwd"], ["/etc/passwd", "is not a folder"]),
+    "truncated-vae": (["--model", "{truncated_vae}"], ["vae/diffusion_pytorch_model.safetensors", "truncated"]),
+    "a-billion-frames": (["--frames", "1000000001"], ["--frames/--height/--width", "needs at least", "GiB"]),
 }
 
 
