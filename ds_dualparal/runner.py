@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -43,8 +44,8 @@ def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True
     with atomic_output(path, overwrite=overwrite) as partial:
         try:
             save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
-        except OSError as err:
-            raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+        except (OSError, SafetensorError) as err:  # safetensors' I/O errors (disk full) are not OSErrors
+            raise OutputError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
 def check_finite(block: int, latents: torch.Tensor) -> None:
