@@ -233,11 +233,13 @@ def check_model(cfg, device_type: str = "cpu"):
     return wan
 
 
-def check_work(args, jobs: list[Job], wan, device_type: str) -> None:
-    """Rank 0 says what each job costs and refuses (one line) a job that cannot fit the device."""
+def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, str]]:
+    """Refuses (one line) a job that cannot fit the device; returns what each other job costs, as
+    (log level, line) for rank 0 to say once every check has passed."""
     from .estimate import device_memory, estimate, refusal
 
     memory = device_memory(device_type)
+    costs = []
     for job in jobs:
         if job.config is None or job.done:
             continue
@@ -245,13 +247,14 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> None:
         reason = refusal(work, memory)
         if reason is None:
             # a large job is said loudly, before it starts (a TFLOP is minutes on a CPU, a second on a GPU)
-            log.log(logging.WARNING if work.tflop > LARGE_TFLOP else logging.INFO, "%s: %s", job.name, work.describe())
+            costs.append((logging.WARNING if work.tflop > LARGE_TFLOP else logging.INFO, f"{job.name}: {work.describe()}"))
             continue
         cfg = job.config
         message = f"{cfg.num_frames} frames of {cfg.height}x{cfg.width} {reason}"
         if args.jobs is None:
             raise ConfigError(f"--frames/--height/--width: {message}")
         job.error, job.config = f"num_frames/height/width: {message}", None
+    return costs
 
 
 def open_checkpoints(args, cfg):
@@ -338,6 +341,7 @@ def _decide(args, cfg):
     import torch
 
     error = jobs = checkpoints = None
+    costs = []
     rank, world_size = comm.world()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -346,12 +350,14 @@ def _decide(args, cfg):
             jobs = plan_jobs(args, cfg)
         wan = check_model(cfg, device_type)
         if rank == 0:
-            check_work(args, jobs, wan, device_type)
+            costs = check_work(args, jobs, wan, device_type)
         if rank == 0 and args.checkpoint_dir is not None:
             checkpoints = open_checkpoints(args, cfg)
     except (ConfigError, CheckpointError, ResumeError) as err:
         error = str(err)
     _agree(error)
+    for level, line in costs:
+        log.log(level, "%s", line)
     return comm.share_object((jobs, checkpoints))
 
 
