@@ -145,13 +145,14 @@ def test_help_documents_every_flag(workdir):
 
 
 def test_a_shard_missing_on_the_last_stage_stops_every_rank_with_one_line(workdir, broken_models):
-    """Only rank 1 (stage 1 of 2) reads the missing shard; rank 0 must not crash waiting for it."""
+    """Only rank 1 (stage 1 of 2) would read the missing shard; every rank checks the whole folder before
+    loading, so rank 0 finds it too and says it once, and no rank waits for another."""
     result = run_deepspeed(2, "--config", TINY_CONFIG, "--output", "out.mp4", "--model", broken_models["no_shard"],
                            cwd=workdir)
     assert result.returncode == 2, result.explain()
     assert "Traceback" not in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert errors == [f"generate.py: error: rank 1: {broken_models['no_shard']}/transformer/{broken_models['shard']}: "
+    assert errors == [f"generate.py: error: {broken_models['no_shard']}/transformer/{broken_models['shard']}: "
                       "shard listed in the index is missing"]
     assert list(workdir.iterdir()) == []
 
