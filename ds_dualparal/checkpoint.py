@@ -15,12 +15,11 @@ tensors go to safetensors, the rest to JSON.
         manifest.json           written last: format, iteration, fingerprint and its fields, and the
                                 size and sha256 of each file above
 
-A checkpoint is written into `DIR/.iter_000012.partial` and renamed when whole, so a folder named
+A checkpoint is written into `DIR/.iter_000012.<random>.partial` (`files.atomic_output`) and renamed when whole, so a folder named
 `iter_*` is always complete; the older checkpoints are deleted after, and all once the video is out.
 The fingerprint is the sha256 of a canonical JSON of everything the latents depend on (the config
-fields tagged `latents=True` in config.py, with the model as its resolved folder, and the format);
-not the number of ranks, which the latents do not depend on, so a run may resume on another number
-of stages.
+fields tagged `latents=True` in config.py, the content of the model folder, the format); not the
+number of ranks, which the latents do not depend on, so a run may resume on another number of stages.
 """
 
 from __future__ import annotations
@@ -36,17 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import LATENTS_FIELDS
 from .denoise import BlockLatents, GenerationPlan
+from .files import atomic_output
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-# Settings added after FORMAT 1: left out of the fingerprint at these values, so that a run which
-# does not use them keeps the fingerprint it had before they existed.
-ADDED_AT_DEFAULT = {"loras": [], "compile": None}
+FORMAT = 2  # 2: the model is fingerprinted by its content (modelcheck.weights_fingerprint), not its path
 LATENTS, SCHEDULERS, STATE, MANIFEST = "latents.safetensors", "schedulers.safetensors", "state.json", "manifest.json"
 _CHECKPOINT = re.compile(r"iter_(\d{6,})")
 
@@ -56,12 +54,13 @@ class ResumeError(ValueError):
 
 
 def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
-    """What the latents of `cfg` depend on, as JSON values; the model as the folder it resolved to."""
+    """What the latents of `cfg` depend on, as JSON values."""
+    from .modelcheck import weights_fingerprint
+
     fields = cfg.model_dump(mode="json", include=set(LATENTS_FIELDS))
-    for name, default in ADDED_AT_DEFAULT.items():
-        if fields[name] == default:  # runs that do not use a later setting keep the fingerprint they had
-            del fields[name]
-    fields.update(model=str(Path(model_path).resolve()), format=FORMAT)
+    # the model's content (weights, configs, tokenizer, scheduler), not its path: another model at the
+    # same path is another run, the same model copied elsewhere is not
+    fields.update(model=weights_fingerprint(Path(model_path)), format=FORMAT)
     return fields
 
 
@@ -97,8 +96,9 @@ class Checkpoints:
             return checkpoints
         manifest = checkpoints._check(newest)
         iteration = manifest.get("iteration")
-        if not isinstance(iteration, int) or not 0 < iteration < num_iterations:
+        if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 < iteration < num_iterations:
             raise ResumeError(f"--checkpoint-dir: {newest}: iteration {iteration!r} is not in [1, {num_iterations})")
+        checkpoints._read(newest, iteration, cfg)  # the files agree with the manifest and this run, before work starts
         log.info("resuming from %s: iteration %d of %d", newest, iteration, num_iterations)
         return cls(checkpoints.folder, every, checkpoints.fields, iteration)
 
@@ -143,51 +143,79 @@ class Checkpoints:
                               "give another --checkpoint-dir or delete it")
         return manifest
 
-    def load(self, plan: GenerationPlan, device: torch.device) -> Resume:
-        """The state saved at `start` (first stage), checked against the plan's blocks."""
-        path = self.path(self.start)
-        self._check(path)
+    def _read(self, path: Path, iteration: int, cfg=None, plan: GenerationPlan | None = None):
+        """(latents, state, scheduler tensors) of the checkpoint at `path`, checked against the run."""
+        from .timeline import BlockTimeline
+
+        if plan is not None:
+            timeline, size = plan.timeline, (plan.latent_height, plan.latent_width)
+        else:
+            timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+            size = (cfg.height // 8, cfg.width // 8)
         try:
             saved = load_file(str(path / LATENTS))
-            latents = [saved.pop(f"block_{b:04d}") for b in range(plan.timeline.num_blocks)]
+            latents = [saved.pop(f"block_{b:04d}") for b in range(timeline.num_blocks)]
             for b, block in enumerate(latents):
-                want = (plan.timeline.block_len(b), plan.latent_height, plan.latent_width)
-                if block.ndim != 5 or tuple(block.shape[2:]) != want:
-                    raise ValueError(f"block {b} has shape {tuple(block.shape)}, expected (1, C, *{want})")
+                want = (timeline.block_len(b), *size)
+                if block.ndim != 5 or tuple(block.shape[2:]) != want or block.dtype != torch.float32:
+                    raise ValueError(f"block {b} is {block.dtype} {tuple(block.shape)}, expected float32 (1, C, *{want})")
+            if len({tuple(block.shape[:2]) for block in latents}) != 1:
+                raise ValueError("blocks of different channel counts")
             if saved:
                 raise ValueError(f"unexpected tensors {sorted(saved)[:3]}")
             tensors = load_file(str(path / SCHEDULERS))
             state = json.loads((path / STATE).read_text())
-            if state["iteration"] != self.start:
-                raise ValueError(f"state.json is of iteration {state['iteration']}")
+            if not isinstance(state, dict) or state.get("iteration") != iteration:
+                raise ValueError(f"state.json is not of iteration {iteration}")
+            if not isinstance(state.get("schedulers"), dict):
+                raise ValueError("state.json has no 'schedulers' object")
+            for b, attributes in state["schedulers"].items():
+                if not 0 <= int(b) < timeline.num_blocks or not isinstance(attributes, dict):
+                    raise ValueError(f"state.json: scheduler of block {b!r}")
+                _decode(list(attributes.values()), tensors, torch.device("cpu"))  # every tensor it names is there
+        except KeyError as err:
+            raise ResumeError(f"--checkpoint-dir: {path} is damaged (missing {err}); delete it to start over") from None
+        except Exception as err:  # safetensors' own errors are not ValueErrors
+            detail = " ".join(str(err).splitlines()) or type(err).__name__
+            raise ResumeError(f"--checkpoint-dir: {path} is damaged ({detail}); delete it to start over") from None
+        return latents, state, tensors
+
+    def load(self, plan: GenerationPlan, device: torch.device) -> Resume:
+        """The state saved at `start` (first stage), checked against the plan's blocks."""
+        path = self.path(self.start)
+        self._check(path)
+        latents, state, tensors = self._read(path, self.start, plan=plan)
+        try:
             schedulers = {int(b): {name: _decode(v, tensors, device) for name, v in attributes.items()}
                           for b, attributes in state["schedulers"].items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ResumeError(f"--checkpoint-dir: {path} is damaged ({err}); delete it to start over") from None
         return Resume(self.start, [t.to(device) for t in latents], schedulers)
 
-    def save(self, iteration: int, latents: BlockLatents) -> Path:
-        """Writes the state at the start of `iteration` atomically, then deletes the older checkpoints."""
+    def save(self, iteration: int, latents: BlockLatents) -> Path | None:
+        """Writes the state at the start of `iteration` atomically, then deletes the older checkpoints.
+
+        A checkpoint that cannot be written (disk full, ...) is logged and skipped: the generation goes
+        on (the other stages are in step with this one) and the older checkpoint stays.
+        """
         final = self.path(iteration)
-        partial = self.folder / f".{final.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
-        partial.mkdir(parents=True)
-        tensors: dict[str, torch.Tensor] = {}
-        schedulers = {
-            str(b): {name: _encode(value, f"{b}/{name}", tensors) for name, value in state.items()}
-            for b, state in latents.scheduler_states(iteration).items()
-        }
-        _save_tensors(partial / LATENTS, {f"block_{b:04d}": t for b, t in enumerate(latents.latents)})
-        _save_tensors(partial / SCHEDULERS, tensors)
-        _write(partial / STATE, json.dumps({"iteration": iteration, "schedulers": schedulers}, indent=1))
-        manifest = dict(format=FORMAT, iteration=iteration, fingerprint=self.fingerprint, fields=self.fields,
-                        files={name: _digest(partial / name) for name in (LATENTS, SCHEDULERS, STATE)})
-        _write(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        _fsync(self.folder)
+        try:
+            with atomic_output(final, overwrite=True, folder=True) as partial:
+                tensors: dict[str, torch.Tensor] = {}
+                schedulers = {
+                    str(b): {name: _encode(value, f"{b}/{name}", tensors) for name, value in state.items()}
+                    for b, state in latents.scheduler_states(iteration).items()
+                }
+                _save_tensors(partial / LATENTS, {f"block_{b:04d}": t for b, t in enumerate(latents.latents)})
+                _save_tensors(partial / SCHEDULERS, tensors)
+                _write(partial / STATE, json.dumps({"iteration": iteration, "schedulers": schedulers}, indent=1))
+                manifest = dict(format=FORMAT, iteration=iteration, fingerprint=self.fingerprint, fields=self.fields,
+                                files={name: _digest(partial / name) for name in (LATENTS, SCHEDULERS, STATE)})
+                _write(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+                _fsync(partial)
+        except (OSError, SafetensorError) as err:  # safetensors' I/O errors (disk full) are not OSErrors
+            log.error("checkpoint %s not saved (%s); the run goes on", final, getattr(err, "strerror", None) or err)
+            return None
         for older, path in self._complete().items():
             if older != iteration:
                 shutil.rmtree(path)
@@ -200,7 +228,7 @@ class Checkpoints:
             shutil.rmtree(path)
         if self.folder.is_dir():
             for path in self.folder.glob(".iter_*.partial"):
-                shutil.rmtree(path)
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from .config import FLAGS, ConfigError, DualParalConfig, load_config, tags
-from .jobs import Job, done_outputs, read_jobs, record
+from .files import OutputError, location_problem, same_file_key
+from .jobs import MANIFEST, Job, done_outputs, read_jobs, record
 
 log = logging.getLogger("ds_dualparal")
+LARGE_TFLOP = 1000.0
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, as for every other bad input
@@ -27,6 +29,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="generate.py",
+        allow_abbrev=False,  # `--frame 81` is a typo, not `--frames`
         description="Generate long videos with Wan by DualParal, pipelined over DeepSpeed ranks.",
     )
     parser.add_argument("--config", help="config JSON; only its 'dualparal' section is read (default: built-in defaults)")
@@ -127,13 +130,30 @@ def check_args(args, cfg) -> None:
 
 
 def plan_jobs(args, cfg) -> list[Job]:
-    """The jobs of this run, decided once (on rank 0): invalid, already done, or to run."""
+    """The jobs of this run, decided once (on rank 0): invalid, already done, or to run.
+
+    Every place the run writes is checked here, before any weights load: it can be made and written,
+    it is not another output of the run (nor the manifest), and it does not exist yet (without --overwrite).
+    """
     if args.jobs is None:
         job = Job(0, Path(cfg.output).stem, Path(cfg.output), cfg)
-        for flag, path in _outputs(job):
-            if path.exists() and not args.overwrite:
+        paths = _outputs(job, args)
+        if args.checkpoint_dir is not None:
+            paths.append(("--checkpoint-dir", args.checkpoint_dir))
+        seen: dict[str, str] = {}
+        for flag, path in paths:
+            problem = location_problem(path, folder=flag in ("--save-frames", "--checkpoint-dir"))
+            if problem is not None:
+                raise ConfigError(f"{flag}: {_shown(path)} {problem}")
+            key = same_file_key(path)
+            if key in seen:
+                raise ConfigError(f"{flag}: {path} is also the {seen[key]}; every output needs its own path")
+            seen[key] = flag
+        for flag, path in paths:
+            if flag != "--checkpoint-dir" and _exists(path) and not args.overwrite:
                 raise ConfigError(f"{flag}: {path} already exists; pass --overwrite to replace it")
         return [job]
+    _check_output_dir(args.output_dir)
     jobs = read_jobs(args.jobs, cfg, args.output_dir)
     done = done_outputs(args.output_dir) if args.resume else set()
     for job in jobs:
@@ -142,30 +162,121 @@ def plan_jobs(args, cfg) -> list[Job]:
         if job.relative in done:
             job.done = True
             continue
-        existing = [path for _, path in _outputs(job) if path.exists()]
-        if existing and not args.overwrite:
-            job.error = f"output: {existing[0]} already exists; pass --overwrite to replace it"
+        outputs = _outputs(job, args)
+        problem = next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
+                        if (problem := location_problem(path, folder=flag == "--save-frames")) is not None), None)
+        existing = [(flag, path) for flag, path in outputs if _exists(path)]
+        if problem is None and existing and not args.overwrite:
+            flag, path = existing[0]
+            problem = f"{_key(flag)}: {path} already exists; pass --overwrite to replace it"
+        if problem is not None:
+            job.error = problem
             job.config = None
     return jobs
 
 
-def _outputs(job: Job) -> list[tuple[str, Path]]:
+def _key(flag: str) -> str:
+    """A job's field for an output flag (--save-frames stays a flag: it is not a job field)."""
+    return {"--output": "output", "--save-latents": "save_latents"}.get(flag, flag)
+
+
+def _shown(path) -> str:
+    text = str(path)
+    return repr(text) if not text.isprintable() else text
+
+
+def _exists(path: Path) -> bool:
+    """An output that is there already; an empty folder (made for the frames) does not count."""
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return path.exists() or path.is_symlink()
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    problem = location_problem(output_dir, folder=True)
+    if problem is not None:
+        raise ConfigError(f"--output-dir: {_shown(output_dir)} {problem}")
+    manifest = output_dir / MANIFEST
+    if manifest.is_symlink() or (manifest.exists() and not manifest.is_file()):
+        raise ConfigError(f"--output-dir: {manifest} is not a regular file; move it away")
+
+
+def _outputs(job: Job, args=None) -> list[tuple[str, Path]]:
     paths = [("--output", job.output)]
     if job.config.save_latents is not None:
         paths.append(("--save-latents", Path(job.config.save_latents)))
+    if args is not None and args.save_frames is not None:
+        paths.append(("--save-frames", args.save_frames / job.name if args.jobs else args.save_frames))
     return paths
 
 
-def check_model(cfg) -> None:
-    """This node's model folder has every component (a hub id is downloaded here), and the LoRAs fit it."""
-    from .weights import ModelFolder, resolve_model
+def check_model(cfg, device_type: str = "cpu"):
+    """This node's model folder has every component, whole (a hub id is downloaded here), and the
+    model-level settings fit it and this device. Returns the (first) transformer's WanConfig."""
+    import re
 
-    folder = ModelFolder(resolve_model(cfg.model))
+    from .config import ATTENTION_BACKENDS, CPU_ATTENTION_BACKENDS
+    from .denoise import make_scheduler
+    from .model import WanConfig
+    from .modelcheck import check_model_folder
+    from .weights import ModelError, resolve_model
+
+    folder = check_model_folder(resolve_model(cfg.model))
+    try:
+        make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
+    except Exception as err:  # diffusers' own checks of a config it accepts as JSON
+        raise ModelError(f"{folder.path / 'scheduler'}: cannot make the {cfg.scheduler} scheduler "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(folder.path / "tokenizer")
+    except Exception as err:  # a tokenizer folder transformers cannot read, in whatever way
+        raise ModelError(f"{folder.path / 'tokenizer'}: cannot load the tokenizer "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    wan = WanConfig.from_json(folder.experts[0] / "config.json")
     if cfg.loras:
         from .lora import check_loras
-        from .model import WanConfig
 
         check_loras(cfg.loras, [WanConfig.from_json(f / "config.json") for f in folder.experts])
+    # DeepSpeed splits the layers (embedding, one per transformer block, head) by the partition method.
+    names = ["WanEmbedLayer"] + ["WanBlockLayer"] * wan.num_layers + ["WanHeadLayer"]
+    method = cfg.partition_method
+    if method.lower().startswith("type:"):  # DeepSpeed fails (a traceback) when the regex matches no layer
+        pattern = re.compile(method[len("type:"):], re.IGNORECASE)
+        if not any(pattern.search(name) for name in names):
+            raise ConfigError(f"dualparal.partition_method: {method!r} matches none of the layer classes "
+                              f"({', '.join(sorted(set(names)))})")
+    backend = cfg.attention_backend
+    if device_type == "cpu" and backend is not None and backend not in CPU_ATTENTION_BACKENDS:
+        gpu_only = [b for b in ATTENTION_BACKENDS if b not in CPU_ATTENTION_BACKENDS]
+        raise ConfigError(f"dualparal.attention_backend: {backend!r} needs a GPU ({', '.join(gpu_only)} do); "
+                          f"on CPU use {', '.join(CPU_ATTENTION_BACKENDS)} or null")
+    return wan
+
+
+def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, str]]:
+    """Refuses (one line) a job that cannot fit the device; returns what each other job costs, as
+    (log level, line) for rank 0 to say once every check has passed."""
+    from .estimate import device_memory, estimate, refusal
+
+    memory = device_memory(device_type)
+    costs = []
+    for job in jobs:
+        if job.config is None or job.done:
+            continue
+        work = estimate(job.config, wan)
+        reason = refusal(work, memory)
+        if reason is None:
+            # a large job is said loudly, before it starts (a TFLOP is minutes on a CPU, a second on a GPU)
+            costs.append((logging.WARNING if work.tflop > LARGE_TFLOP else logging.INFO, f"{job.name}: {work.describe()}"))
+            continue
+        cfg = job.config
+        message = f"{cfg.num_frames} frames of {cfg.height}x{cfg.width} {reason}"
+        if args.jobs is None:
+            raise ConfigError(f"--frames/--height/--width: {message}")
+        job.error, job.config = f"num_frames/height/width: {message}", None
+    return costs
 
 
 def open_checkpoints(args, cfg):
@@ -188,7 +299,10 @@ def main(argv=None) -> int:
         level=os.environ.get("DS_DUALPARAL_LOG", "INFO"),
         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
     )
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
     try:
         cfg = config_from_args(args)
         check_args(args, cfg)
@@ -206,11 +320,22 @@ def main(argv=None) -> int:
     except FileExistsError as err:  # found by this rank alone: its output appeared while it was written
         _say(str(err))
         return 2
+    except OutputError as err:  # found by this rank alone: an output it cannot write (disk full, ...)
+        _say(str(err))
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: temporaries are gone (atomic_output), the finished outputs stay
+        return _interrupted()
     except Exception as err:  # a fault or a bug: say which rank and what, then fail (the launcher stops the rest)
         first_line = str(err).splitlines()[0] if str(err) else ""
         log.critical("rank %s failed: %s: %s", os.environ.get("RANK", "0"), type(err).__name__, first_line,
                      exc_info=True)
         return 1
+
+
+def _interrupted() -> int:
+    if os.environ.get("RANK", "0") == "0":
+        _say("interrupted (Ctrl-C); unfinished outputs were removed")
+    return 130
 
 
 def _say(message: str) -> None:
@@ -235,18 +360,26 @@ def _decide(args, cfg):
     from .checkpoint import ResumeError
     from .weights import ModelError
 
+    import torch
+
     error = jobs = checkpoints = None
+    costs = []
     rank, world_size = comm.world()
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         cfg.pipeline_topology(world_size)
         if rank == 0:
             jobs = plan_jobs(args, cfg)
-        check_model(cfg)
+        wan = check_model(cfg, device_type)
+        if rank == 0:
+            costs = check_work(args, jobs, wan, device_type)
         if rank == 0 and args.checkpoint_dir is not None:
             checkpoints = open_checkpoints(args, cfg)
     except (ConfigError, ModelError, ResumeError) as err:
         error = str(err)
     _agree(error)
+    for level, line in costs:
+        log.log(level, "%s", line)
     return comm.share_object((jobs, checkpoints))
 
 
@@ -279,15 +412,16 @@ def _run(args, cfg) -> int:
             elif job.done:
                 log.info("%s (line %d): skipped, the manifest marks %s done", job.name, job.index, job.relative)
     runnable = [job for job in jobs if job.config is not None and not job.done]
+    invalid = sum(job.error is not None for job in jobs)  # the same on every rank: the jobs are shared
     if not runnable:  # the same on every rank: nothing to load the model for
         log.info("nothing to run")
         comm.shutdown()
-        return 0
-    return _generate(_load(cfg), args, runnable, checkpoints)
+        return 1 if invalid else 0
+    return _generate(_load(cfg), args, runnable, checkpoints, invalid)
 
 
-def _generate(generator, args, runnable: list[Job], checkpoints=None) -> int:
-    """This rank's replica takes every num_replicas-th job."""
+def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: int = 0) -> int:
+    """This rank's replica takes every num_replicas-th job. Exit code 1 when any job failed (or was invalid)."""
     from . import comm
     from .runner import run_job, summarize
 
@@ -303,7 +437,6 @@ def _generate(generator, args, runnable: list[Job], checkpoints=None) -> int:
     started = time.perf_counter()
     for job, text in zip(mine, texts):
         results.append(run_job(generator, job, text, args, checkpoints))
-    summarize(generator, results, time.perf_counter() - started)
+    failed = summarize(generator, results, time.perf_counter() - started)
     comm.shutdown()
-    failed = sum(not r.ok for r in results)
-    return 1 if failed and args.jobs is None else 0
+    return 1 if failed or invalid else 0

@@ -18,19 +18,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import socket
 
 import deepspeed.comm as dist
 import torch
 import torch.distributed
 
+from .files import free_port
+
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_process(timeout_s: int) -> torch.device:
@@ -41,7 +36,7 @@ def init_process(timeout_s: int) -> torch.device:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -39,6 +39,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
+from .files import no_duplicate_keys
+
 SECTION = "dualparal"
 
 # VAE downsamples space by 8, the patch embedding by 2 more.
@@ -84,6 +86,16 @@ def setting(
     """A ``DualParalConfig`` field with its tags (module docstring); ``constraints`` go to pydantic's Field."""
     tags = {"scope": scope, "latents": latents, "flag": flag, "flag_options": flag_options or {}}
     return Field(default, description=description, json_schema_extra=tags, **constraints)
+
+# the backends that also run on a CPU (the others need CUDA kernels)
+CPU_ATTENTION_BACKENDS = ("native", "_native_math", "_native_flash")
+
+# Past these the numbers overflow (all-NaN latents, a timeout timedelta cannot hold, a seed torch's
+# generator refuses); Wan's own settings are guidance 3-7 and flow shift 2-12.
+MAX_GUIDANCE = 100.0
+MAX_FLOW_SHIFT = 100.0
+MAX_SEED = 2**63 - 1
+MAX_COMM_TIMEOUT_S = 7 * 24 * 3600
 
 
 class ConfigError(ValueError):
@@ -138,19 +150,20 @@ class DualParalConfig(BaseModel):
     )
     guidance_scale: float = setting(
         5.0, "Classifier-free guidance scale; CFG is on when > 1.", scope="job", latents=True, flag="guidance",
-        ge=0, allow_inf_nan=False,
+        ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
     )
     guidance_scale_2: float | None = setting(
         None, "Guidance scale of Wan2.2's low-noise expert; unset: guidance_scale.",
         scope="job", latents=True,
-        ge=0, allow_inf_nan=False,
+        ge=0, le=MAX_GUIDANCE, allow_inf_nan=False,
     )
     scheduler: Scheduler = setting(
         "unipc", "Per-block scheduler: UniPC multistep or flow-match Euler.",
         scope="job", latents=True, flag="scheduler",
     )
     flow_shift: float = setting(
-        3.0, "Flow-matching timestep shift.", scope="job", latents=True, flag="flow_shift", gt=0, allow_inf_nan=False
+        3.0, "Flow-matching timestep shift.", scope="job", latents=True, flag="flow_shift", gt=0, le=MAX_FLOW_SHIFT,
+        allow_inf_nan=False,
     )
     block_size: int = setting(8, "Latent frames per block (B).", scope="job", latents=True, flag="block_size", ge=1)
     context: int = setting(
@@ -166,7 +179,7 @@ class DualParalConfig(BaseModel):
     )
     seed: int = setting(
         0, "Seed of the initial noise; the output depends on nothing else random.",
-        scope="job", latents=True, flag="seed", ge=0,
+        scope="job", latents=True, flag="seed", ge=0, le=MAX_SEED,
     )
     partition_method: str = setting(
         "type:WanBlockLayer", "DeepSpeed pipeline partitioning: 'uniform' or 'type:<regex>' over layer class names.",
@@ -200,7 +213,8 @@ class DualParalConfig(BaseModel):
         scope="model", latents=True, strict=False,
     )
     comm_timeout_s: int = setting(
-        600, "Timeout of the distributed process group, in seconds.", scope="model", latents=False, gt=0
+        600, "Seconds a transfer may wait for a peer rank before the run fails (default 600: a hung rank is "
+        "given up after about 10 minutes).", scope="model", latents=False, gt=0, le=MAX_COMM_TIMEOUT_S,
     )
     output: str = setting(
         "outputs/video.mp4", "Path of the output video (mp4).", scope="job", latents=False, flag="output", min_length=1
@@ -345,7 +359,7 @@ def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read config file ({_describe(exc)})") from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+        data = json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except (ValueError, RecursionError) as exc:
@@ -458,15 +472,6 @@ def _one_line(message: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    result: dict = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
 
 
 def _reject_constant(name: str) -> Any:

@@ -8,12 +8,17 @@ failed job, appended whole, so several replicas can share it and `--resume` can 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import FLAGS, MODEL_FIELDS, ConfigError, DualParalConfig
+from .files import DuplicateKeyError, append_line, is_temporary_name, no_duplicate_keys, same_file_key
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 # A jobs line may use a setting's flag name for it, as on the command line (frames for num_frames).
@@ -53,6 +58,19 @@ def _inside(output_dir: Path, key: str, relative: str, suffix: str | None = None
         raise ConfigError(f"{key}: {relative!r} must be a relative path inside --output-dir")
     if suffix is not None and path.suffix.lower() != suffix:
         raise ConfigError(f"{key}: {relative!r} must end in {suffix}")
+    temporary = next((part for part in path.parts if is_temporary_name(part)), None)
+    if temporary is not None:
+        raise ConfigError(f"{key}: {relative!r} is named like a temporary file (.<name>.*.partial), "
+                          "which writers delete; choose another name")
+    if key == "save_latents" and path.parts[0].casefold() == MANIFEST:
+        raise ConfigError(f"{key}: {relative!r} is the manifest of --output-dir")
+    try:
+        resolved = (output_dir / path).resolve()
+        escapes = not resolved.is_relative_to(output_dir.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        escapes = True
+    if escapes:
+        raise ConfigError(f"{key}: {relative!r} leads out of --output-dir through a symbolic link")
     return output_dir / path
 
 
@@ -61,14 +79,6 @@ def _string(entry: dict, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{key}: must be a non-empty string")
     return value
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = next((k for k in keys if keys.count(k) > 1), None)
-    if repeated is not None:
-        raise ConfigError(f"{repeated}: given twice")
-    return dict(pairs)
 
 
 def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) -> Job:
@@ -80,11 +90,11 @@ def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) ->
     relative = f"{name}.mp4"
     try:
         try:
-            entry: Any = json.loads(line, object_pairs_hook=_object)
+            entry: Any = json.loads(line, object_pairs_hook=no_duplicate_keys)
         except json.JSONDecodeError as err:
             raise ConfigError(f"invalid JSON at column {err.colno}: {err.msg}") from None
-        except ConfigError:  # from _object
-            raise
+        except DuplicateKeyError as err:
+            raise ConfigError(f"{err.key}: given twice") from None
         except RecursionError:
             raise ConfigError("invalid JSON: nested too deeply") from None
         except ValueError as err:  # e.g. an integer of more digits than Python converts
@@ -119,27 +129,49 @@ def parse_job(index: int, line: str, base: DualParalConfig, output_dir: Path) ->
         return Job(index, name, output_dir / relative, error=str(err).replace("dualparal.", ""), relative=relative)
 
 
+MAX_JOBS_FILE_BYTES = 64 * 2**20
+
+
 def read_jobs(path: Path, base: DualParalConfig, output_dir: Path) -> list[Job]:
-    """Every line of a jobs file as a Job; two jobs writing the same file make the later one fail."""
+    """Every line of a jobs file as a Job; two jobs writing the same file make the later one fail.
+
+    The same file means the same path after links are resolved, compared case-insensitively; two jobs
+    of one name would share a frames folder (`--save-frames DIR/<name>`), so a name is used once too.
+    """
     try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as err:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"--jobs: {path} is not a regular file")
+            data = f.read(MAX_JOBS_FILE_BYTES + 1)
+        if len(data) > MAX_JOBS_FILE_BYTES:
+            raise ConfigError(f"--jobs: {path} is larger than {MAX_JOBS_FILE_BYTES // 2**20} MiB")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"--jobs: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:
         raise ConfigError(f"--jobs: {path} holds no jobs")
     jobs = [parse_job(n, line, base, output_dir) for n, line in lines]
-    seen: dict[Path, int] = {}
+    seen: dict[str, int] = {}
+    names: dict[str, int] = {}
     for job in jobs:
         if job.error is not None:
             continue
         paths = [job.output] + ([Path(job.config.save_latents)] if job.config.save_latents else [])
-        clash = next((p for p in paths if p in seen), None)
+        if len({same_file_key(p) for p in paths}) < len(paths):
+            job.error = f"save_latents: {job.config.save_latents} is also this job's output"
+        clash = next((p for p in paths if same_file_key(p) in seen), None)
         if clash is not None:
-            job.error = f"output: {clash.relative_to(output_dir)} is also written by line {seen[clash]}"
+            job.error = f"output: {clash.relative_to(output_dir)} is also written by line {seen[same_file_key(clash)]}"
+        elif job.name.casefold() in names:
+            job.error = f"name: {job.name!r} is also the name of line {names[job.name.casefold()]}"
+        if job.error is not None:
             job.config = None
             continue
-        seen.update({p: job.index for p in paths})
+        seen.update({same_file_key(p): job.index for p in paths})
+        names[job.name.casefold()] = job.index
     return jobs
 
 
@@ -149,7 +181,11 @@ def done_outputs(output_dir: Path) -> set[str]:
     if not manifest.is_file():
         return set()
     done = set()
-    for line in manifest.read_text().splitlines():
+    try:
+        text = manifest.read_bytes().decode("utf-8", errors="replace")  # a torn line may cut a character
+    except OSError:
+        return set()
+    for line in text.splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
@@ -160,12 +196,18 @@ def done_outputs(output_dir: Path) -> set[str]:
     return done
 
 
-def record(output_dir: Path, entry: dict) -> None:
-    """Appends one manifest line in a single write, so that lines of concurrent replicas never interleave."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    fd = os.open(output_dir / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def record(output_dir: Path, entry: dict) -> bool:
+    """Appends one manifest line whole (`files.append_line`: one write under a lock, after a newline if
+    the file ends in a torn line), so that lines of concurrent replicas never interleave.
+
+    A manifest that cannot be written (disk full, ...) is logged in one line and the batch goes on:
+    returns False then.
+    """
     try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        append_line(output_dir / MANIFEST, json.dumps(entry, sort_keys=True))
+    except OSError as err:
+        log.error("manifest %s: cannot record job %s: %s", output_dir / MANIFEST, entry.get("job"),
+                  getattr(err, "strerror", None) or err)
+        return False
+    return True

@@ -4,19 +4,21 @@ closing summary."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import comm
 from .checkpoint import Checkpoints
 from .engine import Checkpointing
+from .files import OutputError, atomic_output
 from .generation import Result
 from .jobs import record
 from .stream import BlockOutput, FrameSink
@@ -34,31 +36,69 @@ class JobResult:
     error: str | None = None
 
 
-def save_latents(path: str | Path, latents: torch.Tensor) -> None:
-    """Final latents as safetensors (key 'latents'), written under a temporary name then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
-    os.replace(partial, path)
+class JobFailed(Exception):
+    """A job-level failure found on the first stage (a write error, non-finite latents): the job fails,
+    the run and the other stages go on."""
 
 
-def generate_streaming(generator, request, sinks: list[FrameSink]) -> tuple[Result, int]:
+def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True) -> None:
+    """Final latents as safetensors (key 'latents'), written under a unique temporary name then renamed."""
+    with atomic_output(path, overwrite=overwrite) as partial:
+        try:
+            save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
+        except (OSError, SafetensorError) as err:  # safetensors' I/O errors (disk full) are not OSErrors
+            raise OutputError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
+
+
+def check_finite(block: int, latents: torch.Tensor) -> None:
+    """Non-finite latents (an overflow, e.g. from an extreme guidance or flow shift) fail the job."""
+    if not bool(torch.isfinite(latents).all()):
+        bad = int((~torch.isfinite(latents)).sum())
+        raise JobFailed(f"block {block}: {bad} of {latents.numel()} latent values are not finite (NaN or inf); "
+                        "the video would be garbage (lower --guidance or --flow-shift)")
+
+
+def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step: bool = False) -> tuple[Result, int]:
     """First stage: runs `request` with each finished block decoded and passed to `sinks` beside the
     pipeline (see stream.py); returns once every frame is written, with the number of frames.
 
     A resumed run decodes the blocks that were final before the checkpoint from its latents first,
-    so the output holds every frame (the causal decoder must see every block in order anyway).
+    so the new mp4 holds every frame (the causal decoder must see every block in order anyway).
+
+    A job-level failure on the first stage (an output that cannot be written, non-finite latents)
+    fails this job only: with one stage it stops at once; with more, the first stage stops writing and
+    runs on in step with the others to the end of the generation (`keep_in_step`), then raises it.
     """
     output = BlockOutput(StreamingDecoder(generator.vae), sinks, generator.device)
+    failure: list[BaseException] = []  # the first job-level failure, kept while the other stages run on
+
+    def on_block_done(block, latents):
+        if failure:
+            return
+        try:
+            check_finite(block, latents)
+            output.submit(block, latents)
+        except (OSError, JobFailed) as err:
+            if not keep_in_step:
+                raise
+            failure.append(err)
+
+    closing_error = None
     try:
         checkpointing = request.checkpointing
         for block in range(max(0, checkpointing.start - request.plan.timeline.num_steps + 1)):
-            output.submit(block, checkpointing.resume.latents[block])
-        request.on_block_done = output.submit
+            on_block_done(block, checkpointing.resume.latents[block])
+        request.on_block_done = on_block_done
         result = generator.generate(request)
     finally:
-        output.close()
+        try:
+            output.close()
+        except Exception as err:  # noqa: BLE001 - raised below unless the generation itself failed
+            closing_error = err
+    if failure:
+        raise failure[0]
+    if closing_error is not None:
+        raise closing_error
     return result, output.frames_written
 
 
@@ -79,22 +119,34 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
     done = sum(1 for step in timeline.block_steps() if step.iteration < start)
     bar = tqdm(total=total, initial=done, desc=job.name, unit="block-step", disable=generator.rank != 0)
     request.on_step = bar.update
+    single_stage = generator.topology.get_dim("pipe") == 1
+    frames_done = 0
     started = time.perf_counter()
     try:
-        with Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite) as writer:
+        with contextlib.ExitStack() as outputs:
+            writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite))
             sinks = [lambda frames, _: writer.append(frames)]
             if args.save_frames is not None:
-                folder = args.save_frames / job.name if args.jobs else args.save_frames
-                sinks.append(lambda frames, first: save_frames(folder, frames, first))
-            result, frames_done = generate_streaming(generator, request, sinks)
+                final_frames = args.save_frames / job.name if args.jobs else args.save_frames
+                frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=args.overwrite, folder=True))
+
+                def write_frames(frames, first):
+                    try:
+                        save_frames(frames_dir, frames, first)
+                    except OSError as err:
+                        raise OutputError(f"cannot write frames into {final_frames}: {err.strerror or err}") from None
+
+                sinks.append(write_frames)
+            result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
-                save_latents(cfg.save_latents, result.latents)
-    except (OSError, RuntimeError) as err:
-        # A failed job is recorded and the batch goes on only where no other stage waits on this one.
-        if args.jobs is None or generator.topology.get_dim("pipe") > 1:
+                save_latents(cfg.save_latents, result.latents, overwrite=args.overwrite)
+    except (OSError, JobFailed) as err:  # this job's own outputs or values: the job fails, the run goes on
+        outcome = _failed(job, err, started)
+    except Exception as err:
+        # Anything else fails the job where no other stage waits on this one (a batch on one stage).
+        if args.jobs is None or not single_stage:
             raise
-        log.error("%s failed: %s", job.name, err)
-        outcome = JobResult(job.name, False, time.perf_counter() - started, error=str(err))
+        outcome = _failed(job, err, started)
     else:
         # the whole job: denoising and the decode of the last block, which only ends with it
         outcome = JobResult(job.name, True, time.perf_counter() - started, frames_done)
@@ -111,14 +163,24 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
     return outcome
 
 
-def summarize(generator, results: list[JobResult], seconds: float) -> None:
-    """Rank 0 logs the jobs and frames of every replica, seconds, frames/s and every rank's peak memory."""
+def _failed(job, err: BaseException, started: float) -> JobResult:
+    message = " ".join(str(err).splitlines()) or type(err).__name__
+    log.error("%s failed: %s", job.name, message)
+    return JobResult(job.name, False, time.perf_counter() - started, error=message)
+
+
+def summarize(generator, results: list[JobResult], seconds: float) -> int:
+    """Rank 0 logs the jobs and frames of every replica, seconds, frames/s and every rank's peak memory.
+
+    Collective; returns the number of jobs that failed on any replica (the same on every rank)."""
     peak = torch.cuda.max_memory_allocated(generator.device) if generator.device.type == "cuda" else None
     # Frames are counted on first stages only: the other stages of a replica ran the same jobs.
     done = [r for r in results if r.ok] if generator.is_first else []
-    ranks = comm.gather_objects((peak, len(done), sum(r.frames for r in done), seconds))
+    failed = sum(not r.ok for r in results) if generator.is_first else 0
+    ranks = comm.gather_objects((peak, len(done), sum(r.frames for r in done), seconds, failed))
+    failed = sum(r[4] for r in ranks)
     if generator.rank != 0:
-        return
+        return failed
     jobs = sum(r[1] for r in ranks)
     frames = sum(r[2] for r in ranks)
     seconds = max(r[3] for r in ranks)  # replicas run side by side
@@ -127,3 +189,6 @@ def summarize(generator, results: list[JobResult], seconds: float) -> None:
         "done: %d job(s) on %d replica(s) in %.1fs, %d frames, %.2f frames/s; peak memory %s",
         jobs, generator.num_replicas, seconds, frames, frames / seconds if seconds else 0.0, memory,
     )
+    if failed:
+        log.error("%d job(s) failed", failed)
+    return failed

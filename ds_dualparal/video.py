@@ -12,14 +12,20 @@ import logging
 import os
 from pathlib import Path
 
-import imageio
+import subprocess
+import tempfile
+
 import imageio.v3 as iio
+import imageio_ffmpeg
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
+from .files import OutputError, atomic_output
+
 logger = logging.getLogger(__name__)
+MACRO_BLOCK = 16
 
 
 class StreamingDecoder:
@@ -32,7 +38,8 @@ class StreamingDecoder:
 
     def __init__(self, vae: AutoencoderKLWan):
         # Tiled decoding blends overlapping spatial tiles of a whole video; only the plain path streams.
-        assert not vae.use_tiling, "StreamingDecoder supports only the plain path: call vae.disable_tiling()"
+        if vae.use_tiling:
+            raise ValueError("StreamingDecoder supports only the plain path: call vae.disable_tiling()")
         self.vae = vae
         z_dim = vae.config.z_dim
         self._mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
@@ -52,10 +59,8 @@ class StreamingDecoder:
         n is 1 + 4 (f - 1) when the block starts the video, else 4 f (for Wan 2.1's 4x temporal upsampling).
         """
         vae = self.vae
-        assert latents.ndim == 5 and latents.shape[1] == vae.config.z_dim, (
-            f"latents must be (B, {vae.config.z_dim}, f, h, w), got {tuple(latents.shape)}"
-        )
-        assert latents.shape[2] >= 1, "latents must hold at least one frame"
+        if latents.ndim != 5 or latents.shape[1] != vae.config.z_dim or latents.shape[2] < 1:
+            raise ValueError(f"latents must be (B, {vae.config.z_dim}, f >= 1, h, w), got {tuple(latents.shape)}")
         z = latents.to(device=vae.device, dtype=vae.dtype)
         # Same un-normalization as WanPipeline, in the same dtype and order of operations.
         z = z / self._inv_std.to(z.device, z.dtype) + self._mean.to(z.device, z.dtype)
@@ -84,9 +89,8 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     As ``VideoProcessor.postprocess_video(output_type="np")`` then ``numpy_to_pil``: clamp(x / 2 + 0.5, 0, 1),
     in fp32, times 255, rounded. (diffusers' ``export_to_video`` truncates instead of rounding.)
     """
-    assert video.ndim == 5 and video.shape[0] == 1 and video.shape[1] == 3, (
-        f"video must be (1, 3, n, H, W), got {tuple(video.shape)}"
-    )
+    if video.ndim != 5 or video.shape[0] != 1 or video.shape[1] != 3:
+        raise ValueError(f"video must be (1, 3, n, H, W), got {tuple(video.shape)}")
     frames = (video[0].permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp(0, 1)
     return (frames.cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -94,64 +98,104 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 class Mp4Writer:
     """Appends uint8 frames to an mp4 that appears at ``path`` only when the writer closes cleanly.
 
-    Frames go to ``.<name>.partial.mp4`` in the same folder, renamed atomically on success and deleted
-    if the with-block raises, so a file at ``path`` is always a finished video.
+    Frames go to a temporary name unique to this writer in the same folder (``files.atomic_output``),
+    piped to an ffmpeg process (libx264, crf 25, yuv420p: what imageio's writer and diffusers'
+    ``export_to_video`` use). The file is renamed onto ``path`` only if ffmpeg took every frame and
+    exited with status 0; a write error (disk full, ...) raises ``OutputError`` naming the path and
+    ffmpeg's reason, and nothing is left at ``path``.
     """
 
     def __init__(self, path: str | os.PathLike, fps: int, overwrite: bool = False):
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"output {self.path} already exists; pass overwrite=True (--overwrite) to replace it")
-        if fps <= 0:
-            raise ValueError(f"fps must be a positive integer, got {fps}")
+        if isinstance(fps, bool) or not isinstance(fps, int) or fps <= 0:
+            raise ValueError(f"fps must be a positive integer, got {fps!r}")
         self.fps = fps
         self.overwrite = overwrite
-        self.partial_path = self.path.with_name(f".{self.path.stem}.partial.mp4")
+        self.partial_path: Path | None = None
         self.frames_written = 0
-        self._writer = None
+        self._output = None
+        self._process: subprocess.Popen | None = None
+        self._stderr = None
         self._frame_shape: tuple[int, ...] | None = None
 
     def __enter__(self) -> Mp4Writer:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial_path.unlink(missing_ok=True)  # left by a killed earlier run
-        # Same encoder settings as diffusers' export_to_video (libx264, quality 5, 16-pixel macro blocks).
-        self._writer = imageio.get_writer(
-            self.partial_path, format="FFMPEG", mode="I", fps=self.fps, codec="libx264", quality=5.0
-        )
+        self._output = atomic_output(self.path, overwrite=self.overwrite)
+        self.partial_path = self._output.__enter__()
         return self
 
     def append(self, frames_uint8: np.ndarray) -> None:
         """Append (n, H, W, 3) uint8 frames."""
-        assert self._writer is not None, "Mp4Writer.append outside its with-block"
-        assert frames_uint8.dtype == np.uint8 and frames_uint8.ndim == 4 and frames_uint8.shape[3] == 3, (
-            f"frames must be (n, H, W, 3) uint8, got {frames_uint8.dtype} {frames_uint8.shape}"
-        )
+        if self._output is None:
+            raise RuntimeError("Mp4Writer.append outside its with-block")
+        if not (isinstance(frames_uint8, np.ndarray) and frames_uint8.dtype == np.uint8 and frames_uint8.ndim == 4
+                and frames_uint8.shape[3] == 3 and frames_uint8.shape[1] > 0 and frames_uint8.shape[2] > 0):
+            raise ValueError(f"frames must be (n, H, W, 3) uint8, got {getattr(frames_uint8, 'dtype', None)} "
+                             f"{getattr(frames_uint8, 'shape', None)}")
         if self._frame_shape is None:
             self._frame_shape = frames_uint8.shape[1:]
-        assert frames_uint8.shape[1:] == self._frame_shape, (
-            f"frame size changed from {self._frame_shape} to {frames_uint8.shape[1:]}"
-        )
-        for frame in frames_uint8:
-            self._writer.append_data(frame)
+            self._start(*self._frame_shape[:2])
+        if frames_uint8.shape[1:] != self._frame_shape:
+            raise ValueError(f"frame size changed from {self._frame_shape} to {frames_uint8.shape[1:]}")
+        try:
+            self._process.stdin.write(np.ascontiguousarray(frames_uint8).tobytes())
+        except OSError:  # ffmpeg quit (disk full, ...): its own words say why
+            self._process.kill()
+            self._process.wait()
+            raise self._failure() from None
         self.frames_written += len(frames_uint8)
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        writer, self._writer = self._writer, None
-        try:
-            writer.close()
-            if exc_type is None:
-                self._publish()
-        finally:
-            # No-op after a successful publish; otherwise nothing that looks finished is left behind.
-            self.partial_path.unlink(missing_ok=True)
+    def _start(self, height: int, width: int) -> None:
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
+                   "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(self.fps), "-i", "-", "-an",
+                   "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "25"]
+        if height % MACRO_BLOCK or width % MACRO_BLOCK:  # as imageio: round up to whole macro blocks
+            up = lambda n: -(-n // MACRO_BLOCK) * MACRO_BLOCK  # noqa: E731
+            command += ["-vf", f"scale={up(width)}:{up(height)}"]
+        command += ["-v", "error", "-f", "mp4", str(self.partial_path)]
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=self._stderr)
 
-    def _publish(self) -> None:
-        if self.frames_written == 0:
-            raise RuntimeError(f"no frames were appended; {self.path} not written")
-        if self.path.exists() and not self.overwrite:
-            raise FileExistsError(f"output {self.path} appeared while writing; pass overwrite=True to replace it")
-        os.replace(self.partial_path, self.path)
-        logger.info("wrote %s (%d frames at %d fps)", self.path, self.frames_written, self.fps)
+    def _failure(self) -> OutputError:
+        self._stderr.seek(0)
+        said = [line.strip() for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        reason = said[-1] if said else f"ffmpeg exited with status {self._process.returncode}"
+        return OutputError(f"cannot write {self.path}: {reason}")
+
+    def _finish(self) -> None:
+        """Ends ffmpeg; raises OutputError unless it wrote the whole file."""
+        process, self._process = self._process, None
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        if process.wait() != 0:
+            self._process = process
+            raise self._failure()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        output, self._output = self._output, None
+        try:
+            if self._process is not None:
+                if exc_type is None:
+                    self._finish()
+                else:
+                    self._process.kill()
+                    self._process.wait()
+            if exc_type is None and self.frames_written == 0:
+                raise RuntimeError(f"no frames were appended; {self.path} not written")
+        except BaseException as err:
+            output.__exit__(type(err), err, err.__traceback__)
+            raise
+        finally:
+            if self._stderr is not None:
+                self._stderr.close()
+                self._stderr = None
+        output.__exit__(exc_type, exc, tb)  # renames onto the final name, or removes the temporary
+        if exc_type is None:
+            logger.info("wrote %s (%d frames at %d fps)", self.path, self.frames_written, self.fps)
 
 
 def save_frames(dir: str | os.PathLike, frames_uint8: np.ndarray, start_index: int) -> list[Path]:

@@ -36,6 +36,8 @@ class SafetensorsFolder:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as err:
                 raise ModelError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ModelError(f"{index}: 'weight_map' must map tensor names to file names")
             self._file_of = {key: self.folder / name for key, name in weight_map.items()}
         elif single.is_file():
             with safe_open(single, framework="pt") as f:
@@ -123,23 +125,29 @@ class ModelFolder:
     def __init__(self, path: str | Path, need: tuple[str, ...] = COMPONENTS):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ModelError(f"model folder {self.path} does not exist")
+            what = "is not a folder" if self.path.exists() else "does not exist"
+            raise ModelError(f"model folder {self.path} {what}")
         index_file = self.path / "model_index.json"
         try:
             self.index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             raise ModelError(f"{index_file}: invalid JSON ({err})") from None
+        if not isinstance(self.index, dict):
+            raise ModelError(f"{index_file}: must be a JSON object")
         for name in need:
             if not (self.path / name).is_dir():
                 raise ModelError(f"model folder {self.path} has no '{name}' component")
         experts = ["transformer"]
-        if self.index.get("transformer_2") and self.index["transformer_2"][0] is not None:
+        second = self.index.get("transformer_2")
+        if second and isinstance(second, list) and second[0] is not None:
             experts.append("transformer_2")
         self.experts = [self.path / name for name in experts]
         for folder in self.experts:
             if not (folder / "config.json").is_file():
                 raise ModelError(f"model folder {self.path}: {folder.name}/config.json is missing")
         ratio = self.index.get("boundary_ratio")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
+            raise ModelError(f"{index_file}: boundary_ratio {ratio!r} must be a number in [0, 1]")
         self.boundary_ratio = float(ratio) if ratio is not None and len(self.experts) == 2 else None
 
 

@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from ds_dualparal.files import free_port  # noqa: E402  (after the path: the script runs from a checkout)
 
 PEAK_TFLOPS = 790.0  # bf16 matrix rate measured on one H200 (see BENCHMARKS.md)
 SHAPES = {
@@ -273,12 +274,6 @@ def baseline(args) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def table(records: list[dict]) -> str:
     head = f"{'run':<10} {'kind':<9} {'gpus':>4} {'F':>4} {'steps':>5} {'backend':<16} {'s':>8} {'s/step':>7} {'blk-st/s':>8} {'peak GiB/GPU':>14} {'MFU':>6} {'bubble':>6} {'MB sent':>8} {'real s':>7} {'real peak GiB':>14}"
     lines = [head, "-" * len(head)]
@@ -321,7 +316,7 @@ def driver(args) -> int:
     status = 0
     for gpus in [int(g) for g in args.gpus.split(",") if g]:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
-                   str(_free_port()), str(Path(__file__).resolve()), "--worker", *common, "--cases", args.cases]
+                   str(free_port()), str(Path(__file__).resolve()), "--worker", *common, "--cases", args.cases]
         status |= _call(command, args.timeout)
     if args.baseline:
         base_cases = args.baseline_cases or args.cases

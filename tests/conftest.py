@@ -9,7 +9,6 @@ so outputs never land in the repository.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import NamedTuple
 
 import pytest
 import torch
+
+from ds_dualparal.files import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ROOT / "launch" / "generate.py"
@@ -40,12 +41,6 @@ class Run(NamedTuple):
     def explain(self) -> str:
         """The end of both streams, for assertion messages."""
         return f"exit {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -153,7 +153,8 @@ def test_a_scheduler_attribute_the_checkpoint_would_miss_is_caught():
 def saved_run(tmp_path, cfg, iterations=(2, 4)):
     tl = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
     plan, scheduler = plan_for(cfg.scheduler, tl)
-    zeros = [torch.zeros(1, 4, tl.block_len(b), 4, 4) for b in range(tl.num_blocks)]
+    size = (cfg.height // 8, cfg.width // 8)  # the latents of `cfg`, as a resumed run checks
+    zeros = [torch.zeros(1, 4, tl.block_len(b), *size) for b in range(tl.num_blocks)]
     latents = BlockLatents(plan, zeros, scheduler, "cpu")
     folder = folder_for(tmp_path, cfg)
     for iteration in iterations:
@@ -321,3 +322,54 @@ def test_two_ranks_interrupted_and_resumed_give_the_uninterrupted_latents(workdi
     assert_interrupted(killed, workdir, 2)
     resumed = run_deepspeed(2, *ARGS, cwd=workdir)
     assert_same_as_uninterrupted(resumed, workdir, tiny_single_run, 2)
+
+
+def test_another_model_at_the_same_path_is_another_run(tmp_path, base_cfg):
+    model = shutil.copytree(TINY_WAN_PATH, tmp_path / "model")
+    tl = BlockTimeline(base_cfg.latent_frames, base_cfg.block_size, base_cfg.context, base_cfg.num_inference_steps)
+    folder, _ = saved_run(tmp_path, base_cfg)
+    # saved_run fingerprints the tiny model; the same weights elsewhere resume
+    assert Checkpoints.open(folder.folder, 1, base_cfg, model, tl.num_iterations).start == 4
+    shard = sorted((model / "transformer").glob("*-of-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x55  # other weights of the same shapes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ResumeError, match=r"is a checkpoint of another run \(different model\)"):
+        Checkpoints.open(folder.folder, 1, base_cfg, model, tl.num_iterations)
+
+
+def test_a_checkpoint_whose_files_disagree_with_its_manifest_is_refused_when_opened(tmp_path, base_cfg):
+    """Files whose digests match the manifest but whose content does not (another iteration's state,
+    latents of another size) are refused before the run starts, not in the middle of it."""
+    from ds_dualparal.checkpoint import _digest
+
+    folder, tl = saved_run(tmp_path, base_cfg)
+    path = folder.folder / "iter_000004"
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, "iteration": 2}))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["state.json"] = _digest(path / "state.json")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ResumeError, match=f"{path} is damaged \\(state.json is not of iteration 4\\)"):
+        Checkpoints.open(folder.folder, 1, base_cfg, TINY_WAN_PATH, tl.num_iterations)
+    (path / "latents.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}")  # not the tensors it should hold
+    manifest["files"]["latents.safetensors"] = _digest(path / "latents.safetensors")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ResumeError, match=f"{path} is damaged"):
+        Checkpoints.open(folder.folder, 1, base_cfg, TINY_WAN_PATH, tl.num_iterations)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_skipped_and_leaves_nothing(tmp_path, base_cfg, monkeypatch, caplog):
+    folder, tl = saved_run(tmp_path, base_cfg, iterations=(2,))
+
+    def disk_full(path, tensors):
+        path.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ds_dualparal.checkpoint._save_tensors", disk_full)
+    plan, scheduler = plan_for(base_cfg.scheduler, tl)
+    latents = BlockLatents(plan, [torch.zeros(1, 4, tl.block_len(b), 8, 8) for b in range(tl.num_blocks)],
+                           scheduler, "cpu")
+    assert folder.save(4, latents) is None
+    assert "not saved (No space left on device); the run goes on" in caplog.text
+    assert [p.name for p in folder.folder.iterdir()] == ["iter_000002"]  # the older one stays

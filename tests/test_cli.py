@@ -63,7 +63,10 @@ def broken_models(tmp_path_factory):
     no_shard = shutil.copytree(TINY_WAN_PATH, root / "no_shard")
     shard = sorted((no_shard / "transformer").glob("*-of-*.safetensors"))[-1]  # holds the head: the last stage's
     shard.unlink()
-    return {"no_vae": no_vae, "no_shard": no_shard, "shard": shard.name}
+    truncated_vae = shutil.copytree(TINY_WAN_PATH, root / "truncated_vae")
+    vae = truncated_vae / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[:-1000])
+    return {"no_vae": no_vae, "no_shard": no_shard, "shard": shard.name, "truncated_vae": truncated_vae}
 
 
 def _write(folder, name, text):
@@ -88,6 +91,13 @@ BAD_INPUTS = {
     "model-missing": (["--model", "/nonexistent"], ["/nonexistent", "does not exist"]),
     "model-without-vae": (["--model", "{no_vae}"], ["no_vae", "'vae'"]),
     "model-without-shard": (["--model", "{no_shard}"], ["{shard}", "missing"]),
+    # found by a hostile probe (issue 16)
+    "seed-past-64-bits": (["--seed", str(2**64)], ["--seed", str(2**64), "<= 9223372036854775807"]),
+    "guidance-overflows": (["--guidance", "1e308"], ["--guidance", "<= 100"]),
+    "abbreviated-flag": (["--frame", "21"], ["unrecognized arguments: --frame 21"]),
+    "model-is-a-file": (["--model", "/etc/passwd"], ["/etc/passwd", "is not a folder"]),
+    "truncated-vae": (["--model", "{truncated_vae}"], ["vae/diffusion_pytorch_model.safetensors", "truncated"]),
+    "a-billion-frames": (["--frames", "1000000001"], ["--frames/--height/--width", "needs at least", "GiB"]),
 }
 
 
@@ -147,13 +157,14 @@ def test_help_documents_every_flag(workdir):
 
 
 def test_a_shard_missing_on_the_last_stage_stops_every_rank_with_one_line(workdir, broken_models):
-    """Only rank 1 (stage 1 of 2) reads the missing shard; rank 0 must not crash waiting for it."""
+    """Only rank 1 (stage 1 of 2) would read the missing shard; every rank checks the whole folder before
+    loading, so rank 0 finds it too and says it once, and no rank waits for another."""
     result = run_deepspeed(2, "--config", TINY_CONFIG, "--output", "out.mp4", "--model", broken_models["no_shard"],
                            cwd=workdir)
     assert result.returncode == 2, result.explain()
     assert "Traceback" not in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert errors == [f"generate.py: error: rank 1: {broken_models['no_shard']}/transformer/{broken_models['shard']}: "
+    assert errors == [f"generate.py: error: {broken_models['no_shard']}/transformer/{broken_models['shard']}: "
                       "shard listed in the index is missing"]
     assert list(workdir.iterdir()) == []
 

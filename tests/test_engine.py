@@ -6,7 +6,6 @@ partition, so 1, 2 or 3 stages (and data-parallel replicas) must match the refer
 
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,17 +16,12 @@ from safetensors.torch import load_file
 
 from ds_dualparal.config import load_config
 from ds_dualparal.generation import reference_latents
+from ds_dualparal.files import free_port
 from ds_dualparal.tiny import TINY_WAN_PATH
 from ds_dualparal.weights import SafetensorsFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ds_configs" / "tiny.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(ranks: int, workdir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -162,6 +162,23 @@ def test_done_outputs_are_done_records_whose_file_exists(tmp_path):
     assert done_outputs(tmp_path / "missing") == set()
 
 
+def test_a_record_after_a_torn_line_is_whole_and_counts(tmp_path):
+    """A crash while appending leaves a line cut short (here mid-character); the next record is not glued to it."""
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    (tmp_path / "b.mp4").write_bytes(b"x")
+    record(tmp_path, {"status": "done", "output": "a.mp4"})
+    with open(tmp_path / MANIFEST, "ab") as f:
+        f.write('{"status": "done", "job": "\u00e9'.encode()[:-1])
+    assert record(tmp_path, {"status": "done", "output": "b.mp4"})
+    assert done_outputs(tmp_path) == {"a.mp4", "b.mp4"}
+
+
+def test_a_manifest_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog):
+    (tmp_path / MANIFEST).mkdir()
+    assert record(tmp_path, {"job": "a", "status": "done"}) is False
+    assert f"manifest {tmp_path / MANIFEST}: cannot record job a" in caplog.text
+
+
 # ---- decisions of the command line
 
 
@@ -240,7 +257,8 @@ def batch(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("batch")
     jobs_file = write_jobs(cwd / "jobs.jsonl", CAT, BAD, DOG)
     result = run_generate("--config", TINY_CONFIG, "--jobs", jobs_file, "--output-dir", "out", cwd=cwd)
-    assert result.returncode == 0, result.explain()
+    assert result.returncode == 1, result.explain()  # the good jobs ran; the exit code says one failed
+    assert "Traceback" not in result.stderr
     out = cwd / "out"
     return cwd, out, manifest(out)
 
@@ -292,3 +310,102 @@ def test_two_replicas_share_the_jobs_and_match_one_process(batch, workdir):
     log = result.stdout + result.stderr
     assert "replica 0/2" in log and "replica 1/2" in log
     assert "done: 2 job(s) on 2 replica(s)" in log
+
+
+# ---- every place a run writes is checked before the model loads
+
+
+def test_outputs_that_are_one_file_are_refused_case_insensitively_and_with_links(tmp_path, base):
+    out = tmp_path / "out"
+    (out / "real").mkdir(parents=True)
+    (out / "alias").symlink_to(out / "real")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl",
+                           {"output": "a.mp4"}, {"output": "a.MP4"}, {"output": "real/b.mp4"},
+                           {"output": "alias/b.mp4"}, {"output": "c.mp4", "save_latents": "c.mp4"},
+                           {"name": "n", "output": "d.mp4"}, {"name": "N", "output": "e.mp4"})
+    errors = [j.error for j in read_jobs(jobs_file, base, out)]
+    assert errors == [
+        None,
+        "output: a.MP4 is also written by line 1",
+        None,
+        "output: alias/b.mp4 is also written by line 3",
+        f"save_latents: {out / 'c.mp4'} is also this job's output",
+        None,
+        "name: 'N' is also the name of line 6",
+    ]
+
+
+def test_a_symbolic_link_out_of_the_output_dir_is_refused(tmp_path, base):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (out / "link").symlink_to(tmp_path / "elsewhere")
+    for key, path in (("output", "link/x.mp4"), ("save_latents", "link/x.safetensors")):
+        job = parse({key: path}, base, out=out)
+        assert job.error == f"{key}: {path!r} leads out of --output-dir through a symbolic link"
+
+
+def test_temporary_names_and_the_manifest_are_not_outputs(base):
+    assert parse({"output": ".a.partial.mp4"}, base).error.startswith(
+        "output: '.a.partial.mp4' is named like a temporary file")
+    assert parse({"save_latents": "sub/.x.mp4.k2j3.partial"}, base).error.startswith("save_latents: ")
+    assert parse({"save_latents": "Manifest.JSONL"}, base).error == (
+        "save_latents: 'Manifest.JSONL' is the manifest of --output-dir")
+
+
+def test_bad_output_locations_fail_the_job_before_the_model_loads(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "file").write_text("x")
+    (out / "frames").mkdir()
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", {"name": "a", "output": "file/a.mp4"}, {"name": "b"},
+                           {"name": "c", "save_latents": "file"})
+    (tmp_path / "frames" / "b").mkdir(parents=True)
+    (tmp_path / "frames" / "b" / "frame_000000.png").write_bytes(b"png")
+    a, b, c = decide("--jobs", jobs_file, "--output-dir", out, "--save-frames", tmp_path / "frames")
+    assert a.error == f"output: {out / 'file/a.mp4'} cannot be made: {out / 'file'} is not a folder"
+    assert b.error == f"--save-frames: {tmp_path / 'frames/b'} already exists; pass --overwrite to replace it"
+    assert c.error == f"save_latents: {out / 'file'} already exists; pass --overwrite to replace it"
+    (out / "ro").mkdir()
+    access = os.access  # a read-only folder (the tests run as root, for whom chmod changes nothing)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out / "ro" and access(path, mode))
+    [job] = decide("--jobs", write_jobs(tmp_path / "one.jsonl", {"name": "d", "output": "ro/d.mp4"}), "--output-dir", out)
+    assert job.error == f"output: {out / 'ro/d.mp4'} cannot be written: {out / 'ro'} is not writable"
+    with pytest.raises(ConfigError, match=f"--output-dir: {out / 'ro'} cannot be written: {out / 'ro'} is not writable"):
+        decide("--jobs", jobs_file, "--output-dir", out / "ro")
+
+
+@pytest.mark.parametrize("make, error", [
+    (lambda out: out.write_text("x"), "--output-dir: {out} is not a folder"),
+    (lambda out: (out / MANIFEST).mkdir(parents=True), "--output-dir: {out}/manifest.jsonl is not a regular file"),
+])
+def test_an_output_dir_or_manifest_that_cannot_be_used_stops_the_run(tmp_path, make, error):
+    out = tmp_path / "out"
+    make(out)
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", {"name": "a"})
+    with pytest.raises(ConfigError, match=error.format(out=out)):
+        decide("--jobs", jobs_file, "--output-dir", out)
+
+
+def test_a_jobs_file_that_is_not_a_regular_file_is_refused(tmp_path, base):
+    with pytest.raises(ConfigError, match="--jobs: /dev/zero is not a regular file"):
+        read_jobs(Path("/dev/zero"), base, tmp_path)
+
+
+def test_single_video_outputs_must_be_distinct_new_and_writable(tmp_path):
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "frame_000000.png").write_bytes(b"png")
+    (tmp_path / "ck").write_text("a file")
+    v = tmp_path / "v.mp4"
+    cases = [
+        (["--output", v, "--save-latents", tmp_path / "V.MP4"], f"--save-latents: {tmp_path / 'V.MP4'} is also the --output"),
+        (["--output", v, "--save-frames", tmp_path / "frames"], f"--save-frames: {tmp_path / 'frames'} already exists"),
+        (["--output", v, "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every", 1],
+         f"--checkpoint-dir: {tmp_path / 'ck'} is not a folder"),
+        (["--output", str(tmp_path / "a\0.mp4")], "--output: '.*a\\\\x00.mp4' must not contain a NUL character"),
+        (["--output", tmp_path / "ck" / "v.mp4"], f"--output: .* cannot be made: {tmp_path / 'ck'} is not a folder"),
+    ]
+    for argv, error in cases:
+        with pytest.raises(ConfigError, match=error):
+            decide(*argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "frames"]

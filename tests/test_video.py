@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import time
 
 import imageio
@@ -8,6 +10,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 
+from ds_dualparal.files import OutputError
 from ds_dualparal.video import Mp4Writer, StreamingDecoder, save_frames, to_uint8_frames
 
 # Wan 2.1's VAE, and Wan 2.2's (residual up blocks whose first_chunk handling matters, 2x2 patches).
@@ -199,3 +202,57 @@ def test_save_frames_numbers_pngs_from_start_index(tmp_path):
     assert [p.name for p in paths] == ["frame_000005.png", "frame_000006.png", "frame_000007.png"]
     for path, frame in zip(paths, frames):
         np.testing.assert_array_equal(iio.imread(path), frame)
+
+
+DISK_FULL = """
+import resource, signal, sys
+import numpy as np
+from ds_dualparal.files import OutputError
+from ds_dualparal.video import Mp4Writer
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+frames = np.random.default_rng(0).integers(0, 256, size=(8, 64, 64, 3), dtype=np.uint8)
+try:
+    with Mp4Writer(sys.argv[1], fps=16) as writer:
+        for _ in range(50):  # 400 frames of noise: far more than 200 KB
+            writer.append(frames)
+except OSError as err:
+    print(type(err).__name__, err)
+    sys.exit(3)
+"""
+
+
+def test_a_write_error_of_the_encoder_raises_and_leaves_nothing(tmp_path):
+    """ffmpeg fails on a full disk (here: a file size limit); the video must not look finished."""
+    result = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path / "v.mp4")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert result.stdout.startswith(f"OutputError cannot write {tmp_path / 'v.mp4'}: ")
+    assert len(result.stdout.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encoder_that_exits_non_zero_fails_the_writer(tmp_path, monkeypatch):
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\ncat > /dev/null\necho 'av_interleaved_write_frame(): No space left on device' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr("imageio_ffmpeg.get_ffmpeg_exe", lambda: str(fake))
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=f"cannot write {out / 'v.mp4'}: .*No space left on device"):
+        with Mp4Writer(out / "v.mp4", fps=8) as writer:
+            writer.append(_frames(2))
+    assert list(out.iterdir()) == []
+
+
+def test_mp4_writer_checks_its_input_without_assert(tmp_path):
+    with Mp4Writer(tmp_path / "v.mp4", fps=8) as writer:
+        for bad in (_frames(1).astype(np.float32), _frames(1)[0], np.zeros((1, 8, 8, 4), np.uint8)):
+            with pytest.raises(ValueError, match=r"frames must be \(n, H, W, 3\) uint8"):
+                writer.append(bad)
+        writer.append(_frames(1))
+        with pytest.raises(ValueError, match="frame size changed"):
+            writer.append(_frames(1, h=32))
+    with pytest.raises(RuntimeError, match="outside its with-block"):
+        writer.append(_frames(1))
+    with pytest.raises(ValueError, match="fps"):
+        Mp4Writer(tmp_path / "w.mp4", fps=True)

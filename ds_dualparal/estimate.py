@@ -1,0 +1,79 @@
+"""Up-front estimate of one generation's work and memory, to say what a job costs and refuse what
+cannot fit before any weights load.
+
+Deliberately simple and a lower bound (weights and framework overhead are not counted):
+- latents: the first stage keeps every block's latents and initial noise in fp32;
+- one block-step's activations: the window's tokens (plus the cached tokens of the next block) times
+  the model width, ~16 tensors of that size alive at once, in the run's dtype, twice with CFG;
+- the feature cache: keys and values of the next block's context frames, per transformer block.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .flops import block_step_flops
+from .model import WanConfig
+from .timeline import BlockTimeline
+
+VAE_SPATIAL = 8
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LIVE_TENSORS = 16
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Work:
+    latent_frames: int
+    blocks: int
+    steps: int
+    window_tokens: int
+    cached_tokens: int
+    tflop: float
+    first_stage_bytes: int
+
+    @property
+    def block_steps(self) -> int:
+        return self.blocks * self.steps
+
+    def describe(self) -> str:
+        return (f"{self.latent_frames} latent frames in {self.blocks} block(s) x {self.steps} step(s) = "
+                f"{self.block_steps} block-steps of {self.window_tokens} tokens (+{self.cached_tokens} cached), "
+                f"~{self.tflop:.3g} TFLOP, at least {self.first_stage_bytes / GiB:.3g} GiB on the first stage")
+
+
+def estimate(cfg, wan: WanConfig) -> Work:
+    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    _, p_h, p_w = wan.patch_size
+    h, w = cfg.height // VAE_SPATIAL, cfg.width // VAE_SPATIAL
+    per_frame = (h // p_h) * (w // p_w)
+    longest = max(timeline.block_len(0), cfg.block_size)
+    window = (longest + cfg.context) * per_frame
+    cached = cfg.context * per_frame
+    batch = 2 if cfg.do_classifier_free_guidance else 1
+    dtype = DTYPE_BYTES[cfg.dtype]
+    latents = 2 * wan.in_channels * cfg.latent_frames * h * w * 4
+    activations = LIVE_TENSORS * batch * (window + cached) * wan.inner_dim * dtype
+    cache = 2 * wan.num_layers * batch * cached * wan.inner_dim * dtype
+    flop = timeline.num_blocks * timeline.num_steps * block_step_flops(wan, window, cached, batch)
+    return Work(cfg.latent_frames, timeline.num_blocks, timeline.num_steps, window, cached, flop / 1e12,
+                latents + activations + cache)
+
+
+def device_memory(device_type: str) -> int:
+    """Bytes of memory of this rank's device: the GPU's, or the host's for a CPU run."""
+    if device_type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def refusal(work: Work, memory: int) -> str | None:
+    """Why the job cannot run on a device of `memory` bytes, in one line; None if it may."""
+    if work.first_stage_bytes > memory:
+        return (f"needs at least {work.first_stage_bytes / GiB:.3g} GiB on the first stage "
+                f"(latents, one block's activations and feature cache) but the device has {memory / GiB:.3g} GiB; "
+                "use fewer frames, a smaller size or a smaller block")
+    return None
