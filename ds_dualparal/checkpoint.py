@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LATENTS_FIELDS
 from .denoise import BlockLatents, GenerationPlan
-from .files import atomic_output
+from .files import atomic_output, fsync
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Checkpoints:
                 manifest = dict(format=FORMAT, iteration=iteration, fingerprint=self.fingerprint, fields=self.fields,
                                 files={name: _digest(partial / name) for name in (LATENTS, SCHEDULERS, STATE)})
                 _write(partial / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-                _fsync(partial)
+                fsync(partial)
         except (OSError, SafetensorError) as err:  # safetensors' I/O errors (disk full) are not OSErrors
             log.error("checkpoint %s not saved (%s); the run goes on", final, getattr(err, "strerror", None) or err)
             return None
@@ -255,20 +255,12 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor], device: torch.device) 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     # copies: entries such as a scheduler's timesteps are views of one tensor, which safetensors refuses
     save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}, str(path))
-    _fsync(path)
+    fsync(path)
 
 
 def _write(path: Path, text: str) -> None:
     path.write_text(text)
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(path)
 
 
 def _digest(path: Path) -> dict[str, Any]:

@@ -188,10 +188,13 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, base_cfg, change):
 
 
 def test_every_field_the_latents_depend_on_is_in_the_fingerprint(base_cfg):
+    from ds_dualparal.modelcheck import weights_fingerprint
+
     fields = fingerprint_fields(base_cfg, TINY_WAN_PATH)
     assert set(fields) == set(LATENTS_FIELDS) | {"format"}
+    values = base_cfg.model_dump(mode="json")
     for name in LATENTS_FIELDS:
-        expected = str(TINY_WAN_PATH.resolve()) if name == "model" else getattr(base_cfg, name)
+        expected = weights_fingerprint(TINY_WAN_PATH) if name == "model" else values[name]
         assert fields[name] == expected, name
 
 

@@ -242,7 +242,7 @@ def test_lora_flag_and_config_field(tmp_path):
     job = parse_job(1, json.dumps({"loras": []}), cfg, Path("/out"))
     assert job.error == "loras: is a setting of the whole run and cannot change per job"
     plain = fingerprint_fields(cfg.with_overrides(loras=()), TINY_WAN_PATH)
-    assert "loras" not in plain, "runs without LoRAs keep their fingerprint"
+    assert plain["loras"] == []
     assert fingerprint_fields(cfg, TINY_WAN_PATH)["loras"] == [{"path": "a.safetensors", "scale": 1.0, "expert": "both"}]
 
 

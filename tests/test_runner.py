@@ -1,7 +1,6 @@
 """run_job on a stand-in generator (no pipeline, the tiny VAE): a job whose outputs cannot be written
 or whose latents are not finite fails alone, leaves nothing at a final name, and the manifest says so."""
 
-import contextlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ from diffusers import AutoencoderKLWan
 from conftest import TINY_CONFIG
 from ds_dualparal.cli import build_parser
 from ds_dualparal.config import load_config
+from ds_dualparal.engine import GenerationRequest
 from ds_dualparal.files import OutputError
 from ds_dualparal.jobs import MANIFEST, Job
 from ds_dualparal.runner import JobFailed, run_job
@@ -33,19 +33,19 @@ class FakeGenerator:
         self.vae, self.values, self.rank, self.is_first = vae, values, 0, True
         self.device = torch.device("cpu")
         self.topology = ProcessTopology(axes=["data", "pipe"], dims=[1, stages])
-        self.engine = SimpleNamespace(checkpointed=lambda _: contextlib.nullcontext())
         self.blocks_run = 0
 
-    def plan(self, cfg):
-        return SimpleNamespace(timeline=BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context,
-                                                      cfg.num_inference_steps))
+    def request(self, cfg, text=None, **options):
+        timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+        plan = SimpleNamespace(timeline=timeline, latent_height=cfg.height // 8, latent_width=cfg.width // 8)
+        return GenerationRequest(plan, text, **options)
 
-    def generate(self, cfg, text, on_block_done=None, on_step=None):
-        timeline = self.plan(cfg).timeline
+    def generate(self, request):
+        timeline, plan = request.plan.timeline, request.plan
         blocks = []
         for b in range(timeline.num_blocks):
-            block = torch.full((1, 16, timeline.block_len(b), cfg.height // 8, cfg.width // 8), self.values)
-            on_block_done(b, block)
+            block = torch.full((1, 16, timeline.block_len(b), plan.latent_height, plan.latent_width), self.values)
+            request.on_block_done(b, block)
             self.blocks_run += 1
             blocks.append(block)
         return SimpleNamespace(latents=torch.cat(blocks, dim=2), seconds=0.01)

@@ -283,7 +283,7 @@ def test_planner_cli_prints_latency_and_bubble(capsys):
             "--block-step-seconds", "0.6", "--send-seconds", "0.002"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    seconds = float(re.search(r"predicted seconds: ([0-9.]+)", out).group(1))
+    seconds = float(re.search(r"predicted seconds \(lockstep ticks, as the engine runs\): ([0-9.]+)", out).group(1))
     bubble = float(re.search(r"bubble fraction: ([0-9.]+)", out).group(1))
     assert "block-steps/s" in out
     # 31 blocks x 50 steps of 0.6 s (block 0: 17/16 of that) over 8 stages, with a small ramp.
