@@ -71,7 +71,8 @@ def worker(args) -> int:
     base = DualParalConfig(
         height=args.height, width=args.width, num_frames=4 * (first["latent_frames"] - 1) + 1,
         num_inference_steps=first["steps"], block_size=args.block_size, context=args.context,
-        dtype="bfloat16", guidance_scale=5.0, attention_backend=args.backend, compile=args.compile,
+        dtype="bfloat16", guidance_scale=args.guidance, scheduler=args.scheduler, attention_backend=args.backend,
+        compile=args.compile,
         vae_dtype=args.vae_dtype, first_stage_vae_layers=args.first_stage_vae_layers,
     )
     started = time.perf_counter()
@@ -80,7 +81,7 @@ def worker(args) -> int:
     device = generator.device
     text = None
     if generator.is_first:
-        text = torch.randn((2, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+        text = torch.randn((2 if base.do_classifier_free_guidance else 1, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     rank0 = generator.rank == 0
     cuda = device.type == "cuda"
     for n, case in enumerate(cases):
@@ -311,7 +312,7 @@ def driver(args) -> int:
         common += ["--compile" if args.compile else "--no-compile"]
     if args.real_path:
         common += ["--real-path"]
-    common += ["--vae-dtype", args.vae_dtype]
+    common += ["--vae-dtype", args.vae_dtype, "--guidance", str(args.guidance), "--scheduler", args.scheduler]
     common += ["--first-stage-vae-layers", str(args.first_stage_vae_layers)]
     status = 0
     for gpus in [int(g) for g in args.gpus.split(",") if g]:
@@ -343,6 +344,8 @@ def main(argv=None) -> int:
     parser.add_argument("--real-path", action="store_true",
                         help="also time the command's path: text encoding, pipeline, streaming VAE decode")
     parser.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (1: CFG off, batch of 1)")
+    parser.add_argument("--scheduler", default="unipc", choices=["unipc", "euler"])
     parser.add_argument("--first-stage-vae-layers", type=float, default=0.0,
                         help="stage 0's decoding in blocks' worth of work, for the partition")
     parser.add_argument("--baseline", action="store_true", help="also run diffusers' WanPipeline on one GPU")
