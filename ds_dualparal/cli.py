@@ -99,8 +99,9 @@ def _name_flag(args, message: str) -> str:
     if args.lora and message.startswith("dualparal.loras"):
         return "--lora" + message[len("dualparal.loras"):]
     for flag, field in FLAGS.items():
-        if getattr(args, flag) is not None and message.startswith(f"dualparal.{field}:"):
-            return "--" + flag.replace("_", "-") + message[len(f"dualparal.{field}") :]
+        prefix = f"dualparal.{field}"
+        if getattr(args, flag) is not None and message.startswith(prefix) and message[len(prefix):][:1] in (":", "["):
+            return "--" + flag.replace("_", "-") + message[len(prefix):]  # `--prompts[1]: ...` names the segment
     return message
 
 

@@ -80,7 +80,7 @@ def worker(args) -> int:
     device = generator.device
     text = None
     if generator.is_first:
-        text = torch.randn((2, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+        text = torch.randn((1, 2, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     rank0 = generator.rank == 0
     cuda = device.type == "cuda"
     for n, case in enumerate(cases):
@@ -176,7 +176,7 @@ class RandomTextEncoder:
             cond, uncond = self.pipe.encode_prompt(
                 prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, do_classifier_free_guidance=True,
                 max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device, dtype=torch.bfloat16)
-        return torch.cat([cond, uncond])
+        return torch.cat([cond, uncond])[None]  # one prompt: a stack of one text
 
 
 def real_path(generator, cfg, shape: str, repeats: int) -> dict:
