@@ -253,3 +253,11 @@ def test_two_replicas_run_jobs_with_their_own_schedules(tmp_path, tiny):
         overrides = {k: v for k, v in line.items() if k not in ("name", "save_latents", "frames")}
         want = reference_latents(tiny.with_overrides(num_frames=line.get("frames", 21), **overrides))
         assert torch.equal(load_file(tmp_path / "out" / line["save_latents"])["latents"], want), line["name"]
+
+
+def test_a_segment_that_no_block_takes_is_said(tiny):
+    cfg = tiny.with_overrides(prompts=[seg(0, FOX), seg(14, LAKE), seg(18, NIGHT)])  # middle frames 6, 16
+    assert cli.unused_segments(cfg) == [
+        "prompts[2] (from_frame 18) holds no block's middle frame, so no block takes its prompt; "
+        "make it at least a block (8 video frames) long"]
+    assert cli.unused_segments(tiny) == []
