@@ -99,8 +99,9 @@ def _name_flag(args, message: str) -> str:
     if args.lora and message.startswith("dualparal.loras"):
         return "--lora" + message[len("dualparal.loras"):]
     for flag, field in FLAGS.items():
-        if getattr(args, flag) is not None and message.startswith(f"dualparal.{field}:"):
-            return "--" + flag.replace("_", "-") + message[len(f"dualparal.{field}") :]
+        prefix = f"dualparal.{field}"
+        if getattr(args, flag) is not None and message.startswith(prefix) and message[len(prefix):][:1] in (":", "["):
+            return "--" + flag.replace("_", "-") + message[len(prefix):]  # `--prompts[1]: ...` names the segment
     return message
 
 
@@ -268,6 +269,7 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
         work = estimate(job.config, wan)
         reason = refusal(work, memory)
         if reason is None:
+            costs.extend((logging.WARNING, f"{job.name}: {line}") for line in unused_segments(job.config))
             # a large job is said loudly, before it starts (a TFLOP is minutes on a CPU, a second on a GPU)
             costs.append((logging.WARNING if work.tflop > LARGE_TFLOP else logging.INFO, f"{job.name}: {work.describe()}"))
             continue
@@ -277,6 +279,17 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
             raise ConfigError(f"--frames/--height/--width: {message}")
         job.error, job.config = f"num_frames/height/width: {message}", None
     return costs
+
+
+def unused_segments(cfg) -> list[str]:
+    """A line for each segment of the prompt schedule that no block takes (shorter than a block)."""
+    from .prompts import prompt_plan
+
+    from .config import TEMPORAL_FACTOR
+
+    return [f"prompts[{i}] (from_frame {cfg.prompts[i].from_frame}) holds no block's middle frame, so no block takes "
+            f"its prompt; make it at least a block ({TEMPORAL_FACTOR * cfg.block_size} video frames) long"
+            for i in prompt_plan(cfg).unused]
 
 
 def open_checkpoints(args, cfg):

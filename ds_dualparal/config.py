@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .files import no_duplicate_keys
+from .timeline import BlockTimeline
 
 SECTION = "dualparal"
 
@@ -117,6 +118,43 @@ class LoraSpec(BaseModel):
     )
 
 
+class PromptSegment(BaseModel):
+    """One segment of ``prompts``: the prompt from video frame ``from_frame`` on (to the next segment)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    from_frame: int = Field(ge=0, description="First video frame of the segment (the first segment starts at 0).")
+    prompt: str = Field(description="Text prompt of the segment.")
+    negative_prompt: str | None = Field(None, description="Negative prompt of the segment; unset: negative_prompt.")
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        if info.field_name == "prompt" and not value.strip():
+            raise PydanticCustomError("dualparal", "must not be empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PydanticCustomError("dualparal", "holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+        return value
+
+
+def read_prompts_file(path: str) -> list:
+    """``--prompts FILE``: the JSON array of segments in FILE (argparse's ``type``; checked as the config is)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_reject_constant)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise argparse.ArgumentTypeError(f"{path}: cannot read it ({_describe(exc)})") from None
+
+
 class DualParalConfig(BaseModel):
     """The ``dualparal`` section of a run config."""
 
@@ -174,6 +212,17 @@ class DualParalConfig(BaseModel):
         "coordinated", "Initial noise: one shared pool permuted per block, or fresh noise per block.",
         scope="job", latents=True, flag="noise",
     )
+    prompts: tuple[PromptSegment, ...] | None = setting(
+        None, "Prompt schedule instead of prompt: a JSON array of {from_frame, prompt, negative_prompt (optional)} "
+        "segments, the first at frame 0; each block takes the segment of its middle video frame. "
+        "The flag reads the array from a JSON file.",
+        scope="job", latents=True, flag="prompts", flag_options={"type": read_prompts_file, "metavar": "FILE"},
+        strict=False,
+    )
+    prompt_transition: int = setting(
+        0, "Blocks over which the text embeddings are blended linearly around each change of prompts (0: a cut).",
+        scope="job", latents=True, flag="prompt_transition", ge=0,
+    )
     dtype: Dtype = setting(
         "bfloat16", "Dtype of the transformer's weights and activations.", scope="model", latents=True, flag="dtype"
     )
@@ -230,6 +279,14 @@ class DualParalConfig(BaseModel):
         return (self.num_frames - 1) // TEMPORAL_FACTOR + 1
 
     @property
+    def prompt_schedule(self) -> tuple[tuple[int, str, str], ...]:
+        """(from_frame, prompt, negative prompt) per segment; a single prompt is one segment at frame 0."""
+        if self.prompts is None:
+            return ((0, self.prompt, self.negative_prompt),)
+        return tuple((s.from_frame, s.prompt, self.negative_prompt if s.negative_prompt is None else s.negative_prompt)
+                     for s in self.prompts)
+
+    @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0
 
@@ -248,8 +305,10 @@ class DualParalConfig(BaseModel):
         return stages, world_size // stages
 
     def with_overrides(self, **overrides: Any) -> DualParalConfig:
-        """A copy with ``overrides`` applied, validated again (None is a value here, not 'unset')."""
-        return _validate_section({**self.model_dump(), **overrides})
+        """A copy with ``overrides`` applied, validated again (None is a value here, not 'unset').
+
+        A ``prompt`` or ``prompts`` among the overrides replaces both of this config's (``layered``)."""
+        return _validate_section(layered(self.model_dump(include=self.model_fields_set), overrides))
 
     @field_validator("height", "width")
     @classmethod
@@ -286,6 +345,53 @@ class DualParalConfig(BaseModel):
                 "{value} must be <= block_size ({block_size})",
                 {"value": value, "block_size": block_size},
             )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_or_prompts(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("prompts") is not None and "prompt" in values:
+            raise PydanticCustomError(
+                "dualparal", "given together with prompt; a schedule replaces the single prompt: give one of them",
+                {"field": "prompts"},
+            )
+        return values
+
+    @field_validator("prompts")
+    @classmethod
+    def _schedule(cls, value: tuple[PromptSegment, ...] | None, info: ValidationInfo):
+        if value is None:
+            return value
+        if not value:
+            raise PydanticCustomError(
+                "dualparal", "is empty; give at least one segment, the first with from_frame 0, or leave it out")
+        last_frame = info.data["num_frames"] - 1 if "num_frames" in info.data else None
+        for index, segment in enumerate(value):
+            frame = segment.from_frame
+            if index == 0 and frame != 0:
+                problem = f"from_frame is {frame}; the first segment must start at frame 0"
+            elif index > 0 and frame <= value[index - 1].from_frame:
+                problem = (f"from_frame {frame} is not after segment {index - 1}'s "
+                           f"({value[index - 1].from_frame}); segments go in increasing from_frame")
+            elif last_frame is not None and frame > last_frame:
+                problem = f"from_frame {frame} is past the video's last frame ({last_frame})"
+            else:
+                continue
+            raise PydanticCustomError("dualparal", "{problem}", {"problem": problem, "index": index})
+        return value
+
+    @field_validator("prompt_transition")
+    @classmethod
+    def _transition_within_video(cls, value: int, info: ValidationInfo) -> int:
+        data = info.data
+        if value and all(k in data for k in ("num_frames", "block_size", "context", "num_inference_steps")):
+            frames = (data["num_frames"] - 1) // TEMPORAL_FACTOR + 1
+            blocks = BlockTimeline(frames, data["block_size"], data["context"], data["num_inference_steps"]).num_blocks
+            if value > blocks:
+                raise PydanticCustomError(
+                    "dualparal", "{value} blocks is longer than the video's {blocks} block(s)",
+                    {"value": value, "blocks": blocks},
+                )
         return value
 
     @field_validator("partition_method")
@@ -336,6 +442,9 @@ LATENTS_FIELDS = tuple(name for name in DualParalConfig.model_fields if tags(nam
 FLAGS = {tags(name)["flag"]: name for name in DualParalConfig.model_fields if tags(name)["flag"]}
 
 _LORAS_SHAPE = 'an array of {"path": ..., "scale": ..., "expert": ...} objects'
+_PROMPTS_SHAPE = 'an array of {"from_frame": ..., "prompt": ..., "negative_prompt": ...} objects, or null'
+# fields that hold a list of objects: the object's model and the list's shape, for messages
+_LISTS = {"loras": (LoraSpec, _LORAS_SHAPE), "prompts": (PromptSegment, _PROMPTS_SHAPE)}
 
 
 @dataclass
@@ -367,6 +476,18 @@ def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
     return config_from_dict(data, source=source, overrides=overrides)
 
 
+def layered(lower: Mapping[str, Any], upper: Mapping[str, Any]) -> dict:
+    """``upper``'s settings over ``lower``'s. A single prompt and a prompt schedule exclude each other: a
+    ``prompt`` or a ``prompts`` in ``upper`` replaces both of ``lower``'s (a flag over the config file, a jobs
+    line over the run's config); both in one layer are an error (``DualParalConfig``)."""
+    merged = dict(lower)
+    if "prompt" in upper or upper.get("prompts") is not None:
+        merged.pop("prompt", None)
+        merged.pop("prompts", None)
+    merged.update(upper)
+    return merged
+
+
 def config_from_dict(d: Any, source: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """The validated ``dualparal`` section of a parsed config; the other top-level keys are ignored."""
     where = source or "config"
@@ -376,7 +497,7 @@ def config_from_dict(d: Any, source: str | None = None, overrides: Mapping[str, 
     if not isinstance(section, dict):
         raise ConfigError(f"{SECTION}: must be a JSON object, got {_json_type(section)}")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return RunConfig(dualparal=_validate_section({**section, **given}), source=source)
+    return RunConfig(dualparal=_validate_section(layered(section, given)), source=source)
 
 
 def _validate_section(values: dict) -> DualParalConfig:
@@ -398,11 +519,18 @@ def _format_error(error: Mapping[str, Any]) -> str:
     ctx = error.get("ctx") or {}
     shown = _show(value)
     model = DualParalConfig
-    if name == "loras":  # a list of objects: name the entry and its field
+    if not loc and "field" in ctx:  # a check of several fields (model_validator) names the one it is about
+        path = f"{SECTION}.{ctx['field']}"
+    if "index" in ctx:  # a check of a list names the entry
+        path = f"{path}[{ctx['index']}]"
+    if kind == "dualparal" and len(loc) <= 1:
+        return f"{path}: {error['msg']}"
+    if name in _LISTS:  # a list of objects: name the entry and its field
+        entry, shape = _LISTS[name]
         if len(loc) < 3:
             where = path + (f"[{loc[1]}]" if len(loc) == 2 else "")
-            return f"{where}: {shown} must be " + ("an object" if len(loc) == 2 else _LORAS_SHAPE)
-        model, name = LoraSpec, str(loc[2])
+            return f"{where}: {shown} must be " + ("an object" if len(loc) == 2 else shape)
+        model, name = entry, str(loc[2])
         path = f"{path}[{loc[1]}].{name}"
     if kind == "extra_forbidden":
         allowed = ", ".join(model.model_fields)

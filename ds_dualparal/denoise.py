@@ -53,6 +53,10 @@ class GenerationPlan:
     patch_size: tuple[int, int, int]
     guidance: tuple[float, ...]  # per expert; CFG is off when every value is <= 1
     boundary_timestep: float | None = None  # Wan2.2: t >= boundary -> expert 0, else expert 1
+    # The prompt plan (prompts.py): how many distinct texts, and per block its (text, weight) pairs;
+    # None: every block uses text 0 as is.
+    num_texts: int = 1
+    text_mixes: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
     @property
     def cfg(self) -> bool:
@@ -74,6 +78,10 @@ class GenerationPlan:
         start, stop = self.timeline.window_range(block)
         return stop - start
 
+    def text_mix(self, block: int) -> tuple[tuple[int, float], ...]:
+        """Block `block`'s (text index, weight) pairs."""
+        return ((0, 1.0),) if self.text_mixes is None else self.text_mixes[block]
+
     def expert(self, step: int) -> int:
         if self.boundary_timestep is None or float(self.timesteps[step]) >= self.boundary_timestep:
             return 0
@@ -89,12 +97,15 @@ class GenerationPlan:
 
 
 class WindowBuilder:
-    """Makes a block-step's `WindowState` on one stage: its own timestep embedding, RoPE, cache flags."""
+    """Makes a block-step's `WindowState` on one stage: its own timestep and text embeddings, RoPE, cache flags."""
 
-    def __init__(self, plan: GenerationPlan, conditioners: list[Conditioner], text: torch.Tensor, device):
+    def __init__(self, plan: GenerationPlan, conditioners: list[Conditioner], texts: torch.Tensor, device):
         self.plan = plan
         self.conditioners = conditioners
-        self.text = text  # (batch, L, text_dim): cond then uncond
+        # (num_texts, batch, L, text_dim): the plan's distinct texts, each cond then uncond
+        assert texts.ndim == 4 and texts.shape[0] == plan.num_texts, (
+            f"text embeddings of shape {tuple(texts.shape)}; the plan has {plan.num_texts} text(s)")
+        self.texts = texts
         self.device = torch.device(device)
         self.cache = FeatureCache()
         self._rope = {}
@@ -103,19 +114,28 @@ class WindowBuilder:
         key = (expert, frames)
         if key not in self._rope:
             cos, sin = self.conditioners[expert].rotary(frames, *self.plan.patch_grid, self.device)
-            if self.text.dtype != torch.float32:
+            if self.texts.dtype != torch.float32:
                 # diffusers rotates in float64; in half precision fp32 angles give the same
                 # rounded result for a third of the memory traffic.
                 cos, sin = cos.float(), sin.float()
             self._rope[key] = (cos, sin)
         return self._rope[key]
 
+    def text(self, block: int) -> torch.Tensor:
+        """Block `block`'s text embeddings (batch, L, text_dim): its text as is, or its blend (in fp32,
+        rounded once to the texts' dtype; a few element-wise operations, next to a block-step's work)."""
+        mix = self.plan.text_mix(block)
+        if len(mix) == 1:
+            return self.texts[mix[0][0]]
+        blend = sum(weight * self.texts[index].float() for index, weight in mix)
+        return blend.to(self.texts.dtype)
+
     def __call__(self, step: BlockStep) -> WindowState:
         plan, timeline = self.plan, self.plan.timeline
         b, s, i = step.block, step.step, step.iteration
         expert = plan.expert(s)
         t = plan.timesteps[s].to(self.device)
-        temb, timestep_proj, text = self.conditioners[expert].embed(t.expand(plan.batch), self.text)
+        temb, timestep_proj, text = self.conditioners[expert].embed(t.expand(plan.batch), self.text(b))
         frames = plan.window_frames(b)
         read_cache = timeline.has_cache(b, i)
         height, width = plan.patch_grid
@@ -213,13 +233,14 @@ def batched_window(window: torch.Tensor, batch: int) -> torch.Tensor:
     return window.expand(batch, *window.shape[1:])
 
 
-def run_reference(plan, experts, text, noise, scheduler, device="cpu", on_block_done=None) -> torch.Tensor:
+def run_reference(plan, experts, texts, noise, scheduler, device="cpu", on_block_done=None) -> torch.Tensor:
     """Sequential DualParal: every block-step through every layer, in timeline order.
 
-    `experts`: per expert, (Conditioner, [embed, block layers..., head]). Returns (1, C, F, h, w).
+    `experts`: per expert, (Conditioner, [embed, block layers..., head]); `texts`: the plan's text
+    embeddings stacked (num_texts, batch, L, text_dim). Returns (1, C, F, h, w).
     """
     conditioners = [conditioner for conditioner, _ in experts]
-    build = WindowBuilder(plan, conditioners, text, device)
+    build = WindowBuilder(plan, conditioners, texts, device)
     latents = BlockLatents(plan, noise, scheduler, device)
     with torch.no_grad():
         for step in plan.timeline.block_steps():

@@ -62,8 +62,9 @@ class Checkpointing:
 class GenerationRequest:
     """One generation, as every stage of a replica runs it.
 
-    `plan` and `checkpointing.start` are the same on every stage; `text` (prompt embeddings), `noise`,
-    `scheduler`, the hooks and the rest of `checkpointing` are read on the first stage only, where
+    `plan` and `checkpointing.start` are the same on every stage; `text` (the plan's distinct prompt
+    embeddings, stacked: (plan.num_texts, batch, TEXT_TOKENS, text_dim)), `noise`, `scheduler`, the
+    hooks and the rest of `checkpointing` are read on the first stage only, where
     `on_step()` follows each scheduler step and `on_block_done(block, latents)` each finished block.
     """
 
@@ -190,9 +191,12 @@ class DualParalEngine:
         return self.comm.is_first
 
     def share_text(self, text: torch.Tensor | None, plan: GenerationPlan) -> torch.Tensor:
-        """Prompt embeddings, encoded on the first stage, on every stage of the replica."""
+        """The job's prompt embeddings, encoded on the first stage, on every stage of the replica: one
+        broadcast of the stacked distinct texts (the plan, which says how many, every stage has)."""
+        shape = (plan.num_texts, plan.batch, TEXT_TOKENS, self.config.text_dim)
         if not self.is_first:
-            text = torch.empty((plan.batch, TEXT_TOKENS, self.config.text_dim), dtype=self.dtype, device=self.device)
+            text = torch.empty(shape, dtype=self.dtype, device=self.device)
+        assert tuple(text.shape) == shape, f"text embeddings of shape {tuple(text.shape)}, the plan needs {shape}"
         return self.comm.broadcast_from_first(text.to(self.device, self.dtype).contiguous())
 
     def generate(self, request: GenerationRequest) -> GenerationOutput:

@@ -22,6 +22,7 @@ from .lora import tensors_read as lora_tensors_read
 from .lora import with_loras
 from .model import Conditioner, WanConfig, layer_specs
 from .noise import initial_noise
+from .prompts import prompt_plan
 from .timeline import BlockTimeline
 from .weights import FolderWeights, ModelFolder, RandomWeights, resolve_model
 
@@ -35,6 +36,7 @@ def build_plan(cfg: DualParalConfig, wan: WanConfig, scheduler, boundary_ratio: 
     """The rank-independent description of one generation."""
     timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
     guidance = (cfg.guidance_scale, cfg.low_noise_guidance_scale)[:num_experts]
+    prompts = prompt_plan(cfg, timeline)
     return GenerationPlan(
         timeline=timeline,
         timesteps=scheduler.timesteps.clone(),
@@ -43,6 +45,8 @@ def build_plan(cfg: DualParalConfig, wan: WanConfig, scheduler, boundary_ratio: 
         patch_size=wan.patch_size,
         guidance=guidance,
         boundary_timestep=None if boundary_ratio is None else boundary_ratio * 1000,
+        num_texts=len(prompts.texts),
+        text_mixes=prompts.mixes,
     )
 
 
@@ -116,13 +120,13 @@ class Generator:
         return make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder)
 
     def encode(self, cfgs: list[DualParalConfig]) -> list[torch.Tensor | None]:
-        """Prompt embeddings of the given jobs, encoded here on a first stage (one encoder load), else None."""
+        """Prompt embeddings of the given jobs, encoded here on a first stage (one encoder load, each
+        distinct prompt once), else None. Per job: its distinct texts stacked (prompts.PromptPlan)."""
         if not self.is_first:
             return [None] * len(cfgs)
-        from .text import encode_prompts
+        from .text import encode_jobs
 
-        triples = [(c.prompt, c.negative_prompt, c.do_classifier_free_guidance) for c in cfgs]
-        return encode_prompts(self.folder.path, triples, self.device, self.dtype)
+        return encode_jobs(self.folder.path, cfgs, self.device, self.dtype)
 
     @property
     def vae(self):
@@ -173,9 +177,9 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
     for wan, weights in zip(configs, sources):
         layers = [spec.build() for spec in layer_specs(wan, weights, cfg.attention_backend)]
         experts.append((Conditioner(wan, weights).to(device), layers))
-    from .text import encode_prompts
+    from .text import encode_jobs
 
-    [text] = encode_prompts(folder.path, [(cfg.prompt, cfg.negative_prompt, cfg.do_classifier_free_guidance)], device, dtype)
+    [text] = encode_jobs(folder.path, [cfg], device, dtype)
     scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
     plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts))
     shape = (wan.in_channels, plan.latent_height, plan.latent_width)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import TEXT_TOKENS
+from .prompts import prompt_plan
 
 
 def encode_prompts(
@@ -42,3 +43,13 @@ def encode_prompts(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return embeddings
+
+
+def encode_jobs(model_path: Path, cfgs: list, device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Per job, the embeddings of its prompt plan's distinct texts stacked in the plan's order:
+    (num_texts, batch, TEXT_TOKENS, text_dim). Every distinct (prompt, negative prompt, cfg) of all
+    the jobs is encoded once, with one encoder load."""
+    jobs = [[(*text, cfg.do_classifier_free_guidance) for text in prompt_plan(cfg).texts] for cfg in cfgs]
+    distinct = list(dict.fromkeys(triple for job in jobs for triple in job))
+    embeddings = dict(zip(distinct, encode_prompts(model_path, distinct, device, dtype)))
+    return [torch.stack([embeddings[triple] for triple in job]) for job in jobs]

@@ -81,7 +81,8 @@ def worker(args) -> int:
     device = generator.device
     text = None
     if generator.is_first:
-        text = torch.randn((2 if base.do_classifier_free_guidance else 1, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+        batch = 2 if base.do_classifier_free_guidance else 1  # one text (a stack of 1), cond and uncond
+        text = torch.randn((1, batch, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     rank0 = generator.rank == 0
     cuda = device.type == "cuda"
     for n, case in enumerate(cases):
@@ -171,13 +172,13 @@ class RandomTextEncoder:
     def __call__(self, cfg):
         import torch
 
-        from ds_dualparal.text import MAX_SEQUENCE_LENGTH
+        from ds_dualparal.config import TEXT_TOKENS
 
         with torch.no_grad():
             cond, uncond = self.pipe.encode_prompt(
                 prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, do_classifier_free_guidance=True,
-                max_sequence_length=MAX_SEQUENCE_LENGTH, device=self.device, dtype=torch.bfloat16)
-        return torch.cat([cond, uncond])
+                max_sequence_length=TEXT_TOKENS, device=self.device, dtype=torch.bfloat16)
+        return torch.cat([cond, uncond])[None]  # one prompt: a stack of one text
 
 
 def real_path(generator, cfg, shape: str, repeats: int) -> dict:

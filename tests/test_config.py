@@ -47,6 +47,7 @@ def test_every_shipped_config_is_listed_and_loads():
         "wan2.1-t2v-14b-720p.json",
         "wan2.2-t2v-a14b-720p.json",
         "anchor-1.3b-480p.json",
+        "wan2.1-t2v-1.3b-480p-storyline.json",
     }
     for path in SHIPPED:
         run = load_config(path)

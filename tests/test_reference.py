@@ -30,7 +30,7 @@ def reference(folder_path, cfg: DualParalConfig, text, noise=None):
     plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts))
     if noise is None:
         noise = initial_noise(plan.timeline, cfg.seed, (16, plan.latent_height, plan.latent_width), cfg.noise)
-    return run_reference(plan, experts, text, noise, scheduler)
+    return run_reference(plan, experts, text[None], noise, scheduler)  # one text for every block
 
 
 def config(**kw):
