@@ -163,7 +163,8 @@ def plan_jobs(args, cfg) -> list[Job]:
             job.done = True
             continue
         outputs = _outputs(job, args)
-        problem = next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
+        problem = _frames_link(job, args)
+        problem = problem or next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
                         if (problem := location_problem(path, folder=flag == "--save-frames")) is not None), None)
         existing = [(flag, path) for flag, path in outputs if _exists(path)]
         if problem is None and existing and not args.overwrite:
@@ -173,6 +174,17 @@ def plan_jobs(args, cfg) -> list[Job]:
             job.error = problem
             job.config = None
     return jobs
+
+
+def _frames_link(job: Job, args) -> str | None:
+    """A job's frames folder `<--save-frames>/<name>` that is a symbolic link: writing through it would
+    leave --save-frames (or share another job's folder), and a folder cannot replace a link by rename."""
+    if args.save_frames is None:
+        return None
+    path = args.save_frames / job.name  # a job's name is one plain component
+    if path.is_symlink():
+        return f"--save-frames: {_shown(path)} is a symbolic link; each job's frames folder is made inside --save-frames (remove the link)"
+    return None
 
 
 def _key(flag: str) -> str:

@@ -409,3 +409,23 @@ def test_single_video_outputs_must_be_distinct_new_and_writable(tmp_path):
         with pytest.raises(ConfigError, match=error):
             decide(*argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "frames"]
+
+
+def test_a_frames_folder_that_is_a_symbolic_link_is_refused_before_work(tmp_path):
+    """`--save-frames DIR` gives each job DIR/<name>: a link there (out of DIR, or to another job's
+    folder) is refused for that job up front, with or without --overwrite; the other jobs run."""
+    out, frames, elsewhere = tmp_path / "out", tmp_path / "frames", tmp_path / "elsewhere"
+    for folder in (out, frames, elsewhere):
+        folder.mkdir()
+    (frames / "a").symlink_to(elsewhere)  # an empty folder elsewhere: would not count as existing output
+    (frames / "b").symlink_to(frames / "c")  # a link to another job's folder
+    (frames / "dangling").symlink_to(tmp_path / "nowhere")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", {"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "dangling"})
+    for extra in ((), ("--overwrite",)):
+        a, b, c, dangling = decide("--jobs", jobs_file, "--output-dir", out, "--save-frames", frames, *extra)
+        for job in (a, b, dangling):
+            assert job.config is None
+            assert job.error == (f"--save-frames: {frames / job.name} is a symbolic link; each job's frames "
+                                 "folder is made inside --save-frames (remove the link)")
+        assert c.error is None
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
