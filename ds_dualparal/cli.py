@@ -331,17 +331,31 @@ def main(argv=None) -> int:
         return 2
     except FileExistsError as err:  # found by this rank alone: its output appeared while it was written
         _say(str(err))
-        return 2
+        return _leave(2)
     except OutputError as err:  # found by this rank alone: an output it cannot write (disk full, ...)
         _say(str(err))
-        return 1
+        return _leave(1)
     except KeyboardInterrupt:  # Ctrl-C: temporaries are gone (atomic_output), the finished outputs stay
-        return _interrupted()
+        return _leave(_interrupted())
     except Exception as err:  # a fault or a bug: say which rank and what, then fail (the launcher stops the rest)
         first_line = str(err).splitlines()[0] if str(err) else ""
         log.critical("rank %s failed: %s: %s", os.environ.get("RANK", "0"), type(err).__name__, first_line,
                      exc_info=True)
-        return 1
+        return _leave(1)
+
+
+def _leave(code: int) -> int:
+    """After a failure found by this rank alone, a rank of several exits at once: its peers may be dead
+    or hung, and anything that waits for them (a collective shutdown, NCCL's communicator destructors
+    at interpreter exit) would hold the run until comm_timeout_s or beyond. Its outputs' temporaries
+    are already gone (atomic_output), and the launcher stops the other ranks when this one exits."""
+    comm = sys.modules.get("ds_dualparal.comm")
+    if comm is None or not comm.several_ranks():
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _interrupted() -> int:
