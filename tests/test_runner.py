@@ -14,6 +14,7 @@ from diffusers import AutoencoderKLWan
 from conftest import TINY_CONFIG
 from ds_dualparal.cli import build_parser
 from ds_dualparal.config import load_config
+from ds_dualparal.engine import GenerationRequest
 from ds_dualparal.files import OutputError
 from ds_dualparal.jobs import MANIFEST, Job
 from ds_dualparal.runner import JobFailed, run_job
@@ -36,16 +37,16 @@ class FakeGenerator:
         self.engine = SimpleNamespace(checkpointed=lambda _: contextlib.nullcontext())
         self.blocks_run = 0
 
-    def plan(self, cfg):
-        return SimpleNamespace(timeline=BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context,
-                                                      cfg.num_inference_steps))
+    def request(self, cfg, text=None, **options):
+        timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+        return GenerationRequest(SimpleNamespace(timeline=timeline, cfg=cfg), text, **options)
 
-    def generate(self, cfg, text, on_block_done=None, on_step=None):
-        timeline = self.plan(cfg).timeline
+    def generate(self, request):
+        timeline, cfg = request.plan.timeline, request.plan.cfg
         blocks = []
         for b in range(timeline.num_blocks):
             block = torch.full((1, 16, timeline.block_len(b), cfg.height // 8, cfg.width // 8), self.values)
-            on_block_done(b, block)
+            request.on_block_done(b, block)
             self.blocks_run += 1
             blocks.append(block)
         return SimpleNamespace(latents=torch.cat(blocks, dim=2), seconds=0.01)
