@@ -124,19 +124,27 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
     started = time.perf_counter()
     try:
         with contextlib.ExitStack() as outputs:
-            writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite))
-            sinks = [lambda frames, _: writer.append(frames)]
-            if args.save_frames is not None:
-                final_frames = args.save_frames / job.name if args.jobs else args.save_frames
-                frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=args.overwrite, folder=True))
+            try:
+                writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite))
+                sinks = [lambda frames, _: writer.append(frames)]
+                if args.save_frames is not None:
+                    final_frames = args.save_frames / job.name if args.jobs else args.save_frames
+                    frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=args.overwrite, folder=True))
 
-                def write_frames(frames, first):
-                    try:
-                        save_frames(frames_dir, frames, first)
-                    except OSError as err:
-                        raise OutputError(f"cannot write frames into {final_frames}: {err.strerror or err}") from None
+                    def write_frames(frames, first):
+                        try:
+                            save_frames(frames_dir, frames, first)
+                        except OSError as err:
+                            raise OutputError(f"cannot write frames into {final_frames}: {err.strerror or err}") from None
 
-                sinks.append(write_frames)
+                    sinks.append(write_frames)
+            except OSError:
+                # An output that cannot be opened (it appeared since the plan, the disk is full): the
+                # other stages are already in this generation, so the first stage runs it with them, to
+                # stay in step for the next job, and writes nothing.
+                if not single_stage:
+                    generator.generate(request)
+                raise
             result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
                 save_latents(cfg.save_latents, result.latents, overwrite=args.overwrite)
