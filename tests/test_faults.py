@@ -116,3 +116,19 @@ def test_the_fault_hook_reads_only_its_own_rank_and_refuses_what_it_cannot_read(
             InjectedFault.from_environment(1)
     monkeypatch.delenv("DS_DUALPARAL_FAULT")
     assert InjectedFault.from_environment(1) is None
+
+
+def test_a_job_that_cannot_run_on_this_model_fails_alone_on_two_stages(workdir):
+    """A per-job setting that would fail in the middle of the generation on the first stage (UniPC
+    beyond ~333 steps) would end a run of several stages, whose others wait in lockstep; it is found
+    before the job starts, recorded as failed, and the next job runs."""
+    (workdir / "jobs.jsonl").write_text(json.dumps({"name": "many", "steps": 400}) + "\n"
+                                        + json.dumps({"name": "ok", "steps": 2}) + "\n")
+    result = subprocess.run(deepspeed_command(2, "--config", TINY_CONFIG, "--jobs", "jobs.jsonl", "--output-dir", "out"),
+                            cwd=workdir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log[-4000:]
+    entries = [json.loads(line) for line in (workdir / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [(e["job"], e["status"]) for e in entries] == [("many", "failed"), ("ok", "done")]
+    assert "the unipc scheduler fails at step 400 of 400" in entries[0]["error"]
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["manifest.jsonl", "ok.mp4"]
