@@ -351,6 +351,9 @@ def main(argv=None) -> int:
         level=os.environ.get("DS_DUALPARAL_LOG", "INFO"),
         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
     )
+    from . import interrupt
+
+    interrupt.install()
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
@@ -390,7 +393,12 @@ def _leave(code: int) -> int:
     at interpreter exit) would hold the run until comm_timeout_s or beyond. Its outputs' temporaries
     are already gone (atomic_output), and the launcher stops the other ranks when this one exits."""
     comm = sys.modules.get("ds_dualparal.comm")
-    if comm is None or not comm.several_ranks():
+    if comm is None:
+        return code
+    if not comm.several_ranks():
+        # A lone process leaves its group: exiting with it alive sometimes aborts at exit
+        # ("terminate called without an active exception", seen after Ctrl-C).
+        comm.shutdown()
         return code
     logging.shutdown()
     sys.stdout.flush()

@@ -9,6 +9,8 @@ start-up (launch to fault) is measured in the same run and reported apart.
 
 import json
 import os
+import re
+import sys
 import signal
 import subprocess
 import threading
@@ -18,7 +20,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import TINY_CONFIG, deepspeed_command, subprocess_env
+from conftest import GENERATE, TINY_CONFIG, deepspeed_command, subprocess_env
 
 BOUND_S = 60  # from the fault to the launcher's exit
 OUTPUTS = ("video.mp4", "latents.safetensors")
@@ -132,3 +134,37 @@ def test_a_job_that_cannot_run_on_this_model_fails_alone_on_two_stages(workdir):
     assert [(e["job"], e["status"]) for e in entries] == [("many", "failed"), ("ok", "done")]
     assert "the unipc scheduler fails at step 400 of 400" in entries[0]["error"]
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["manifest.jsonl", "ok.mp4"]
+
+
+def test_ctrl_c_is_one_line_and_leaves_nothing(workdir):
+    """SIGINT to the process group (what a terminal's Ctrl-C does: ffmpeg gets it too), sent once the
+    progress bar has moved: exit 130, one line, no traceback, no output and no temporary left."""
+    command = [sys.executable, str(GENERATE), "--config", str(TINY_CONFIG), "--frames", "321", "--output", "v.mp4",
+               "--save-latents", "l.safetensors", "--save-frames", "frames"]
+    process = subprocess.Popen(command, cwd=workdir, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    stderr, moved = bytearray(), threading.Event()
+
+    def read():
+        while chunk := process.stderr.read1(4096):
+            stderr.extend(chunk)
+            if re.search(rb"\| +[1-9][0-9]*/[0-9]+ \[", bytes(stderr)):
+                moved.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert moved.wait(240), "no progress:\n" + stderr.decode(errors="replace")[-3000:]
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    reader.join(timeout=10)
+    text = stderr.decode(errors="replace").replace("\r", "\n")
+    assert process.returncode == 130, text[-3000:]
+    said = [line for line in text.splitlines() if line.startswith("generate.py:")]
+    assert said == ["generate.py: error: interrupted (Ctrl-C); unfinished outputs were removed"], text[-3000:]
+    assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
+    assert sorted(p.name for p in workdir.rglob("*")) == []
