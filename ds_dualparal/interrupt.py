@@ -20,18 +20,24 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
-def _unraisable(report, _default=sys.unraisablehook):
+_previous_hook = sys.unraisablehook
+
+
+def _unraisable(report):
     if report.exc_type is KeyboardInterrupt:  # dropped, not lost: `check()` raises it again
         _requested.set()
         return
-    _default(report)
+    _previous_hook(report)
 
 
 def install() -> None:
     """In the main thread, before the work starts."""
+    global _previous_hook
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
-        sys.unraisablehook = _unraisable
+        if sys.unraisablehook is not _unraisable:
+            _previous_hook = sys.unraisablehook
+            sys.unraisablehook = _unraisable
 
 
 def check() -> None:
