@@ -164,7 +164,8 @@ def plan_jobs(args, cfg) -> list[Job]:
             job.done = True
             continue
         outputs = _outputs(job, args)
-        problem = next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
+        problem = _frames_link(job, args)
+        problem = problem or next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
                         if (problem := location_problem(path, folder=flag == "--save-frames")) is not None), None)
         existing = [(flag, path) for flag, path in outputs if _exists(path)]
         if problem is None and existing and not args.overwrite:
@@ -174,6 +175,17 @@ def plan_jobs(args, cfg) -> list[Job]:
             job.error = problem
             job.config = None
     return jobs
+
+
+def _frames_link(job: Job, args) -> str | None:
+    """A job's frames folder `<--save-frames>/<name>` that is a symbolic link: writing through it would
+    leave --save-frames (or share another job's folder), and a folder cannot replace a link by rename."""
+    if args.save_frames is None:
+        return None
+    path = args.save_frames / job.name  # a job's name is one plain component
+    if path.is_symlink():
+        return f"--save-frames: {_shown(path)} is a symbolic link; each job's frames folder is made inside --save-frames (remove the link)"
+    return None
 
 
 def _key(flag: str) -> str:
@@ -263,8 +275,18 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
 
     memory = device_memory(device_type)
     costs = []
+    schedules: dict[tuple, str | None] = {}
     for job in jobs:
         if job.config is None or job.done:
+            continue
+        cfg = job.config
+        key = (cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, cfg.model)
+        if key not in schedules:
+            schedules[key] = scheduler_problem(cfg)
+        if schedules[key] is not None:
+            if args.jobs is None:
+                raise ConfigError(f"--steps/--scheduler/--flow-shift: {schedules[key]}")
+            job.error, job.config = f"num_inference_steps/scheduler/flow_shift: {schedules[key]}", None
             continue
         work = estimate(job.config, wan)
         reason = refusal(work, memory)
@@ -292,6 +314,36 @@ def unused_segments(cfg) -> list[str]:
             for i in prompt_plan(cfg).unused]
 
 
+def scheduler_problem(cfg) -> str | None:
+    """Why a job's scheduler cannot take its steps, found by running them on a one-value latent before any
+    work starts (about a millisecond a step); None if it can. On several stages a scheduler that fails
+    in the middle of a generation ends the whole run, since the other stages wait in lockstep. Known
+    case: diffusers' UniPC fails at the last step from about 334 steps at flow_shift 3 (AssertionError)."""
+    import torch
+
+    from .denoise import make_scheduler
+    from .weights import resolve_model
+
+    steps = cfg.num_inference_steps
+    try:
+        scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, steps, resolve_model(cfg.model) / "scheduler")
+    except Exception as err:  # noqa: BLE001 - diffusers' own checks, in whatever form
+        return f"cannot make the {cfg.scheduler} scheduler for {steps} steps ({_error_line(err)})"
+    latents = torch.zeros(1, 1, 1, 1, 1)
+    for step, t in enumerate(scheduler.timesteps):
+        try:
+            latents = scheduler.step(torch.zeros_like(latents), t, latents, return_dict=False)[0]
+        except Exception as err:  # noqa: BLE001
+            return (f"the {cfg.scheduler} scheduler fails at step {step + 1} of {steps} at flow_shift "
+                    f"{cfg.flow_shift} ({_error_line(err)}); use fewer steps or another scheduler")
+    return None
+
+
+def _error_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def open_checkpoints(args, cfg):
     """The checkpoint folder of a single video and the iteration its newest checkpoint continues from."""
     from .checkpoint import Checkpoints
@@ -312,6 +364,9 @@ def main(argv=None) -> int:
         level=os.environ.get("DS_DUALPARAL_LOG", "INFO"),
         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
     )
+    from . import interrupt
+
+    interrupt.install()
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt:
@@ -332,17 +387,36 @@ def main(argv=None) -> int:
         return 2
     except FileExistsError as err:  # found by this rank alone: its output appeared while it was written
         _say(str(err))
-        return 2
+        return _leave(2)
     except OutputError as err:  # found by this rank alone: an output it cannot write (disk full, ...)
         _say(str(err))
-        return 1
+        return _leave(1)
     except KeyboardInterrupt:  # Ctrl-C: temporaries are gone (atomic_output), the finished outputs stay
-        return _interrupted()
+        return _leave(_interrupted())
     except Exception as err:  # a fault or a bug: say which rank and what, then fail (the launcher stops the rest)
         first_line = str(err).splitlines()[0] if str(err) else ""
         log.critical("rank %s failed: %s: %s", os.environ.get("RANK", "0"), type(err).__name__, first_line,
                      exc_info=True)
-        return 1
+        return _leave(1)
+
+
+def _leave(code: int) -> int:
+    """After a failure found by this rank alone, a rank of several exits at once: its peers may be dead
+    or hung, and anything that waits for them (a collective shutdown, NCCL's communicator destructors
+    at interpreter exit) would hold the run until comm_timeout_s or beyond. Its outputs' temporaries
+    are already gone (atomic_output), and the launcher stops the other ranks when this one exits."""
+    comm = sys.modules.get("ds_dualparal.comm")
+    if comm is None:
+        return code
+    if not comm.several_ranks():
+        # A lone process leaves its group: exiting with it alive sometimes aborts at exit
+        # ("terminate called without an active exception", seen after Ctrl-C).
+        comm.shutdown()
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _interrupted() -> int:

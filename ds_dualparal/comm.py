@@ -15,6 +15,7 @@ failing rank exits non-zero and DeepSpeed's launcher then stops every other rank
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -88,8 +89,24 @@ def world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+@contextlib.contextmanager
+def _collective(what: str):
+    """A collective over every rank: a failure names this rank and what it waited for (a collective
+    cannot tell which peer did not come; the failing or hung rank's own log line names it)."""
+    try:
+        yield
+    except RuntimeError as err:
+        raise CommError(f"rank {dist.get_rank()}: {what} over all {dist.get_world_size()} ranks failed "
+                        f"(a rank died or did not answer within comm_timeout_s): {_first_line(err)}") from err
+
+
 def barrier() -> None:
-    dist.barrier()
+    with _collective("barrier"):
+        dist.barrier()
 
 
 class PipeComm:
@@ -135,13 +152,16 @@ class PipeComm:
                 request.wait()
         except RuntimeError as err:
             peers = sorted({self.stage_ranks[p] for _, p in sends + recvs})
-            first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise CommError(f"rank {self.rank}: transfer with rank(s) {peers} failed: {first_line}") from err
+            raise CommError(f"rank {self.rank}: transfer with rank(s) {peers} failed: {_first_line(err)}") from err
 
     def broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
         """The first stage's `tensor` on every stage of the replica (others pass a buffer)."""
         if self.num_stages > 1:
-            dist.broadcast(tensor, self.stage_ranks[0], group=self._group)
+            try:
+                dist.broadcast(tensor, self.stage_ranks[0], group=self._group)
+            except RuntimeError as err:
+                raise CommError(f"rank {self.rank}: broadcast from rank {self.stage_ranks[0]} to ranks "
+                                f"{self.stage_ranks} failed: {_first_line(err)}") from err
         return tensor
 
 
@@ -149,7 +169,8 @@ def share_object(obj):
     """Rank 0's `obj` on every rank (small Python objects: job lists, decisions)."""
     box = [obj]
     if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
+        with _collective("sharing rank 0's decisions"):
+            dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -158,12 +179,20 @@ def gather_objects(obj) -> list:
     if dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _collective("gathering every rank's state"):
+        dist.all_gather_object(out, obj)
     return out
 
 
 def shutdown() -> None:
     """Leave the process group cleanly (NCCL ranks that skip this can hang at exit)."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
+
+
+def several_ranks() -> bool:
+    """True when this process is one rank of several. After a failure its peers may be dead or hung, so
+    it must not wait for them: no collective shutdown (a barrier waits comm_timeout_s for a hung peer),
+    and no communicator destructors at exit (NCCL's can block); `cli.main` leaves with `os._exit`."""
+    return dist.is_initialized() and dist.get_world_size() > 1

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import comm
+from . import comm, interrupt
 from .checkpoint import Checkpoints
 from .engine import Checkpointing
 from .files import OutputError, atomic_output
@@ -84,15 +84,19 @@ def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step:
             failure.append(err)
 
     closing_error = None
+    failing = False
     try:
         checkpointing = request.checkpointing
         for block in range(max(0, checkpointing.start - request.plan.timeline.num_steps + 1)):
             on_block_done(block, checkpointing.resume.latents[block])
         request.on_block_done = on_block_done
         result = generator.generate(request)
+    except BaseException:
+        failing = True  # nothing will be kept: the blocks still queued are not decoded
+        raise
     finally:
         try:
-            output.close()
+            output.close(cancel=failing)
         except Exception as err:  # noqa: BLE001 - raised below unless the generation itself failed
             closing_error = err
     if failure:
@@ -118,25 +122,38 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
     total = timeline.num_blocks * timeline.num_steps
     done = sum(1 for step in timeline.block_steps() if step.iteration < start)
     bar = tqdm(total=total, initial=done, desc=job.name, unit="block-step", disable=generator.rank != 0)
-    request.on_step = bar.update
+
+    def on_step():
+        bar.update()
+        interrupt.check()  # a Ctrl-C that Python dropped (it landed in a destructor) ends the job here
+
+    request.on_step = on_step
     single_stage = generator.topology.get_dim("pipe") == 1
     frames_done = 0
     started = time.perf_counter()
     try:
         with contextlib.ExitStack() as outputs:
-            writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite))
-            sinks = [lambda frames, _: writer.append(frames)]
-            if args.save_frames is not None:
-                final_frames = args.save_frames / job.name if args.jobs else args.save_frames
-                frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=args.overwrite, folder=True))
+            try:
+                writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite))
+                sinks = [lambda frames, _: writer.append(frames)]
+                if args.save_frames is not None:
+                    final_frames = args.save_frames / job.name if args.jobs else args.save_frames
+                    frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=args.overwrite, folder=True))
 
-                def write_frames(frames, first):
-                    try:
-                        save_frames(frames_dir, frames, first)
-                    except OSError as err:
-                        raise OutputError(f"cannot write frames into {final_frames}: {err.strerror or err}") from None
+                    def write_frames(frames, first):
+                        try:
+                            save_frames(frames_dir, frames, first)
+                        except OSError as err:
+                            raise OutputError(f"cannot write frames into {final_frames}: {err.strerror or err}") from None
 
-                sinks.append(write_frames)
+                    sinks.append(write_frames)
+            except OSError:
+                # An output that cannot be opened (it appeared since the plan, the disk is full): the
+                # other stages are already in this generation, so the first stage runs it with them, to
+                # stay in step for the next job, and writes nothing.
+                if not single_stage:
+                    generator.generate(request)
+                raise
             result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
                 save_latents(cfg.save_latents, result.latents, overwrite=args.overwrite)

@@ -35,6 +35,8 @@ class BlockOutput:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        self._cancelled = False
+        self._finished = threading.Event()
         self._worker = threading.Thread(target=self._work, name="block-output", daemon=True)
         self._worker.start()
 
@@ -50,10 +52,23 @@ class BlockOutput:
             latents.record_stream(self._stream)
         self._queue.put((block, latents, ready))
 
-    def close(self) -> None:
-        """Waits for every submitted block to be written; raises the worker's failure, if any."""
+    def close(self, cancel: bool = False) -> None:
+        """Waits for every submitted block to be written; raises the worker's failure, if any.
+
+        With `cancel` (the caller is failing) the blocks not yet started are dropped. A Ctrl-C while
+        waiting does the same and waits for the block in hand: a worker left running inside torch
+        when the interpreter exits aborts the process ("terminate called without an active exception").
+        """
+        self._cancelled = self._cancelled or cancel
         self._queue.put(None)
-        self._worker.join()
+        # an Event, not join(): Python 3.11's join, interrupted by Ctrl-C, marks a running thread as
+        # stopped (its bpo-45274 fix releases the thread's own lock), and the next join returns at once
+        try:
+            self._finished.wait()
+        except BaseException:
+            self._cancelled = True
+            self._finished.wait()
+            raise
         self._raise_failure()
 
     def _raise_failure(self) -> None:
@@ -61,9 +76,15 @@ class BlockOutput:
             raise self._error
 
     def _work(self) -> None:
+        try:
+            self._work_through_queue()
+        finally:
+            self._finished.set()
+
+    def _work_through_queue(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain: the caller learns of the failure at its next call
+            if self._error is not None or self._cancelled:
+                continue  # drain: the caller learns of the failure at its next call, or is failing
             block, latents, ready = item
             started = time.perf_counter()
             try:

@@ -409,3 +409,47 @@ def test_single_video_outputs_must_be_distinct_new_and_writable(tmp_path):
         with pytest.raises(ConfigError, match=error):
             decide(*argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "frames"]
+
+
+def test_a_frames_folder_that_is_a_symbolic_link_is_refused_before_work(tmp_path):
+    """`--save-frames DIR` gives each job DIR/<name>: a link there (out of DIR, or to another job's
+    folder) is refused for that job up front, with or without --overwrite; the other jobs run."""
+    out, frames, elsewhere = tmp_path / "out", tmp_path / "frames", tmp_path / "elsewhere"
+    for folder in (out, frames, elsewhere):
+        folder.mkdir()
+    (frames / "a").symlink_to(elsewhere)  # an empty folder elsewhere: would not count as existing output
+    (frames / "b").symlink_to(frames / "c")  # a link to another job's folder
+    (frames / "dangling").symlink_to(tmp_path / "nowhere")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", {"name": "a"}, {"name": "b"}, {"name": "c"}, {"name": "dangling"})
+    for extra in ((), ("--overwrite",)):
+        a, b, c, dangling = decide("--jobs", jobs_file, "--output-dir", out, "--save-frames", frames, *extra)
+        for job in (a, b, dangling):
+            assert job.config is None
+            assert job.error == (f"--save-frames: {frames / job.name} is a symbolic link; each job's frames "
+                                 "folder is made inside --save-frames (remove the link)")
+        assert c.error is None
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_a_scheduler_that_cannot_take_the_steps_fails_the_job_before_work(tmp_path):
+    """diffusers' UniPC fails at the last step from about 334 steps at flow_shift 3: found up front by
+    running the job's scheduler on a one-value latent, so that job fails and the others run (on several
+    stages, failing in the middle would end the run); a single video stops with one line."""
+    from ds_dualparal.cli import check_work
+    from ds_dualparal.model import WanConfig
+    from ds_dualparal.tiny import TINY_WAN_PATH
+
+    wan = WanConfig.from_json(TINY_WAN_PATH / "transformer" / "config.json")
+    jobs_file = write_jobs(tmp_path / "jobs.jsonl", {"name": "many", "steps": 400}, {"name": "euler", "steps": 400,
+                           "scheduler": "euler"}, {"name": "few"})
+    argv = ["--jobs", jobs_file, "--output-dir", tmp_path / "out"]
+    jobs = decide(*argv)
+    check_work(args_of(*argv), jobs, wan, "cpu")
+    many, euler, few = jobs
+    assert many.config is None and many.error == (
+        "num_inference_steps/scheduler/flow_shift: the unipc scheduler fails at step 400 of 400 at flow_shift 3.0 "
+        "(AssertionError); use fewer steps or another scheduler")
+    assert euler.error is None and few.error is None
+    argv = ["--output", tmp_path / "v.mp4", "--steps", 400]
+    with pytest.raises(ConfigError, match="--steps/--scheduler/--flow-shift: the unipc scheduler fails at step 400"):
+        check_work(args_of(*argv), decide(*argv), wan, "cpu")

@@ -37,15 +37,15 @@ class FakeGenerator:
 
     def request(self, cfg, text=None, **options):
         timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
-        plan = SimpleNamespace(timeline=timeline, latent_height=cfg.height // 8, latent_width=cfg.width // 8)
-        return GenerationRequest(plan, text, **options)
+        return GenerationRequest(SimpleNamespace(timeline=timeline, cfg=cfg), text, **options)
 
     def generate(self, request):
-        timeline, plan = request.plan.timeline, request.plan
+        timeline, cfg = request.plan.timeline, request.plan.cfg
         blocks = []
         for b in range(timeline.num_blocks):
-            block = torch.full((1, 16, timeline.block_len(b), plan.latent_height, plan.latent_width), self.values)
-            request.on_block_done(b, block)
+            block = torch.full((1, 16, timeline.block_len(b), cfg.height // 8, cfg.width // 8), self.values)
+            if request.on_block_done is not None:
+                request.on_block_done(b, block)
             self.blocks_run += 1
             blocks.append(block)
         return SimpleNamespace(latents=torch.cat(blocks, dim=2), seconds=0.01)
@@ -93,6 +93,23 @@ def test_an_encoder_write_error_fails_the_job_and_the_batch_goes_on(tmp_path, va
     done = run_job(FakeGenerator(vae, stages), batch_job(out), None, batch_args(out))  # the next job runs
     assert done.ok and (out / "a.mp4").is_file()
     assert [r["status"] for r in records(out)] == ["failed", "done"]
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_an_output_that_cannot_be_opened_fails_the_job_in_step_with_the_other_stages(tmp_path, vae, stages):
+    """The job's mp4 appeared after the plan (another writer): the job fails before its generation
+    starts on the first stage, but with more stages the first stage still runs it with the others
+    (they are already in it), so the next job starts in step; nothing is written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.mp4").write_bytes(b"someone else's")
+    generator = FakeGenerator(vae, stages)
+    result = run_job(generator, batch_job(out), None, batch_args(out, "--save-frames", tmp_path / "frames"))
+    assert not result.ok and "already exists" in result.error
+    assert generator.blocks_run == (0 if stages == 1 else 3)
+    assert (out / "a.mp4").read_bytes() == b"someone else's"
+    assert [r["status"] for r in records(out)] == ["failed"]
+    assert not (tmp_path / "frames").exists()
 
 
 def test_a_single_video_write_error_is_a_failed_result_not_a_traceback(tmp_path, vae, monkeypatch):
