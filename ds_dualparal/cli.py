@@ -510,7 +510,7 @@ def _run(args, cfg) -> int:
 def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: int = 0) -> int:
     """This rank's replica takes every num_replicas-th job. Exit code 1 when any job failed (or was invalid)."""
     from . import comm
-    from .runner import run_job, summarize
+    from .runner import OutputOptions, run_job, summarize
 
     mine = runnable[generator.replica :: generator.num_replicas]
     texts = generator.encode([job.config for job in mine])
@@ -520,10 +520,11 @@ def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: i
         log.info("rank %d: peak memory while encoding prompts %.2f GiB", generator.rank,
                  torch.cuda.max_memory_allocated(generator.device) / 2**30)
         torch.cuda.reset_peak_memory_stats(generator.device)
+    options = OutputOptions.from_args(args)
     results = []
     started = time.perf_counter()
     for job, text in zip(mine, texts):
-        results.append(run_job(generator, job, text, args, checkpoints))
+        results.append(run_job(generator, job, text, options, checkpoints))
     failed = summarize(generator, results, time.perf_counter() - started)
     comm.shutdown()
     return 1 if failed or invalid else 0

@@ -106,7 +106,24 @@ def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step:
     return result, output.frames_written
 
 
-def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) -> JobResult:
+@dataclass(frozen=True)
+class OutputOptions:
+    """What the command line says about where a run's jobs write, beyond each job's own config."""
+
+    overwrite: bool = False
+    save_frames: Path | None = None  # PNG frames; a batch writes each job's into a subfolder named after it
+    manifest_dir: Path | None = None  # a batch (--jobs): the --output-dir whose manifest records each job
+
+    @classmethod
+    def from_args(cls, args) -> OutputOptions:
+        return cls(args.overwrite, args.save_frames, args.output_dir if args.jobs is not None else None)
+
+    @property
+    def batch(self) -> bool:
+        return self.manifest_dir is not None
+
+
+def run_job(generator, job, text, options: OutputOptions, checkpoints: Checkpoints | None = None) -> JobResult:
     """Generates one job; with `checkpoints`, resumes from its start iteration and saves new ones."""
     cfg = job.config
     start = checkpoints.start if checkpoints is not None else 0
@@ -134,11 +151,11 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
     try:
         with contextlib.ExitStack() as outputs:
             try:
-                writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=args.overwrite))
+                writer = outputs.enter_context(Mp4Writer(job.output, cfg.fps, overwrite=options.overwrite))
                 sinks = [lambda frames, _: writer.append(frames)]
-                if args.save_frames is not None:
-                    final_frames = args.save_frames / job.name if args.jobs else args.save_frames
-                    frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=args.overwrite, folder=True))
+                if options.save_frames is not None:
+                    final_frames = options.save_frames / job.name if options.batch else options.save_frames
+                    frames_dir = outputs.enter_context(atomic_output(final_frames, overwrite=options.overwrite, folder=True))
 
                     def write_frames(frames, first):
                         try:
@@ -156,12 +173,12 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
                 raise
             result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
-                save_latents(cfg.save_latents, result.latents, overwrite=args.overwrite)
+                save_latents(cfg.save_latents, result.latents, overwrite=options.overwrite)
     except (OSError, JobFailed) as err:  # this job's own outputs or values: the job fails, the run goes on
         outcome = _failed(job, err, started)
     except Exception as err:
         # Anything else fails the job where no other stage waits on this one (a batch on one stage).
-        if args.jobs is None or not single_stage:
+        if not options.batch or not single_stage:
             raise
         outcome = _failed(job, err, started)
     else:
@@ -171,8 +188,8 @@ def run_job(generator, job, text, args, checkpoints: Checkpoints | None = None) 
             checkpoints.clear()
     finally:
         bar.close()
-    if args.jobs is not None:
-        record(args.output_dir, dict(
+    if options.batch:
+        record(options.manifest_dir, dict(
             job=job.name, line=job.index, status="done" if outcome.ok else "failed", output=job.relative,
             seconds=round(outcome.seconds, 3), error=outcome.error, rank=generator.rank,
         ))

@@ -16,7 +16,7 @@ from ds_dualparal.config import load_config
 from ds_dualparal.engine import GenerationRequest
 from ds_dualparal.files import OutputError
 from ds_dualparal.jobs import MANIFEST, Job
-from ds_dualparal.runner import JobFailed, run_job
+from ds_dualparal.runner import JobFailed, OutputOptions, run_job
 from ds_dualparal.timeline import BlockTimeline
 from ds_dualparal.tiny import TINY_WAN_PATH
 
@@ -58,7 +58,8 @@ def batch_job(out: Path, **overrides):
 
 
 def batch_args(out, *extra):
-    return build_parser().parse_args(["--jobs", "j.jsonl", "--output-dir", str(out), *map(str, extra)])
+    args = build_parser().parse_args(["--jobs", "j.jsonl", "--output-dir", str(out), *map(str, extra)])
+    return OutputOptions.from_args(args)
 
 
 def records(out):
@@ -117,7 +118,7 @@ def test_a_single_video_write_error_is_a_failed_result_not_a_traceback(tmp_path,
     out = tmp_path / "out"
     job = batch_job(out, save_latents=str(out / "a.safetensors"))
     args = build_parser().parse_args(["--output", str(job.output)])
-    result = run_job(FakeGenerator(vae), job, None, args)
+    result = run_job(FakeGenerator(vae), job, None, OutputOptions.from_args(args))
     assert not result.ok and result.error == f"cannot write {out / 'a.safetensors'}: No space left on device"
     assert list(out.iterdir()) == []
 
