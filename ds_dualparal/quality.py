@@ -27,8 +27,9 @@ Pure numpy (no torch). A video is a uint8 array (F, H, W, 3), RGB. Four numbers 
   1.0 = motion is as smooth at boundaries as elsewhere; frames without a plausible object are skipped
   (a pair counts only if both of its frames have one). `motion_jump_ratio_all_pairs` as for seams.
 - **drift** (`drift`), 0..1: the total-variation distance between the colour histograms (a joint RGB
-  histogram of `DRIFT_BINS`³ bins over all pixels) of the first second and the last second of the
-  video. 0 = the same colours at the end as at the start; 1 = no colour in common.
+  histogram of `DRIFT_BINS`³ soft bins over all pixels, `colour_histogram`) of the first second and the
+  last second of the video. 0 = the same colours at the end as at the start; 1 = no colour in common
+  (every colour moved by a bin spacing or more, ~36 levels of 255, or changed altogether).
 
 Ratios add a small constant to both means (`SEAM_EPSILON` levels, `JUMP_EPSILON` pixels), so a still video
 or a still object (a shape that turns in place) gives ≈ 1.0 rather than noise divided by noise. A metric
@@ -54,7 +55,7 @@ MIN_VALUE = 0.3  # HSV value below which a pixel's hue is noise (every palette c
 MIN_OBJECT_AREA = 0.005  # of the frame: 20 pixels of 64x64
 MAX_OBJECT_AREA = 0.25
 MIN_COMPACTNESS = 0.8
-DRIFT_BINS = 8  # per RGB channel: 32 levels a bin
+DRIFT_BINS = 8  # per RGB channel: centres 36.4 levels apart
 SEAM_EPSILON = 0.05  # levels of 255
 JUMP_EPSILON = 0.05  # pixels
 # Fill ratio (mask area / bounding-box area) of each shape drawn upright.
@@ -139,6 +140,8 @@ def track_object(frames: np.ndarray, colour: str) -> ObjectTrack:
         radius = 2.0 * math.sqrt(mask_sizes[f] / math.pi)
         core = (ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2 <= radius**2
         compactness[f] = core.mean()
+        if not core.any():  # scattered pixels around an empty middle
+            continue
         ys, xs = ys[core], xs[core]
         centroid[f] = ys.mean(), xs.mean()
         fill[f] = len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
@@ -253,11 +256,25 @@ def motion_jump_ratio(frames: np.ndarray, colour: str, boundaries: list[int], pa
 
 
 def colour_histogram(frames: np.ndarray, bins: int = DRIFT_BINS) -> np.ndarray:
-    """Joint RGB histogram of all pixels of `frames`, `bins` per channel, normalised to sum 1 (flat)."""
-    video = _check_video(frames)
-    index = (video.astype(np.int32) * bins) // 256
-    flat = (index[..., 0] * bins + index[..., 1]) * bins + index[..., 2]
-    counts = np.bincount(flat.ravel(), minlength=bins**3)
+    """Joint RGB histogram of all pixels of `frames`, normalised to sum 1, flat (`bins`³ entries).
+
+    Soft binning: the bin centres are `bins` evenly spaced levels from 0 to 255 and each pixel is shared
+    among the 8 centres around it in proportion to its nearness (trilinear), so a colour shift moves
+    weight gradually from bin to bin instead of all at once when it crosses a bin edge.
+    """
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    video = _check_video(frames).reshape(-1, 3).astype(np.float64)
+    position = video * (bins - 1) / 255.0
+    low = np.minimum(np.floor(position).astype(np.int64), bins - 2)
+    upper = position - low  # weight of the upper centre, per channel
+    counts = np.zeros(bins**3)
+    for corner in range(8):
+        offset = np.array([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
+        weight = np.prod(np.where(offset == 1, upper, 1.0 - upper), axis=1)
+        index = low + offset
+        flat = (index[:, 0] * bins + index[:, 1]) * bins + index[:, 2]
+        counts += np.bincount(flat, weights=weight, minlength=bins**3)
     return counts / counts.sum()
 
 
