@@ -40,7 +40,7 @@ PROMPTS = (
     ("blue", "square", "bounces", "checkered"),
     ("yellow", "triangle", "moves up and down", "cloudy"),
 )
-DEFAULT_SETTINGS = "4:0,4:2,8:4"  # block size:context, latent frames; 4:0 is DualParal without context
+DEFAULT_SETTINGS = "2:1,4:0,4:2,8:4"  # block size:context, latent frames; 4:0 is DualParal without context
 NOISE_MODES = ("coordinated", "independent")
 METRICS = ("adherence", "seam_ratio", "motion_jump_ratio", "drift")  # the table's, in its order
 
@@ -101,7 +101,8 @@ def _positive(text: str) -> int:
 def _video_frames(text: str) -> int:
     value = _positive(text)
     if (value - 1) % 4:
-        raise argparse.ArgumentTypeError(f"{value} is not 4k+1 (e.g. {value - (value - 1) % 4} or {value - (value - 1) % 4 + 4})")
+        low = value - (value - 1) % 4
+        raise argparse.ArgumentTypeError(f"{value} is not 4k+1 (nearest: {low} or {low + 4})")
     return value
 
 
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="config whose dualparal section gives size, guidance, scheduler, flow shift, dtype, fps")
     parser.add_argument("--frames", type=_video_frames, default=161, help="video frames of every video (4k+1)")
-    parser.add_argument("--steps", type=_positive, default=10, help="denoising steps (per block for DualParal)")
+    parser.add_argument("--steps", type=_positive, default=20, help="denoising steps (per block for DualParal)")
     parser.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds")
     parser.add_argument("--prompts", type=_positive, default=len(PROMPTS),
                         help=f"how many of the {len(PROMPTS)} fixed toy prompts to use (the first N)")
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated noise modes to run each setting in")
     parser.add_argument("--baseline-frames", type=int, default=None,
                         help="frames of the WanPipeline baseline (4k+1; 0: no baseline); default: --frames")
-    parser.add_argument("--fps", type=_positive, default=None, help="frames per second for drift; default: the config's")
+    parser.add_argument("--fps", type=_positive, default=None,
+                        help="frames per second, for drift's first and last second; default: the config's")
     parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="outputs/quality.json", help="JSON with every video's results")
     return parser
@@ -186,7 +188,8 @@ def make_jobs(args, base) -> list[Job]:
                     jobs.append(Job("dualparal", cfg, p, setting, f"DualParal {setting.label} {noise}"))
             if args.baseline_frames:
                 latent = (args.baseline_frames - 1) // 4 + 1  # one block holds the whole video
-                cfg = base.with_overrides(**{**common, "num_frames": args.baseline_frames}, block_size=latent, context=0)
+                common["num_frames"] = args.baseline_frames
+                cfg = base.with_overrides(**common, block_size=latent, context=0)
                 jobs.append(Job("baseline", cfg, p, None, "baseline"))
     return jobs
 
@@ -313,7 +316,7 @@ def write_json(path: str, args, rows: list[dict], table: list[dict], seconds: fl
 
     document = dict(
         model=str(args.folder), config=args.config, frames=args.frames, steps=args.steps,
-        seeds=args.seeds, prompts=[r for r in dict.fromkeys(r["prompt"] for r in rows)],
+        seeds=args.seeds, prompts=list(dict.fromkeys(r["prompt"] for r in rows)),
         settings=[s.label for s in args.settings], noise=args.noise, baseline_frames=args.baseline_frames,
         fps=args.fps, threads=args.threads, total_seconds=round(seconds, 1), summary=table, videos=rows,
     )
