@@ -1,0 +1,352 @@
+"""Quality benchmark for long videos: DualParal at several (block size, context) settings and both noise
+modes against the whole-sequence baseline (diffusers' WanPipeline), on prompts of the toy world
+(`ds_dualparal/toyvideo.py`), scored with `ds_dualparal/quality.py`. CPU, single process.
+
+    python launch/quality.py                                   # the default sweep on the embedded tiny model
+    python launch/quality.py --model path/to/tiny-wan --out outputs/quality.json
+
+Every video of a prompt and seed starts from the same seed, prompt, steps, guidance and scheduler
+(`--config`'s, default ds_configs/tiny.json). DualParal videos come from the single-process reference
+(`generation.reference_latents`, bit-identical to the multi-stage engine), the baseline from
+`WanPipeline` on the same model folder (up to `--baseline-frames`); both are decoded by the model's VAE
+the same way (`video.StreamingDecoder`, `video.to_uint8_frames`). The baseline has no blocks: it is scored
+at the block boundaries each DualParal setting would have (one table row per setting), which shows what
+the seam and motion ratios read on a video without seams.
+
+Prints one markdown table (means over prompts x seeds) and writes every row of every video, with all
+metrics, to `--out` (JSON, written atomically). `seconds` is the wall time from settings to latents on
+this machine (model load, text encoding and denoising; the VAE decode is `decode_seconds`, apart).
+
+The default sweep, 3 prompts x 2 seeds x (4 settings x 2 noise modes + the baseline) = 54 videos of 161
+frames at 64x64 with 20 steps, took 337 s on one CPU thread with the embedded random-weight model (on a
+busy 2-core machine): ~3 s a video to decode, 1.5-4.5 s to generate (B=2 the slowest: 20 blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("quality")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "ds_configs" / "tiny.json"
+# (colour, shape, motion, background): different colours, shapes, motions and backgrounds. No "turns": a
+# turning shape's centroid stays put, which leaves the motion-jump ratio nothing to measure.
+PROMPTS = (
+    ("red", "circle", "moves sideways", "striped"),
+    ("blue", "square", "bounces", "checkered"),
+    ("yellow", "triangle", "moves up and down", "cloudy"),
+)
+DEFAULT_SETTINGS = "2:1,4:0,4:2,8:4"  # block size:context, latent frames; 4:0 is DualParal without context
+NOISE_MODES = ("coordinated", "independent")
+METRICS = ("adherence", "seam_ratio", "motion_jump_ratio", "drift")  # the table's, in its order
+
+
+@dataclass(frozen=True)
+class Setting:
+    block_size: int
+    context: int
+
+    @property
+    def label(self) -> str:
+        return f"B={self.block_size} c={self.context}"
+
+
+def _settings(text: str) -> list[Setting]:
+    settings = []
+    for item in text.split(","):
+        try:
+            block, context = (int(part) for part in item.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not BLOCK:CONTEXT (two integers, e.g. 4:2)") from None
+        if block < 1 or not 0 <= context <= block:
+            raise argparse.ArgumentTypeError(f"{item!r}: needs block size >= 1 and 0 <= context <= block size")
+        settings.append(Setting(block, context))
+    if len(set(settings)) != len(settings):
+        raise argparse.ArgumentTypeError(f"{text!r} names a setting twice")
+    return settings
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be distinct integers >= 0")
+    return values
+
+
+def _noise_modes(text: str) -> list[str]:
+    modes = text.split(",")
+    bad = [m for m in modes if m not in NOISE_MODES]
+    if bad or len(set(modes)) != len(modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of distinct {', '.join(NOISE_MODES)}")
+    return modes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def _video_frames(text: str) -> int:
+    value = _positive(text)
+    if (value - 1) % 4:
+        low = value - (value - 1) % 4
+        raise argparse.ArgumentTypeError(f"{value} is not 4k+1 (nearest: {low} or {low + 4})")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/quality.py", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=None, help="diffusers Wan folder; default: the embedded tiny model")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help="config whose dualparal section gives size, guidance, scheduler, flow shift, dtype, fps")
+    parser.add_argument("--frames", type=_video_frames, default=161, help="video frames of every video (4k+1)")
+    parser.add_argument("--steps", type=_positive, default=20, help="denoising steps (per block for DualParal)")
+    parser.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds")
+    parser.add_argument("--prompts", type=_positive, default=len(PROMPTS),
+                        help=f"how many of the {len(PROMPTS)} fixed toy prompts to use (the first N)")
+    parser.add_argument("--settings", type=_settings, default=_settings(DEFAULT_SETTINGS),
+                        help="comma-separated DualParal BLOCK:CONTEXT settings, in latent frames "
+                             f"(default {DEFAULT_SETTINGS})")
+    parser.add_argument("--noise", type=_noise_modes, default=list(NOISE_MODES),
+                        help="comma-separated noise modes to run each setting in")
+    parser.add_argument("--baseline-frames", type=int, default=None,
+                        help="frames of the WanPipeline baseline (4k+1; 0: no baseline); default: --frames")
+    parser.add_argument("--fps", type=_positive, default=None,
+                        help="frames per second, for drift's first and last second; default: the config's")
+    parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
+    parser.add_argument("--out", default="outputs/quality.json", help="JSON with every video's results")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompts > len(PROMPTS):
+        parser.error(f"--prompts: at most {len(PROMPTS)}, got {args.prompts}")
+    if args.baseline_frames is None:
+        args.baseline_frames = args.frames
+    if args.baseline_frames and (args.baseline_frames < 1 or (args.baseline_frames - 1) % 4):
+        parser.error(f"--baseline-frames: {args.baseline_frames} is neither 0 nor 4k+1")
+    if args.baseline_frames > args.frames:
+        parser.error(f"--baseline-frames: {args.baseline_frames} is more than --frames ({args.frames})")
+    from ds_dualparal.config import ConfigError, load_config
+    from ds_dualparal.files import location_problem
+    from ds_dualparal.weights import ModelError, ModelFolder, resolve_model
+
+    problem = location_problem(args.out)
+    if problem:
+        parser.error(f"--out {args.out} {problem}")
+    try:
+        base = load_config(args.config).dualparal
+        if args.model is not None:
+            base = base.with_overrides(model=args.model)
+        args.jobs = make_jobs(args, base)
+        args.folder = ModelFolder(resolve_model(base.model)).path
+    except (ConfigError, ModelError) as err:
+        parser.error(str(err))
+    args.fps = args.fps or base.fps
+    args.vae_dtype = base.vae_dtype
+    return args
+
+
+@dataclass
+class Job:
+    """One video to generate: its method, config and where its prompt came from."""
+
+    method: str  # "dualparal" or "baseline"
+    cfg: object  # DualParalConfig
+    prompt_index: int
+    setting: Setting | None  # None: the baseline
+    row: str  # the table row it belongs to (the baseline is scored for every setting's row)
+
+
+def make_jobs(args, base) -> list[Job]:
+    """Every video of the sweep, each config validated before anything runs (a ConfigError says which)."""
+    from ds_dualparal.toyvideo import prompt
+
+    jobs = []
+    for p, words in enumerate(PROMPTS[: args.prompts]):
+        for seed in args.seeds:
+            common = dict(prompt=prompt(*words), seed=seed, num_frames=args.frames,
+                          num_inference_steps=args.steps)
+            for setting in args.settings:
+                for noise in args.noise:
+                    cfg = base.with_overrides(**common, block_size=setting.block_size, context=setting.context,
+                                              noise=noise)
+                    jobs.append(Job("dualparal", cfg, p, setting, f"DualParal {setting.label} {noise}"))
+            if args.baseline_frames:
+                latent = (args.baseline_frames - 1) // 4 + 1  # one block holds the whole video
+                common["num_frames"] = args.baseline_frames
+                cfg = base.with_overrides(**common, block_size=latent, context=0)
+                jobs.append(Job("baseline", cfg, p, None, "baseline"))
+    return jobs
+
+
+def quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def dualparal_latents(cfg):
+    from ds_dualparal.generation import reference_latents
+
+    return reference_latents(cfg)
+
+
+def baseline_latents(cfg, folder: Path):
+    """WanPipeline on the model folder: the same prompt, steps, guidance, scheduler (and flow shift) and
+    seed (its initial latents are the coordinated noise pool of one block), latents out."""
+    import torch
+    from diffusers import WanPipeline
+
+    from ds_dualparal.denoise import make_scheduler
+    from ds_dualparal.generation import DTYPES
+
+    pipe = WanPipeline.from_pretrained(folder, dtype=DTYPES[cfg.dtype])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder / "scheduler")
+    with torch.no_grad():
+        return pipe(
+            prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
+            num_frames=cfg.num_frames, num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
+            generator=torch.Generator().manual_seed(cfg.seed), output_type="latent",
+        ).frames
+
+
+def decode(vae, latents):
+    """Normalised latents (1, C, f, h, w) -> uint8 frames (F, H, W, 3), as the project writes its mp4s."""
+    from ds_dualparal.video import StreamingDecoder, to_uint8_frames
+
+    return to_uint8_frames(StreamingDecoder(vae).decode(latents))
+
+
+def load_vae(folder: Path, dtype: str):
+    from diffusers import AutoencoderKLWan
+
+    from ds_dualparal.generation import DTYPES
+
+    return AutoencoderKLWan.from_pretrained(folder / "vae", dtype=DTYPES[dtype], use_safetensors=True).eval()
+
+
+def run(args) -> list[dict]:
+    """Generates, decodes and scores every job; one JSON-ready dict per (video, table row)."""
+    import torch
+
+    from ds_dualparal import quality
+
+    torch.set_num_threads(args.threads)
+    quiet_libraries()
+    vae = load_vae(args.folder, args.vae_dtype)
+    rows = []
+    for n, job in enumerate(args.jobs, 1):
+        cfg = job.cfg
+        colour, shape, motion, background = PROMPTS[job.prompt_index]
+        started = time.perf_counter()
+        latents = dualparal_latents(cfg) if job.method == "dualparal" else baseline_latents(cfg, args.folder)
+        seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        frames = decode(vae, latents)
+        decode_seconds = time.perf_counter() - started
+        video = dict(method=job.method, prompt=cfg.prompt, colour=colour, shape=shape, motion=motion,
+                     background=background, seed=cfg.seed, frames=len(frames), steps=cfg.num_inference_steps,
+                     fps=args.fps, seconds=round(seconds, 3), decode_seconds=round(decode_seconds, 3))
+        # the baseline is scored at the block boundaries of every setting; a DualParal video at its own
+        scored_as = [job.setting] if job.setting is not None else args.settings
+        for setting in scored_as:
+            boundaries = quality.block_boundaries(len(frames), setting.block_size, setting.context)
+            scores = quality.score_video(frames, colour, boundaries, args.fps, shape)
+            row = job.row if job.setting is not None else f"baseline (at {setting.label}'s boundaries)"
+            rows.append(dict(row=row, **video, block_size=setting.block_size, context=setting.context,
+                             noise=cfg.noise if job.method == "dualparal" else None, boundaries=boundaries, **scores))
+        shown = " ".join(f"{m} {_fmt(rows[-1][m])}" for m in METRICS)
+        log.info("video %d/%d: %s, %r seed %d: %.1fs (+%.1fs decode); %s", n, len(args.jobs), job.row, cfg.prompt,
+                 cfg.seed, seconds, decode_seconds, shown)
+    return rows
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per table row (in first-seen order): the mean of each metric and of seconds over its videos."""
+    order = list(dict.fromkeys(r["row"] for r in rows))
+    table = []
+    for name in order:
+        mine = [r for r in rows if r["row"] == name]
+        entry = {"row": name, "videos": len(mine)}
+        for key in (*METRICS, "seconds"):
+            entry[key] = _mean(r[key] for r in mine)
+        table.append(entry)
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| method / setting | videos | adherence | seam ratio | motion-jump ratio | drift | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for e in table:
+        cells = [e["row"], str(e["videos"]), *(_fmt(e[m]) for m in METRICS), _fmt(e["seconds"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, args, rows: list[dict], table: list[dict], seconds: float) -> None:
+    from ds_dualparal.files import atomic_output
+
+    document = dict(
+        model=str(args.folder), config=args.config, frames=args.frames, steps=args.steps,
+        seeds=args.seeds, prompts=list(dict.fromkeys(r["prompt"] for r in rows)),
+        settings=[s.label for s in args.settings], noise=args.noise, baseline_frames=args.baseline_frames,
+        fps=args.fps, threads=args.threads, total_seconds=round(seconds, 1), summary=table, videos=rows,
+    )
+    text = json.dumps(document, indent=1, allow_nan=False) + "\n"
+    with atomic_output(path, overwrite=True) as partial:
+        partial.write_text(text)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    started = time.perf_counter()
+    log.info("%d videos: %d prompt(s) x %d seed(s) x (%d setting(s) x %d noise mode(s)%s), %d frames, %d steps",
+             len(args.jobs), args.prompts, len(args.seeds), len(args.settings), len(args.noise),
+             " + baseline" if args.baseline_frames else "", args.frames, args.steps)
+    rows = run(args)
+    table = summary(rows)
+    seconds = time.perf_counter() - started
+    print(markdown(table))
+    write_json(args.out, args, rows, table, seconds)
+    log.info("wrote %s (%d rows) in %.1fs", args.out, len(rows), seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
