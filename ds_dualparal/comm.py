@@ -2,7 +2,8 @@
 
 All transfers of a replica go through one process group, as one `batch_isend_irecv` per schedule
 tick. The schedule puts both ends of every message in the same tick, so every rank issues the same
-matched batches in the same order. NCCL needs that: its kernels block until the peer arrives and
+matched batches in the same order; a batch is posted without waiting (`post`), and only the use of
+a received buffer waits for it. NCCL needs that: its kernels block until the peer arrives and
 CUDA does not promise that two streams progress independently, so unbatched isend/irecv on
 separate groups or posted in different orders on different ranks can deadlock (seen on 2x H200),
 and a ring that posts isend then irecv on one group crashes.
@@ -143,15 +144,20 @@ class PipeComm:
 
         Returns once the received buffers may be used (on CUDA: the current stream waits for them).
         """
+        self.post(sends, recvs).wait()
+
+    def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> Transfers:
+        """Starts the tick's batch and returns at once; `wait()` on the result before using a received
+        buffer (on CUDA the host is never held: the current stream waits). The sent tensors are kept
+        until the batch is waited for."""
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.stage_ranks[p], self._group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, b, self.stage_ranks[p], self._group) for b, p in recvs]
+        peers = sorted({self.stage_ranks[p] for _, p in sends + recvs})
         if not ops:
-            return
+            return Transfers([], [], self.rank, peers)
         try:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
+            return Transfers(dist.batch_isend_irecv(ops), [op.tensor for op in ops], self.rank, peers)
         except RuntimeError as err:
-            peers = sorted({self.stage_ranks[p] for _, p in sends + recvs})
             raise CommError(f"rank {self.rank}: transfer with rank(s) {peers} failed: {_first_line(err)}") from err
 
     def broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -163,6 +169,32 @@ class PipeComm:
                 raise CommError(f"rank {self.rank}: broadcast from rank {self.stage_ranks[0]} to ranks "
                                 f"{self.stage_ranks} failed: {_first_line(err)}") from err
         return tensor
+
+
+class Transfers:
+    """One posted batch of sends and receives (`PipeComm.post`)."""
+
+    def __init__(self, requests: list, tensors: list[torch.Tensor], rank: int, peers: list[int]):
+        self._requests = requests
+        self._tensors = tensors  # alive until the transfers are done
+        self._rank, self._peers = rank, peers
+
+    def wait(self) -> None:
+        """Blocks until done (gloo), or makes the current CUDA stream wait for it (NCCL); once."""
+        requests, self._requests = self._requests, []
+        try:
+            for request in requests:
+                request.wait()
+        except RuntimeError as err:
+            raise CommError(f"rank {self._rank}: transfer with rank(s) {self._peers} failed: {_first_line(err)}") from err
+        self._tensors = []
+
+    def done(self) -> bool:
+        """Whether every transfer has finished (never blocks); a finished batch lets its tensors go."""
+        if all(request.is_completed() for request in self._requests):
+            self._requests, self._tensors = [], []
+            return True
+        return False
 
 
 def share_object(obj):

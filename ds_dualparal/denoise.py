@@ -107,6 +107,7 @@ class WindowBuilder:
             f"text embeddings of shape {tuple(texts.shape)}; the plan has {plan.num_texts} text(s)")
         self.texts = texts
         self.device = torch.device(device)
+        self.timesteps = plan.timesteps.to(self.device)  # once, not a host-to-device copy per block-step
         self.cache = FeatureCache()
         self._rope = {}
 
@@ -134,7 +135,7 @@ class WindowBuilder:
         plan, timeline = self.plan, self.plan.timeline
         b, s, i = step.block, step.step, step.iteration
         expert = plan.expert(s)
-        t = plan.timesteps[s].to(self.device)
+        t = self.timesteps[s]
         temb, timestep_proj, text = self.conditioners[expert].embed(t.expand(plan.batch), self.text(b))
         frames = plan.window_frames(b)
         read_cache = timeline.has_cache(b, i)
@@ -197,7 +198,7 @@ class BlockLatents:
         self.plan = plan
         self.latents = [n.to(device=device, dtype=torch.float32) for n in latents]
         self.fresh = copy.deepcopy(scheduler)
-        self.schedulers = [copy.deepcopy(scheduler) for _ in latents]
+        self.schedulers = [copy.deepcopy(self.fresh) for _ in latents]
         for block, state in (states or {}).items():
             for name, value in state.items():
                 setattr(self.schedulers[block], name, value)

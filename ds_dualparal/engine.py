@@ -3,12 +3,21 @@
 The schedule decides what runs when; this engine only carries its instructions out, through an
 instruction map that refuses anything it does not know. Send and receive instructions only queue
 their transfer; the queued transfers of a tick go out as one batch before the next computation.
+
+Overlap (`GenerationRequest.overlap`, on by default): a posted batch is not waited for at the end of
+its tick; only the use of a received buffer waits (on CUDA the stream does, not the host), and the
+first stage applies a returned prediction (its scheduler step) only when a window it loads, a block
+it emits or a checkpoint needs it. A stage then runs its next block-step while the last tick's
+transfers and its neighbour's work are still under way, instead of in lockstep with it. The values
+are the same: each block's updates are applied in the same order, and every window sees the
+latents the schedule gives it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 import re
 import signal
 import time
@@ -21,7 +30,7 @@ from deepspeed.runtime.pipe.topology import ProcessTopology
 from deepspeed.runtime.utils import partition_balanced
 
 from . import schedule as sched
-from .comm import PipeComm
+from .comm import PipeComm, Transfers
 from .config import TEXT_TOKENS
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
 from .model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
@@ -76,6 +85,7 @@ class GenerationRequest:
     on_step: Callable[[], object] | None = None
     on_block_done: Callable[[int, torch.Tensor], object] | None = None
     timing: bool = False  # record CUDA events around every ForwardLayers (benchmarks)
+    overlap: bool = True  # False: wait for each tick's transfers at its end (lockstep; benchmarks compare)
 
 
 @dataclass
@@ -238,6 +248,9 @@ class _Run:
         self.predictions = {}
         self.sends: list[tuple[torch.Tensor, int]] = []
         self.recvs: list[tuple[torch.Tensor, int, object]] = []
+        self.arrivals: dict[tuple[int, int], Transfers] = {}  # received, not yet waited for
+        self.in_flight: list[Transfers] = []  # posted batches, until done
+        self.updates: deque[tuple[int, int]] = deque()  # first stage: returned predictions not yet applied
 
     def execute(self, instruction) -> None:
         handler = self._INSTRUCTION_MAP.get(type(instruction))
@@ -251,10 +264,16 @@ class _Run:
         """Sends and receives queued since the last computation, as one batch."""
         if not self.sends and not self.recvs:
             return
-        self.engine.comm.exchange(self.sends, [(buffer, stage) for buffer, stage, _ in self.recvs])
+        batch = self.engine.comm.post(self.sends, [(buffer, stage) for buffer, stage, _ in self.recvs])
+        if self.request.overlap:
+            self.in_flight = [posted for posted in self.in_flight if not posted.done()] + [batch]
+        else:
+            batch.wait()
         self.stats.bytes_sent += sum(t.numel() * t.element_size() for t, _ in self.sends)
         for buffer, _, instruction in self.recvs:
             key = (instruction.block, instruction.step)
+            if self.request.overlap:
+                self.arrivals[key] = batch
             if isinstance(instruction, sched.RecvActivation):
                 state = self.build(self._block_step(instruction))
                 state.hidden = buffer
@@ -263,6 +282,12 @@ class _Run:
                 self.predictions[key] = buffer
         self.sends, self.recvs = [], []
 
+    def _arrived(self, key: tuple[int, int]) -> None:
+        """Waits for the batch that brings block-step `key`'s received buffer, if it has not yet."""
+        batch = self.arrivals.pop(key, None)
+        if batch is not None:
+            batch.wait()
+
     def _block_step(self, instruction) -> BlockStep:
         return BlockStep(instruction.block + instruction.step, instruction.block, instruction.step)
 
@@ -270,7 +295,10 @@ class _Run:
         return torch.empty(shape, dtype=self.engine.dtype, device=self.engine.device)
 
     def load_window(self, instruction) -> None:
-        state = self.build(self._block_step(instruction))
+        step = self._block_step(instruction)
+        self._apply_updates([(block, iteration - block) for block, iteration in
+                             self.plan.timeline.dependencies(step.block, step.iteration)])
+        state = self.build(step)
         state.latents = batched_window(self.latents.window(instruction.block), self.plan.batch)
         self.states[(instruction.block, instruction.step)] = state
 
@@ -280,6 +308,7 @@ class _Run:
 
     def forward_layers(self, instruction) -> None:
         key = (instruction.block, instruction.step)
+        self._arrived(key)
         module = self.engine.modules[self.plan.expert(instruction.step)]
         if self.request.timing:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -305,25 +334,41 @@ class _Run:
 
     def scheduler_step(self, instruction) -> None:
         key = (instruction.block, instruction.step)
-        if key in self.predictions:
-            pred = self.predictions.pop(key)
-        else:  # a single stage: the prediction never left
-            pred = self.states.pop(key).pred
-        self.latents.step(instruction.block, instruction.step, pred)
-        if self.request.on_step is not None:
-            self.request.on_step()
+        self.updates.append(key)
+        if key not in self.predictions or not self.request.overlap:  # one stage: it never left
+            self._apply_updates()
+
+    def _apply_updates(self, needed: list[tuple[int, int]] | None = None) -> None:
+        """Applies the pending scheduler steps in order: all of them, or until those `needed` are."""
+        while self.updates and (needed is None or any(key in self.updates for key in needed)):
+            key = self.updates.popleft()
+            if key in self.predictions:
+                self._arrived(key)
+                pred = self.predictions.pop(key)
+            else:
+                pred = self.states.pop(key).pred
+            self.latents.step(*key, pred)
+            if self.request.on_step is not None:
+                self.request.on_step()
 
     def emit_block(self, instruction) -> None:
+        self._apply_updates()
         if self.request.on_block_done is not None:
             self.request.on_block_done(instruction.block, self.latents.block(instruction.block))
 
     def save_checkpoint(self, instruction) -> None:
+        self._apply_updates()
         save = self.request.checkpointing.save
         if save is not None:
             save(instruction.iteration, self.latents)
 
     def finish(self) -> None:
-        assert not self.states and not self.predictions, "schedule left work undone"
+        if self.latents is not None:
+            self._apply_updates()
+        for batch in self.in_flight:
+            batch.wait()
+        self.in_flight = []
+        assert not self.states and not self.predictions and not self.arrivals, "schedule left work undone"
         assert len(self.build.cache) == 0, "feature cache left unconsumed"
 
     _INSTRUCTION_MAP = {

@@ -148,7 +148,8 @@ def test_ctrl_c_is_one_line_and_leaves_nothing(workdir):
     def read():
         while chunk := process.stderr.read1(4096):
             stderr.extend(chunk)
-            if re.search(rb"\| +[1-9][0-9]*/[0-9]+ \[", bytes(stderr)):
+            # the generation's own bar (unit block-step), not a loading bar of the text encoder
+            if re.search(rb"\| +[1-9][0-9]*/[0-9]+ \[[^]\r\n]*block-step", bytes(stderr)):
                 moved.set()
 
     reader = threading.Thread(target=read, daemon=True)
