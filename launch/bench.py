@@ -58,11 +58,11 @@ def worker(args) -> int:
     import torch
 
     from ds_dualparal import comm
-    from ds_dualparal.config import TEXT_TOKENS, DualParalConfig
+    from ds_dualparal.config import DualParalConfig
     from ds_dualparal.flops import block_step_flops
     from ds_dualparal.generation import Generator
     from ds_dualparal.model import WanConfig
-    from ds_dualparal.planner import Costs, simulate_ticks
+    from ds_dualparal.planner import Costs, simulate, simulate_ticks
     from ds_dualparal.schedule import tick_table
 
     wan = WanConfig(**SHAPES[args.shape])
@@ -79,17 +79,17 @@ def worker(args) -> int:
     generator = Generator(base, random_weights=[wan])
     load_seconds = time.perf_counter() - started
     device = generator.device
-    text = None
-    if generator.is_first:
-        batch = 2 if base.do_classifier_free_guidance else 1  # one text (a stack of 1), cond and uncond
-        text = torch.randn((1, batch, TEXT_TOKENS, wan.text_dim), generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     rank0 = generator.rank == 0
     cuda = device.type == "cuda"
-    for n, case in enumerate(cases):
+    overlaps = [True, False] if args.lockstep else [True]
+    runs = [(case, segments, overlap) for case in cases for segments in args.segments for overlap in overlaps]
+    for n, (case, segments, overlap) in enumerate(runs):
         cfg = base.with_overrides(
             num_frames=4 * (case["latent_frames"] - 1) + 1, num_inference_steps=case["steps"],
             height=case.get("height", args.height), width=case.get("width", args.width),
+            **prompt_schedule(segments, 4 * (case["latent_frames"] - 1) + 1, args.transition),
         )
+        text = random_texts(cfg, wan.text_dim, device) if generator.is_first else None
         generator.engine.set_attention_backend(case.get("backend", args.backend))
         if n == 0 or "backend" in case:  # later cases reuse the warmed-up kernels of the same block shapes
             # 3 steps: a block-step that both reads the cache and leaves one for its neighbour occurs
@@ -101,7 +101,7 @@ def worker(args) -> int:
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             comm.barrier()
-            request = generator.request(cfg, text, timing=cuda)
+            request = generator.request(cfg, text, timing=cuda, overlap=overlap)
             result = generator.generate(request)
             times.append(result.seconds)
             busy.append(result.stats.busy_seconds() if cuda else 0.0)
@@ -109,8 +109,11 @@ def worker(args) -> int:
             peak=torch.cuda.max_memory_allocated(device) if cuda else 0, busy=statistics.median(busy),
             sent=result.stats.bytes_sent,
         ))
+        if args.profile and cuda:
+            profile_run(generator, generator.request(cfg, text, overlap=overlap), Path(args.profile),
+                        f"{case['label']}-{segments}seg-{'overlap' if overlap else 'lockstep'}")
         digest = hashlib.sha256(result.latents.float().cpu().numpy().tobytes()).hexdigest()[:16] if rank0 else None
-        real = real_path(generator, cfg, args.shape, args.repeats) if args.real_path else None
+        real = real_path(generator, cfg, args.shape, args.repeats) if args.real_path and overlap else None
         if not rank0:
             continue
         plan = request.plan
@@ -124,10 +127,13 @@ def worker(args) -> int:
         # the planner's lockstep simulation with each stage's measured busy time per block-step
         block_steps = tl.num_blocks * tl.num_steps
         costs = Costs([s["busy"] / block_steps for s in stats[:stages]]) if cuda else None
-        planner_s = simulate_ticks(tl, stages, costs).total_seconds if cuda else None
+        planner_s = None
+        if cuda:  # as this run went: overlapped (the default) or in lockstep ticks
+            planner_s = (simulate(tl, stages, costs, overlap=True) if overlap else simulate_ticks(tl, stages, costs)).total_seconds
         ticks = tick_table(tl, stages)[-1][-1] + 1
         record = dict(
             kind="dualparal", label=case["label"], shape=args.shape, gpus=stages, latent_frames=case["latent_frames"],
+            segments=segments, prompt_transition=cfg.prompt_transition, overlap=overlap,
             height=cfg.height, width=cfg.width, steps=cfg.num_inference_steps, blocks=tl.num_blocks,
             block_size=tl.block_size, context=tl.context, backend=case.get("backend", args.backend) or "default",
             seconds=seconds, times=times, block_steps_per_s=tl.num_blocks * tl.num_steps / seconds,
@@ -145,6 +151,52 @@ def worker(args) -> int:
         print(json.dumps(record), flush=True)
     comm.shutdown()
     return 0
+
+
+def profile_run(generator, request, folder: Path, label: str) -> None:
+    """One more run under torch.profiler; each rank writes its kernel table (by GPU time) and its host
+    synchronisations (by count) to FOLDER/LABEL-rankR.txt, for the per-tick overhead."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ds_dualparal import comm
+
+    comm.barrier()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = generator.generate(request)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    syncs = [e for e in averages if any(k in e.key for k in ("Synchronize", "Memcpy", "item", "local_scalar", "nccl", "wait"))]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{label}-rank{generator.rank}.txt", "w") as f:
+        f.write(f"seconds {result.seconds:.3f} busy {result.stats.busy_seconds():.3f}\n")
+        f.write(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+        f.write("\nhost synchronisations and transfers:\n")
+        for e in sorted(syncs, key=lambda e: -e.count):
+            f.write(f"{e.count:8d} calls  cpu {e.cpu_time_total / 1e3:9.1f} ms  cuda {e.device_time_total / 1e3:9.1f} ms  {e.key}\n")
+
+
+def prompt_schedule(segments: int, num_frames: int, transition: int) -> dict:
+    """Config overrides for a prompt schedule of `segments` equal parts (none for 1: a plain prompt)."""
+    if segments == 1:
+        return {}
+    starts = [num_frames * k // segments for k in range(segments)]
+    prompts = [dict(from_frame=start, prompt=f"segment {k}") for k, start in enumerate(starts)]
+    return dict(prompts=prompts, prompt_transition=transition)
+
+
+def random_texts(cfg, text_dim: int, device):
+    """Random embeddings of the job's distinct texts, stacked as the engine takes them:
+    (texts, cond/uncond, tokens, dim)."""
+    import torch
+
+    from ds_dualparal.config import TEXT_TOKENS
+    from ds_dualparal.prompts import prompt_plan
+
+    texts = len(prompt_plan(cfg).texts)
+    batch = 2 if cfg.do_classifier_free_guidance else 1
+    noise = torch.Generator().manual_seed(0)
+    return torch.randn((texts, batch, TEXT_TOKENS, text_dim), generator=noise).to(device, torch.bfloat16)
 
 
 class RandomTextEncoder:
@@ -170,15 +222,20 @@ class RandomTextEncoder:
         self.device = device
 
     def __call__(self, cfg):
+        """The stack of the job's distinct texts, each (cond, uncond)."""
         import torch
 
         from ds_dualparal.config import TEXT_TOKENS
+        from ds_dualparal.prompts import prompt_plan
 
+        stack = []
         with torch.no_grad():
-            cond, uncond = self.pipe.encode_prompt(
-                prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, do_classifier_free_guidance=True,
-                max_sequence_length=TEXT_TOKENS, device=self.device, dtype=torch.bfloat16)
-        return torch.cat([cond, uncond])[None]  # one prompt: a stack of one text
+            for prompt, negative in prompt_plan(cfg).texts:
+                cond, uncond = self.pipe.encode_prompt(
+                    prompt=prompt, negative_prompt=negative, do_classifier_free_guidance=True,
+                    max_sequence_length=TEXT_TOKENS, device=self.device, dtype=torch.bfloat16)
+                stack.append(torch.cat([cond, uncond]))
+        return torch.stack(stack)
 
 
 def real_path(generator, cfg, shape: str, repeats: int) -> dict:
@@ -277,12 +334,12 @@ def baseline(args) -> int:
 
 
 def table(records: list[dict]) -> str:
-    head = f"{'run':<10} {'kind':<9} {'gpus':>4} {'F':>4} {'steps':>5} {'backend':<16} {'s':>8} {'s/step':>7} {'blk-st/s':>8} {'peak GiB/GPU':>14} {'MFU':>6} {'bubble':>6} {'MB sent':>8} {'real s':>7} {'real peak GiB':>14}"
+    head = f"{'run':<10} {'kind':<9} {'gpus':>4} {'F':>4} {'seg':>3} {'lock':>4} {'steps':>5} {'backend':<16} {'s':>8} {'s/step':>7} {'blk-st/s':>8} {'peak GiB/GPU':>14} {'MFU':>6} {'bubble':>6} {'MB sent':>8} {'real s':>7} {'real peak GiB':>14}"
     lines = [head, "-" * len(head)]
     for r in records:
         peak = "/".join(f"{p:.2f}" for p in r["peak_gib"])
         lines.append(
-            f"{r['label']:<10} {r['kind']:<9} {r['gpus']:>4} {r['latent_frames']:>4} {r['steps']:>5} {r['backend']:<16} "
+            f"{r['label']:<10} {r['kind']:<9} {r['gpus']:>4} {r['latent_frames']:>4} {r.get('segments', 1):>3} {'no' if r.get('overlap', True) else 'yes':>4} {r['steps']:>5} {r['backend']:<16} "
             f"{r['seconds']:>8.2f} {r['seconds_per_step']:>7.3f} {r.get('block_steps_per_s', 0):>8.2f} {peak:>14} "
             f"{r['mfu']:>6.1%} {r.get('bubble') or 0:>6.1%} {r.get('bytes_sent', 0) / 1e6:>8.0f}"
             f" {r.get('real_total_s', 0):>7.2f} {'/'.join(f'{p:.2f}' for p in r.get('real_peak_gib', [])):>14}"
@@ -315,6 +372,11 @@ def driver(args) -> int:
         common += ["--real-path"]
     common += ["--vae-dtype", args.vae_dtype, "--guidance", str(args.guidance), "--scheduler", args.scheduler]
     common += ["--first-stage-vae-layers", str(args.first_stage_vae_layers)]
+    common += ["--segments", ",".join(map(str, args.segments)), "--transition", str(args.transition)]
+    if args.profile:
+        common += ["--profile", args.profile]
+    if args.lockstep:
+        common += ["--lockstep"]
     status = 0
     for gpus in [int(g) for g in args.gpus.split(",") if g]:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
@@ -327,6 +389,13 @@ def driver(args) -> int:
     records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     print(table(records))
     return status
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(item) for item in text.split(",") if item]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected counts >= 1 separated by commas, got {text!r}")
+    return counts
 
 
 def main(argv=None) -> int:
@@ -349,6 +418,13 @@ def main(argv=None) -> int:
     parser.add_argument("--scheduler", default="unipc", choices=["unipc", "euler"])
     parser.add_argument("--first-stage-vae-layers", type=float, default=0.0,
                         help="stage 0's decoding in blocks' worth of work, for the partition")
+    parser.add_argument("--segments", type=_counts, default=[1],
+                        help="prompt-schedule segments to run each case with, e.g. 1,3 (random texts)")
+    parser.add_argument("--transition", type=int, default=0, help="prompt_transition (blocks) with segments > 1")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="one more run per case under torch.profiler; per-rank tables in DIR (CUDA only)")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="also run each case with every tick's transfers waited for at its end (no overlap)")
     parser.add_argument("--baseline", action="store_true", help="also run diffusers' WanPipeline on one GPU")
     parser.add_argument("--baseline-cases", default=None)
     parser.add_argument("--out", default="bench.jsonl")
