@@ -113,7 +113,9 @@ def worker(args) -> int:
             profile_run(generator, generator.request(cfg, text, overlap=overlap), Path(args.profile),
                         f"{case['label']}-{segments}seg-{'overlap' if overlap else 'lockstep'}")
         digest = hashlib.sha256(result.latents.float().cpu().numpy().tobytes()).hexdigest()[:16] if rank0 else None
-        real = real_path(generator, cfg, args.shape, args.repeats) if args.real_path and overlap else None
+        # the command's path once per case: overlapped (the default), the first segment count given
+        real_run = args.real_path and overlap and segments == args.segments[0]
+        real = real_path(generator, cfg, args.shape, args.repeats) if real_run else None
         if not rank0:
             continue
         plan = request.plan
