@@ -16,7 +16,6 @@ import subprocess
 import tempfile
 
 import imageio.v3 as iio
-import imageio_ffmpeg
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
@@ -147,6 +146,8 @@ class Mp4Writer:
         self.frames_written += len(frames_uint8)
 
     def _start(self, height: int, width: int) -> None:
+        import imageio_ffmpeg  # here, not at import: decoding and frames need no encoder (GPU machines lack it)
+
         command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo",
                    "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(self.fps), "-i", "-", "-an",
                    "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "25"]
