@@ -316,7 +316,7 @@ def test_resume_with_another_prompt_is_refused_with_one_line(interrupted, tmp_pa
         "give another --checkpoint-dir or delete it"]
     assert sorted(p.name for p in cwd.iterdir()) == sorted(p.name for p in interrupted.iterdir())
     manifest = json.loads((cwd / "ck" / "iter_000004" / "manifest.json").read_text())
-    assert manifest["iteration"] == 4 and manifest["fields"]["prompt"] == "A cat walks on the grass, realistic style."
+    assert manifest["iteration"] == 4 and manifest["fields"]["prompt"] == "a red circle moves sideways over a striped background"
 
 
 def test_two_ranks_interrupted_and_resumed_give_the_uninterrupted_latents(workdir, tiny_single_run):
