@@ -24,11 +24,11 @@ Three stages, all seeded by --seed, write one diffusers WanPipeline folder to --
    and its last frames a higher one than the timestep says. The prompt is dropped to "" with
    probability --cfg-dropout, for classifier-free guidance. The EMA of the weights is saved.
 
-On CUDA: bf16 autocast, TF32, cudnn autotuning. Each stage stops at its step count or its time budget
-(--max-minutes-vae / --max-minutes-dit, and --max-minutes for the whole run), whichever comes first;
-the learning rate follows warm-up then a cosine to 10% over the stage's progress, the larger of the
-step and the time fraction. A run that stops on steps is reproducible from its seed (up to the GPU's
-non-deterministic kernels); one that stops on time is not, since the step count depends on speed.
+On CUDA: bf16 autocast, TF32, cudnn autotuning. Each stage runs its step count, cut to what fits its
+time budget (--max-minutes-vae / --max-minutes-dit, and --max-minutes for the whole run): after about
+a hundred steps the measured rate fixes the count (see `Plan`), and the learning rate follows a warm-up
+then a cosine to 10% over it. The training log records the counts and rates; rerunning with those
+counts and no time limits repeats the run (up to the GPU's non-deterministic kernels).
 """
 
 from __future__ import annotations
@@ -87,6 +87,52 @@ class Clock:
         if self.max_seconds is not None:
             budget = min(budget, max(0.0, self.max_seconds - self.elapsed() - reserve_s))
         return budget
+
+
+class Plan:
+    """How many steps a stage takes: its --*-steps, or fewer when its time budget cannot hold them.
+
+    The rate is measured over steps `skip` .. `skip + over` (past compilation and autotuning); the
+    count is then fixed for the rest of the stage, at what fits in `margin` of the remaining budget.
+    The learning-rate schedule runs over that count, and the log records it, so rerunning with
+    `--*-steps` set to it and no time limit repeats the run. The budget still stops a stage that
+    turns out slower than measured.
+    """
+
+    def __init__(self, steps: int, budget_s: float, *, skip: int = 20, over: int = 100, margin: float = 0.95):
+        self.total = steps
+        self.budget_s = budget_s
+        self.skip, self.over, self.margin = skip, over, margin
+        self.started = time.perf_counter()
+        self.mark = None
+        self.measured_rate = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def update(self, step: int) -> None:
+        """Call before step `step` (0-based) runs."""
+        if not math.isfinite(self.budget_s) or self.measured_rate is not None:
+            return
+        if step == self.skip:
+            self.mark = self.elapsed()
+        elif step == self.skip + self.over and self.mark is not None:
+            now = self.elapsed()
+            self.measured_rate = self.over / max(now - self.mark, 1e-9)
+            fits = step + int(self.margin * self.measured_rate * max(0.0, self.budget_s - now))
+            if fits < self.total:
+                logger.info("%.2f steps/s measured: %d steps fit in the time budget (%.0f s)", self.measured_rate,
+                            fits, self.budget_s)
+                self.total = max(step, fits)
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() >= self.budget_s
+
+    def progress(self, step: int) -> float:
+        return step / max(1, self.total)
+
+    def record(self) -> dict:
+        return {"planned_steps": self.total, "measured_steps_per_s": self.measured_rate, "budget_s": self.budget_s}
 
 
 def lr_factor(step: int, progress: float, warmup: int, floor: float = 0.1) -> float:
@@ -205,18 +251,19 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     specs_rng = torch.Generator().manual_seed(args.seed + 20)
     noise_rng = torch.Generator(device).manual_seed(args.seed + 21)
-    budget = clock.budget(args.max_minutes_vae, reserve_s=args.reserve_minutes * 60.0)
+    plan = Plan(args.vae_steps, clock.budget(args.max_minutes_vae, reserve_s=args.reserve_minutes * 60.0))
     logger.info("VAE: %d parameters, %d steps of %d clips x %d frames at most, %.0f s at most",
-                stage.extra["params"], args.vae_steps, args.vae_batch, args.vae_frames, budget)
+                stage.extra["params"], args.vae_steps, args.vae_batch, args.vae_frames, plan.budget_s)
     started = time.perf_counter()
     window_start, window_steps = started, 0
     sums = torch.zeros(3, device=device)  # loss, l1, kl over the log window
     for step in range(args.vae_steps):
-        elapsed = time.perf_counter() - started
-        if elapsed >= budget:
-            stage.stopped_by = "time"
+        plan.update(step)
+        if step >= plan.total or plan.out_of_time():
+            # "planned": the count fitted to the budget was reached; "time": the budget ran out first
+            stage.stopped_by = "planned" if step >= plan.total else "time"
             break
-        set_lr(optimizer, args.vae_lr * lr_factor(step, max(step / args.vae_steps, elapsed / budget), args.warmup))
+        set_lr(optimizer, args.vae_lr * lr_factor(step, plan.progress(step), args.warmup))
         video = render_clips(toyvideo.sample_specs(args.vae_batch, specs_rng), args.vae_frames, args, device)
         with autocast():
             moments = encode_moments(vae, video).float()
@@ -235,11 +282,11 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
         sums += torch.stack([loss.detach(), l1.detach(), kl.detach()])
         window_steps += 1
         stage.steps = step + 1
-        if stage.steps % args.log_every == 0 or stage.steps == args.vae_steps:
+        if stage.steps % args.log_every == 0 or stage.steps == plan.total:
             means = (sums / window_steps).tolist()
             now = time.perf_counter()
             logger.info("vae step %d/%d loss %.4f l1 %.4f kl %.3f lr %.2e %.2f steps/s elapsed %.0fs",
-                        stage.steps, args.vae_steps, means[0], means[1], means[2], optimizer.param_groups[0]["lr"],
+                        stage.steps, plan.total, means[0], means[1], means[2], optimizer.param_groups[0]["lr"],
                         window_steps / (now - window_start), clock.elapsed())
             stage.final_loss = means[0]
             stage.extra.update(final_l1=means[1], final_kl=means[2])
@@ -252,6 +299,7 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
     if device.type == "cuda":
         torch.cuda.synchronize()
     stage.seconds = time.perf_counter() - started
+    stage.extra.update(plan.record())
     vae.eval()
 
     # Held-out reconstruction (posterior mean, decoded and clamped as WanPipeline does).
@@ -444,21 +492,24 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
     val_length = min(args.max_crop, pool.latent_frames)
     val = [dit_batch(held_out, table, empty_index, val_length, args.eval_clips, args, val_rng, dropout=False,
                      context_jitter=False) for _ in range(2)]
-    budget = clock.budget(args.max_minutes_dit, reserve_s=args.reserve_minutes * 60.0)
+    # the margin leaves room for the pool refreshes and held-out losses the measured steps may not include
+    plan = Plan(args.dit_steps, clock.budget(args.max_minutes_dit, reserve_s=args.reserve_minutes * 60.0),
+                margin=0.92)
     max_crop = min(args.max_crop, pool.latent_frames)
     logger.info("DiT: %d parameters, %d steps at most, crops of %d..%d latent frames, %d windows at %d frames, "
                 "%.0f s at most", stage.extra["params"], args.dit_steps, args.min_crop, max_crop, args.dit_batch,
-                max_crop, budget)
+                max_crop, plan.budget_s)
     started = time.perf_counter()
     window_start, window_steps = started, 0
     loss_sum = torch.zeros((), device=device)
     lengths = []
     for step in range(args.dit_steps):
-        elapsed = time.perf_counter() - started
-        if elapsed >= budget:
-            stage.stopped_by = "time"
+        plan.update(step)
+        if step >= plan.total or plan.out_of_time():
+            # "planned": the count fitted to the budget was reached; "time": the budget ran out first
+            stage.stopped_by = "planned" if step >= plan.total else "time"
             break
-        set_lr(optimizer, args.dit_lr * lr_factor(step, max(step / args.dit_steps, elapsed / budget), args.warmup))
+        set_lr(optimizer, args.dit_lr * lr_factor(step, plan.progress(step), args.warmup))
         if args.pool_refresh_every and step and step % args.pool_refresh_every == 0:
             pool.refresh(args.pool_refresh_clips)
         length = int(torch.randint(args.min_crop, max_crop + 1, (1,), generator=crop_rng))
@@ -476,10 +527,10 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
         loss_sum += loss.detach()
         window_steps += 1
         stage.steps = step + 1
-        if stage.steps % args.log_every == 0 or stage.steps == args.dit_steps:
+        if stage.steps % args.log_every == 0 or stage.steps == plan.total:
             now = time.perf_counter()
             stage.final_loss = (loss_sum / window_steps).item()
-            message = (f"dit step {stage.steps}/{args.dit_steps} loss {stage.final_loss:.4f} "
+            message = (f"dit step {stage.steps}/{plan.total} loss {stage.final_loss:.4f} "
                        f"lr {optimizer.param_groups[0]['lr']:.2e} {window_steps / (now - window_start):.2f} steps/s "
                        f"elapsed {clock.elapsed():.0f}s")
             if args.eval_every and stage.steps % args.eval_every == 0:
@@ -492,6 +543,7 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
     if device.type == "cuda":
         torch.cuda.synchronize()
     stage.seconds = time.perf_counter() - started
+    stage.extra.update(plan.record())
     stage.extra["val_loss_ema"] = validation_loss(ema, val, autocast)
     stage.extra["val_loss_model"] = validation_loss(model, val, autocast)
     stage.extra["pool_clips_refreshed"] = pool.refreshed
@@ -526,6 +578,8 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (both stages)")
     parser.add_argument("--eval-clips", type=int, default=32, help="held-out clips for the PSNR / loss checks")
+    parser.add_argument("--eval-every", type=int, default=1000,
+                        help="DiT steps between held-out losses in the log (0: only at the end)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA, off on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT (dynamic shapes)")
@@ -582,8 +636,8 @@ def parse_args(argv=None):
     pool_latent_frames = 1 + (args.pool_frames - 1) // TEMPORAL
     if not 1 <= args.min_crop <= min(args.max_crop, pool_latent_frames):
         parser.error(f"need 1 <= --min-crop <= --max-crop and a pool clip's {pool_latent_frames} latent frames")
-    if args.dit_head_dim % 2 or (args.dit_head_dim - 4 * (args.dit_head_dim // 6)) % 2:
-        parser.error("--dit-head-dim must split evenly into Wan's rotary t/h/w parts (e.g. 12, 24, 32, 64)")
+    if args.dit_head_dim % 2:  # Wan's rotary parts: h = w = 2 (d // 6), t = d - h - w, all even
+        parser.error(f"--dit-head-dim must be even for Wan's rotary embedding, got {args.dit_head_dim}")
     return args
 
 
