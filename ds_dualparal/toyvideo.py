@@ -211,7 +211,7 @@ def sample_spec(generator: torch.Generator, **words) -> ToySpec:
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(..., ) HSV in [0, 1] -> (..., 3) RGB in [0, 1]."""
-    k = torch.tensor([5.0, 3.0, 1.0], dtype=h.dtype, device=h.device)
+    k = torch.arange(5, 0, -2, dtype=h.dtype, device=h.device)  # 5, 3, 1 for R, G, B
     t = torch.remainder(k + h.unsqueeze(-1) * 6.0, 6.0)
     ramp = torch.clamp(torch.minimum(t, 4.0 - t), 0.0, 1.0)
     return v.unsqueeze(-1) - v.unsqueeze(-1) * s.unsqueeze(-1) * ramp
@@ -224,29 +224,75 @@ def _reflect(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Te
     return low + span - (u - span).abs()
 
 
-def _column(values, device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+# Columns of the packed per-clip parameters (`_pack`).
+_FIELDS = ("size", "start_x", "start_y", "vx", "vy", "angle", "angular_speed", "texture_scale", "texture_angle",
+           "phase_a", "phase_b", "hue", "saturation", "value", "contrast", "red", "green", "blue")
+_COL = {name: i for i, name in enumerate(_FIELDS)}
 
 
-def _background(specs: Sequence[ToySpec], height: int, width: int, device) -> torch.Tensor:
-    """(N, 3, H, W) static backgrounds in [0, 1]."""
-    n = len(specs)
+def _pack(specs: Sequence[ToySpec]) -> torch.Tensor:
+    """(N, len(_FIELDS)) float32: every continuous parameter of every clip, and its colour in 0..255."""
+    return torch.tensor(
+        [[s.size, *s.start, *s.velocity, s.angle, s.angular_speed, s.texture_scale, s.texture_angle, *s.texture_phase,
+          *s.tint, s.contrast, *COLOURS[s.colour]] for s in specs],
+        dtype=torch.float32,
+    )
+
+
+def _upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To `device` without waiting for the work queued there (pinned, non-blocking copy on CUDA)."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _grouped(specs: Sequence[ToySpec], key: str, vocabulary) -> tuple[list[int], list[int]]:
+    """The clips' order sorted (stably) by `key`'s word, and the size of each word's group in that order."""
+    order = sorted(range(len(specs)), key=lambda i: vocabulary.index(getattr(specs[i], key)))
+    counts = [sum(getattr(s, key) == word for s in specs) for word in vocabulary]
+    return order, counts
+
+
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for position, i in enumerate(order):
+        inverse[i] = position
+    return inverse
+
+
+def _cloud_waves(seeds: list[int]) -> torch.Tensor:
+    """(n, 4, K): per clip, K random waves (x and y frequency in cycles per side, phase, amplitude)."""
+    waves = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        freq = 1.0 + 2.0 * torch.rand(_CLOUD_WAVES, generator=g)
+        direction = 2.0 * math.pi * torch.rand(_CLOUD_WAVES, generator=g)
+        offset = 2.0 * math.pi * torch.rand(_CLOUD_WAVES, generator=g)
+        waves.append(torch.stack([freq * torch.cos(direction), freq * torch.sin(direction), offset, 1.0 / freq]))
+    return torch.stack(waves) if waves else torch.zeros(0, 4, _CLOUD_WAVES)
+
+
+def _background(params: torch.Tensor, counts: list[int], clouds: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 3, H, W) static backgrounds in [0, 1] of clips grouped by background (`counts` per BACKGROUNDS word)."""
+    device = params.device
     side = float(min(height, width))
     y = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / side
     x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / side
     gy, gx = torch.meshgrid(y, x, indexing="ij")  # (H, W) in units of the shorter side
-    pattern = torch.zeros(n, height, width, device=device)
-    for kind in BACKGROUNDS:
-        idx = [i for i, s in enumerate(specs) if s.background == kind]
-        if not idx:
+    patterns = []
+    start = 0
+    for kind, count in zip(BACKGROUNDS, counts):
+        if not count:
             continue
-        group = [specs[i] for i in idx]
-        scale = _column([s.texture_scale for s in group], device).view(-1, 1, 1)
-        theta = _column([s.texture_angle for s in group], device).view(-1, 1, 1)
-        phase = _column([s.texture_phase for s in group], device).view(-1, 2, 1, 1)
+        group = params[start : start + count]
+        start += count
+        scale = group[:, _COL["texture_scale"]].view(-1, 1, 1)
+        theta = group[:, _COL["texture_angle"]].view(-1, 1, 1)
+        phase_a = group[:, _COL["phase_a"]].view(-1, 1, 1)
+        phase_b = group[:, _COL["phase_b"]].view(-1, 1, 1)
         # pattern coordinates: rotated by theta, in periods
-        a = (gx * torch.cos(theta) + gy * torch.sin(theta)) / scale + phase[:, 0]
-        b = (-gx * torch.sin(theta) + gy * torch.cos(theta)) / scale + phase[:, 1]
+        a = (gx * torch.cos(theta) + gy * torch.sin(theta)) / scale + phase_a
+        b = (-gx * torch.sin(theta) + gy * torch.cos(theta)) / scale + phase_b
         px = scale * side  # pixels per period
         if kind == "striped":
             inside = 0.25 - (torch.remainder(a, 1.0) - 0.5).abs()  # > 0 on the stripe, in periods
@@ -260,57 +306,47 @@ def _background(specs: Sequence[ToySpec], height: int, width: int, device) -> to
             db = torch.remainder(b, 1.0) - 0.5
             p = 0.5 + (0.3 - torch.sqrt(da * da + db * db)) * px
         else:  # cloudy: a few random low-frequency waves, deterministic in texture_seed
-            waves = []
-            for s in group:
-                g = torch.Generator().manual_seed(s.texture_seed)
-                freq = 1.0 + 2.0 * torch.rand(_CLOUD_WAVES, generator=g)  # cycles per frame side
-                direction = 2.0 * math.pi * torch.rand(_CLOUD_WAVES, generator=g)
-                offset = 2.0 * math.pi * torch.rand(_CLOUD_WAVES, generator=g)
-                waves.append(torch.stack([freq * torch.cos(direction), freq * torch.sin(direction), offset,
-                                          1.0 / freq]))
-            w = torch.stack(waves).to(device)  # (n, 4, K)
+            w = clouds
             arg = 2.0 * math.pi * (gx[None, None] * w[:, 0, :, None, None] + gy[None, None] * w[:, 1, :, None, None])
             field = (w[:, 3, :, None, None] * torch.sin(arg + w[:, 2, :, None, None])).sum(1)
             field = field / w[:, 3].sum(1).view(-1, 1, 1)  # in [-1, 1], mostly within +-0.5
             p = 0.5 + 1.2 * field
-        pattern[idx] = p.clamp(0.0, 1.0)
+        patterns.append(p.clamp(0.0, 1.0))
+    pattern = torch.cat(patterns).unsqueeze(1)  # (N, 1, H, W)
 
-    hue = _column([s.tint[0] for s in specs], device)
-    sat = _column([s.tint[1] for s in specs], device)
-    value = _column([s.tint[2] for s in specs], device)
-    contrast = _column([s.contrast for s in specs], device)
+    hue, sat, value = (params[:, _COL[k]] for k in ("hue", "saturation", "value"))
+    contrast = params[:, _COL["contrast"]]
     other = torch.where(value < 0.5, value + contrast, value - contrast)
-    first = _hsv_to_rgb(hue, sat, value)  # (N, 3)
-    second = _hsv_to_rgb(hue, sat, other)
-    p = pattern.unsqueeze(1)
-    return first.view(n, 3, 1, 1) * (1.0 - p) + second.view(n, 3, 1, 1) * p
+    first = _hsv_to_rgb(hue, sat, value)[..., None, None]  # (N, 3, 1, 1)
+    second = _hsv_to_rgb(hue, sat, other)[..., None, None]
+    return first * (1.0 - pattern) + second * pattern
 
 
-def _coverage(specs: Sequence[ToySpec], num_frames: int, height: int, width: int, device) -> torch.Tensor:
-    """(N, F, H, W) the object's anti-aliased coverage in [0, 1]."""
-    n = len(specs)
+def _coverage(params: torch.Tensor, counts: list[int], num_frames: int, height: int, width: int) -> torch.Tensor:
+    """(N, F, H, W) the object's anti-aliased coverage in [0, 1], clips grouped by shape (`counts` per SHAPES)."""
+    device = params.device
     side = float(min(height, width))
     t = torch.arange(num_frames, device=device, dtype=torch.float32)
     y = torch.arange(height, device=device, dtype=torch.float32) + 0.5
     x = torch.arange(width, device=device, dtype=torch.float32) + 0.5
-    alpha = torch.zeros(n, num_frames, height, width, device=device)
-    for shape in SHAPES:
-        idx = [i for i, s in enumerate(specs) if s.shape == shape]
-        if not idx:
+    alphas = []
+    start = 0
+    for shape, count in zip(SHAPES, counts):
+        if not count:
             continue
-        group = [specs[i] for i in idx]
-        extent = _column([s.size for s in group], device) * (SHAPE_EXTENT[shape] * side)  # pixels
+        group = params[start : start + count]
+        start += count
+        extent = group[:, _COL["size"]] * (SHAPE_EXTENT[shape] * side)  # pixels
         radius = extent * _CIRCUMRADIUS[shape]
-        start = _column([s.start for s in group], device)
-        velocity = _column([s.velocity for s in group], device) * side
+        start_xy = group[:, [_COL["start_x"], _COL["start_y"]]]
+        velocity = group[:, [_COL["vx"], _COL["vy"]]] * side
         lows = radius + 1.0  # the anti-aliased rim reaches half a pixel beyond the shape's edge
         highs = torch.stack([width - lows, height - lows], dim=1)
-        centre0 = lows[:, None] + start * (highs - lows[:, None])
+        centre0 = lows[:, None] + start_xy * (highs - lows[:, None])
         path = centre0[:, None, :] + velocity[:, None, :] * t[None, :, None]  # (n, F, 2)
         cx = _reflect(path[..., 0], lows[:, None], highs[:, 0, None])
         cy = _reflect(path[..., 1], lows[:, None], highs[:, 1, None])
-        angle = (_column([s.angle for s in group], device)[:, None]
-                 + _column([s.angular_speed for s in group], device)[:, None] * t[None, :])
+        angle = group[:, _COL["angle"], None] + group[:, _COL["angular_speed"], None] * t[None, :]
         dx = x.view(1, 1, 1, -1) - cx[..., None, None]  # (n, F, 1, W)
         dy = y.view(1, 1, -1, 1) - cy[..., None, None]  # (n, F, H, 1)
         cos = torch.cos(angle)[..., None, None]
@@ -341,8 +377,8 @@ def _coverage(specs: Sequence[ToySpec], num_frames: int, height: int, width: int
                 dist = seg if dist is None else torch.minimum(dist, seg)
                 inside = side_k if inside is None else inside & side_k
             d = torch.where(inside, -dist, dist)
-        alpha[idx] = (0.5 - d).clamp(0.0, 1.0)
-    return alpha
+        alphas.append((0.5 - d).clamp(0.0, 1.0))
+    return torch.cat(alphas)
 
 
 def render_batch(
@@ -357,16 +393,26 @@ def render_batch(
     """(N, F, 3, H, W) float32 frames in [-1, 1] of `specs`, on `device`.
 
     With `return_alpha`, also the object's coverage (N, F, H, W): 1 where a pixel is exactly the
-    palette colour, 0 where it is background only, in between on the anti-aliased edge.
+    palette colour, 0 where it is background only, in between on the anti-aliased edge. The
+    parameters go to the device in a few non-blocking copies, so rendering on a GPU does not wait
+    for the work already queued there.
     """
     if not specs:
         raise ValueError("render_batch needs at least one spec")
     if num_frames < 1 or height < 1 or width < 1:
         raise ValueError(f"bad clip size {num_frames}x{height}x{width}")
     device = torch.device(device)
-    background = _background(specs, height, width, device)  # (N, 3, H, W)
-    alpha = _coverage(specs, num_frames, height, width, device)  # (N, F, H, W)
-    colour = torch.stack([_unit_rgb(s.colour) for s in specs]).to(device).view(-1, 1, 3, 1, 1)
+    shape_order, shape_counts = _grouped(specs, "shape", SHAPES)
+    background_order, background_counts = _grouped(specs, "background", BACKGROUNDS)
+    cloudy = [specs[i].texture_seed for i in background_order if specs[i].background == "cloudy"]
+    params = _upload(_pack(specs), device)
+    orders = _upload(torch.tensor([shape_order, _inverse(shape_order), background_order, _inverse(background_order)]),
+                     device)
+    clouds = _upload(_cloud_waves(cloudy), device)
+
+    background = _background(params[orders[2]], background_counts, clouds, height, width)[orders[3]]
+    alpha = _coverage(params[orders[0]], shape_counts, num_frames, height, width)[orders[1]]  # (N, F, H, W)
+    colour = params[:, _COL["red"] : _COL["blue"] + 1].view(-1, 1, 3, 1, 1) / 255.0
     a = alpha.unsqueeze(2)
     frames = background.unsqueeze(1) * (1.0 - a) + colour * a
     # Where a == 1 the mix is exactly the colour in [0, 1], so the result is exactly palette(colour).
