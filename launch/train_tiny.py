@@ -231,9 +231,11 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
-def render_clips(specs, frames: int, args, device) -> torch.Tensor:
-    """(B, 3, F, H, W) clips in [-1, 1]: the layout Wan's VAE takes."""
-    return toyvideo.render_batch(specs, frames, args.height, args.width, device).permute(0, 2, 1, 3, 4).contiguous()
+def render_clips(specs, frames: int, args, device, *, return_alpha: bool = False):
+    """(B, 3, F, H, W) clips in [-1, 1], the layout Wan's VAE takes (and the object's (B, 1, F, H, W) coverage)."""
+    video, alpha = toyvideo.render_batch(specs, frames, args.height, args.width, device, return_alpha=True)
+    video = video.permute(0, 2, 1, 3, 4).contiguous()
+    return (video, alpha.unsqueeze(1)) if return_alpha else video
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -246,7 +248,12 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(args.seed + 10)
-    vae = AutoencoderKLWan(**vae_config(args)).to(device).train()
+    vae = AutoencoderKLWan(**vae_config(args))
+    with torch.no_grad():
+        # Start with a narrow posterior: sampling noise of std ~1 around near-zero means hides the
+        # input from the decoder until the encoder has learnt to shrink it.
+        vae.quant_conv.bias[Z_DIM:] += args.vae_init_logvar
+    vae = vae.to(device).train()
     stage = Stage(extra={"params": parameter_count(vae), "config": vae_config(args)})
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
     specs_rng = torch.Generator().manual_seed(args.seed + 20)
@@ -264,15 +271,20 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
             stage.stopped_by = "planned" if step >= plan.total else "time"
             break
         set_lr(optimizer, args.vae_lr * lr_factor(step, plan.progress(step), args.warmup))
-        video = render_clips(toyvideo.sample_specs(args.vae_batch, specs_rng), args.vae_frames, args, device)
+        specs = toyvideo.sample_specs(args.vae_batch, specs_rng)
+        video, alpha = render_clips(specs, args.vae_frames, args, device, return_alpha=True)
+        # The object covers a few percent of a frame but carries the prompt's colour, shape and motion.
+        weight = 1.0 + args.vae_object_weight * alpha
+        weight = weight / weight.mean()
         with autocast():
             moments = encode_moments(vae, video).float()
             mean, logvar = moments.chunk(2, dim=1)
             logvar = logvar.clamp(-30.0, 20.0)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=noise_rng, device=device)
             recon = decode_unclamped(vae, z).float()
-        l1 = (recon - video).abs().mean()
-        mse = F.mse_loss(recon, video)
+        error = recon - video
+        l1 = (weight * error.abs()).mean()
+        mse = (weight * error.square()).mean()
         kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
         loss = l1 + mse + args.vae_kl * kl
         optimizer.zero_grad(set_to_none=True)
@@ -592,7 +604,11 @@ def parse_args(argv=None):
     vae.add_argument("--max-minutes-vae", type=float, default=None)
     vae.add_argument("--vae-batch", type=int, default=32, help="clips a step")
     vae.add_argument("--vae-frames", type=int, default=13, help="frames a clip (4k+1)")
-    vae.add_argument("--vae-lr", type=float, default=6e-4)
+    vae.add_argument("--vae-lr", type=float, default=1e-3)
+    vae.add_argument("--vae-init-logvar", type=float, default=-6.0,
+                     help="added to the posterior's initial log-variance (0: diffusers' initialisation)")
+    vae.add_argument("--vae-object-weight", type=float, default=3.0,
+                     help="extra loss weight of the object's pixels (weight 1 + this x coverage, mean 1)")
     vae.add_argument("--vae-kl", type=float, default=3e-5, help="weight of the KL term (per-element means)")
     vae.add_argument("--vae-base-dim", type=int, default=16)
     vae.add_argument("--vae-dim-mult", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 4])

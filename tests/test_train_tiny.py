@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from diffusers import WanPipeline
 from safetensors.torch import load_file
@@ -43,6 +44,9 @@ def test_smoke_training_writes_a_model_that_generates(tmp_path):
         assert pipe.tokenizer.unk_token_id not in pipe.tokenizer(words).input_ids
     assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
     assert pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.flow_shift == 3.0
+    video = pipe(prompt=toyvideo.all_prompts()[5], num_frames=5, height=32, width=32, num_inference_steps=2,
+                 guidance_scale=5.0, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
     index = json.loads((out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) >= 2
