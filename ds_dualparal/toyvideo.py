@@ -368,7 +368,8 @@ def _coverage(params: torch.Tensor, counts: list[int], num_frames: int, height: 
             dist = None
             for k in range(3):
                 (ax, ay), (bx, by) = corners[k], corners[(k + 1) % 3]
-                ax, ay, ex, ey = ax * circumradius, ay * circumradius, (bx - ax) * circumradius, (by - ay) * circumradius
+                ex, ey = (bx - ax) * circumradius, (by - ay) * circumradius  # the edge, corner to corner
+                ax, ay = ax * circumradius, ay * circumradius
                 # distance to the edge segment, and the side of its line (the corners run clockwise on screen)
                 px, py = qx - ax, qy - ay
                 t_edge = ((px * ex + py * ey) / (ex * ex + ey * ey)).clamp(0.0, 1.0)
