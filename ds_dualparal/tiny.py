@@ -12,6 +12,7 @@ import shutil
 
 import torch
 
+from . import toyvideo
 from .config import TEXT_TOKENS, WAN22_BOUNDARY_RATIO
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,15 @@ _CORPUS = (
     "bright colors, high quality, static, blurry, worst quality, low quality, jpeg artifacts",
     "a panda eats bamboo and a fox sleeps in the snow",
     "time lapse of a busy road, people walking, many cars",
+)
+# The toy videos' words (ds_dualparal.toyvideo), appended after the sentences above so that their ids,
+# assigned in corpus order, stay what they were.
+_TOY_CORPUS = (
+    toyvideo.PROMPT_TEMPLATE.format(colour="", shape="", motion="", background=""),
+    " ".join(toyvideo.COLOURS),
+    " ".join(toyvideo.SHAPES),
+    " ".join(toyvideo.MOTIONS),
+    " ".join(toyvideo.BACKGROUNDS),
 )
 
 
@@ -106,7 +116,7 @@ def _build_tokenizer():
 
     vocab = {token: i for i, token in enumerate(_SPECIAL_TOKENS)}
     words = pre_tokenizers.Whitespace()
-    for sentence in _CORPUS:
+    for sentence in _CORPUS + _TOY_CORPUS:
         for word, _ in words.pre_tokenize_str(sentence.lower()):
             vocab.setdefault(word, len(vocab))
     assert len(vocab) <= _TEXT_ENCODER_CONFIG["vocab_size"]
@@ -128,32 +138,44 @@ def _build_tokenizer():
     )
 
 
-def write_tiny_wan(path, *, seed: int = 0, two_experts: bool = False, num_layers: int = 3) -> pathlib.Path:
-    """Write a tiny random fp32 WanPipeline to `path`; the same arguments give byte-identical weights.
+def build_tokenizer():
+    """The tiny word-level tokenizer (UMT5's special ids, every corpus word including the toy vocabulary)."""
+    return _build_tokenizer()
 
-    `two_experts` adds a differently-seeded `transformer_2` and a `boundary_ratio`, like Wan2.2-T2V-A14B.
-    """
-    from diffusers import (
-        AutoencoderKLWan,
-        UniPCMultistepScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
+
+def build_text_encoder(seed: int):
+    """The tiny random UMT5 encoder that `write_tiny_wan(seed=s)` writes with seed `s + 3`."""
     from transformers import UMT5Config, UMT5EncoderModel
 
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    return _seeded(seed, lambda: UMT5EncoderModel(UMT5Config(**_TEXT_ENCODER_CONFIG)))
+
+
+def build_scheduler():
+    """Wan's UniPC flow-matching scheduler (flow_shift 3), as every tiny checkpoint ships it."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(**_SCHEDULER_CONFIG)
+
+
+def save_pipeline(
+    path,
+    *,
+    transformer,
+    vae,
+    text_encoder,
+    tokenizer,
+    scheduler,
+    transformer_2=None,
+    boundary_ratio: float | None = None,
+    max_shard_size: str | int = TRANSFORMER_SHARD_SIZE,
+) -> pathlib.Path:
+    """Write a diffusers WanPipeline folder: the transformer(s) sharded at `max_shard_size` (with an index),
+    `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and `model_index.json`. Old transformer folders
+    are replaced, so no stale shard survives."""
+    from diffusers import WanPipeline
+
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-
-    config = _tiny_transformer_config(num_layers)
-    transformer = _seeded(seed, lambda: WanTransformer3DModel(**config))
-    transformer_2 = _seeded(seed + 1, lambda: WanTransformer3DModel(**config)) if two_experts else None
-    vae = _seeded(seed + 2, lambda: AutoencoderKLWan(**_VAE_CONFIG))
-    text_encoder = _seeded(seed + 3, lambda: UMT5EncoderModel(UMT5Config(**_TEXT_ENCODER_CONFIG)))
-    tokenizer = _build_tokenizer()
-    scheduler = UniPCMultistepScheduler(**_SCHEDULER_CONFIG)
-
     # The pipeline object only serves to write model_index.json with the class names diffusers expects.
     pipe = WanPipeline(
         tokenizer=tokenizer,
@@ -162,21 +184,48 @@ def write_tiny_wan(path, *, seed: int = 0, two_experts: bool = False, num_layers
         scheduler=scheduler,
         transformer=transformer,
         transformer_2=transformer_2,
-        boundary_ratio=WAN22_BOUNDARY_RATIO if two_experts else None,
+        boundary_ratio=boundary_ratio,
     )
-
     for name in ("transformer", "transformer_2"):
         target = path / name
         if target.exists():
             shutil.rmtree(target)
-    transformer.save_pretrained(path / "transformer", max_shard_size=TRANSFORMER_SHARD_SIZE)
-    if two_experts:
-        transformer_2.save_pretrained(path / "transformer_2", max_shard_size=TRANSFORMER_SHARD_SIZE)
+    transformer.save_pretrained(path / "transformer", max_shard_size=max_shard_size)
+    if transformer_2 is not None:
+        transformer_2.save_pretrained(path / "transformer_2", max_shard_size=max_shard_size)
     vae.save_pretrained(path / "vae")
     text_encoder.save_pretrained(path / "text_encoder")
     tokenizer.save_pretrained(path / "tokenizer")
     scheduler.save_pretrained(path / "scheduler")
     pipe.save_config(path)
+    return path
+
+
+def write_tiny_wan(path, *, seed: int = 0, two_experts: bool = False, num_layers: int = 3) -> pathlib.Path:
+    """Write a tiny random fp32 WanPipeline to `path`; the same arguments give byte-identical weights.
+
+    `two_experts` adds a differently-seeded `transformer_2` and a `boundary_ratio`, like Wan2.2-T2V-A14B.
+    """
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+
+    config = _tiny_transformer_config(num_layers)
+    transformer = _seeded(seed, lambda: WanTransformer3DModel(**config))
+    transformer_2 = _seeded(seed + 1, lambda: WanTransformer3DModel(**config)) if two_experts else None
+    vae = _seeded(seed + 2, lambda: AutoencoderKLWan(**_VAE_CONFIG))
+    text_encoder = build_text_encoder(seed + 3)
+    path = save_pipeline(
+        path,
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=WAN22_BOUNDARY_RATIO if two_experts else None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tokenizer(),
+        scheduler=build_scheduler(),
+    )
     logger.info(
         "wrote tiny Wan (%d layers, two_experts=%s, seed=%d) to %s", num_layers, two_experts, seed, path
     )

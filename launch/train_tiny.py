@@ -1,0 +1,747 @@
+"""Train the tiny Wan text-to-video model on procedural toy videos (ds_dualparal.toyvideo).
+
+    python launch/train_tiny.py --out runs/tiny-wan --device cuda --max-minutes 11.5   # one H200
+    python launch/train_tiny.py --out /tmp/tiny-smoke --smoke                         # CPU, seconds
+
+Three stages, all seeded by --seed, write one diffusers WanPipeline folder to --out (what
+`WanPipeline.from_pretrained` and `launch/generate.py --model` load) plus `training_log.json`:
+
+1. Text. The tiny random UMT5 encoder of `ds_dualparal.tiny` (frozen, the one `write_tiny_wan(seed=S)`
+   writes, seed S + 3) encodes every toy prompt (5 colours x 3 shapes x 4 motions x 4 backgrounds = 240)
+   and "" once, as WanPipeline does: 512 tokens, embeddings past the prompt's length zeroed.
+2. VAE. A small `AutoencoderKLWan` (z_dim 16, 8x space, 4x time like Wan 2.1) learns to reconstruct
+   freshly rendered clips of --vae-frames frames (L1 + MSE + a small KL term, posterior sampled). Its
+   per-channel latent mean and std, measured on the DiT's clip pool, go into the VAE config as
+   `latents_mean` / `latents_std`, as WanPipeline and this engine normalise latents.
+3. DiT. A small `WanTransformer3DModel` learns Wan's flow matching on the normalised latents of a pool
+   of --pool-frames clips, encoded once (posterior mean) and partly refreshed as it trains: sigma drawn
+   uniformly and shifted by --flow-shift like Wan's scheduler, x_t = (1 - sigma) x0 + sigma noise,
+   timestep = 1000 sigma, target noise - x0 (diffusers' `flow_prediction`). Each step takes random
+   temporal crops of one length in [--min-crop, --max-crop] latent frames from anywhere in the clips,
+   as DualParal runs the DiT on windows from the middle of a video with rotary positions from 0; the
+   batch grows for short crops so a step holds about as many tokens. With probability --context-jitter
+   a crop's first frames (the window's context, one step cleaner in DualParal) get a lower noise level
+   and its last frames a higher one than the timestep says. The prompt is dropped to "" with
+   probability --cfg-dropout, for classifier-free guidance. The EMA of the weights is saved.
+
+On CUDA: bf16 autocast, TF32, cudnn autotuning. Each stage runs its step count, cut to what fits its
+time budget (--max-minutes-vae / --max-minutes-dit, and --max-minutes for the whole run): after about
+a hundred steps the measured rate fixes the count (see `Plan`), and the learning rate follows a warm-up
+then a cosine to 10% over it. The training log records the counts and rates; rerunning with those
+counts and no time limits repeats the run (up to the GPU's non-deterministic kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ds_dualparal import toyvideo  # noqa: E402  (after the path: the script runs from a checkout)
+from ds_dualparal.config import TEXT_TOKENS  # noqa: E402
+from ds_dualparal.tiny import build_scheduler, build_text_encoder, build_tokenizer, save_pipeline  # noqa: E402
+
+logger = logging.getLogger("train_tiny")
+
+SPATIAL, TEMPORAL = 8, 4  # Wan 2.1's VAE compression
+Z_DIM = 16
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a stage did, for the training log."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    final_loss: float | None = None
+    stopped_by: str = "steps"
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class Clock:
+    """Wall time since the run started, and the time a stage may still take."""
+
+    def __init__(self, max_minutes: float | None):
+        self.start = time.perf_counter()
+        self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def budget(self, stage_minutes: float | None, reserve_s: float = 0.0) -> float:
+        """Seconds a stage starting now may run: its own limit, cut to what the run has left."""
+        budget = math.inf if stage_minutes is None else 60.0 * stage_minutes
+        if self.max_seconds is not None:
+            budget = min(budget, max(0.0, self.max_seconds - self.elapsed() - reserve_s))
+        return budget
+
+
+class Plan:
+    """How many steps a stage takes: its --*-steps, or fewer when its time budget cannot hold them.
+
+    The rate is measured over steps `skip` .. `skip + over` (past compilation and autotuning); the
+    count is then fixed for the rest of the stage, at what fits in `margin` of the remaining budget.
+    The learning-rate schedule runs over that count, and the log records it, so rerunning with
+    `--*-steps` set to it and no time limit repeats the run. The budget still stops a stage that
+    turns out slower than measured.
+    """
+
+    def __init__(self, steps: int, budget_s: float, *, skip: int = 20, over: int = 100, margin: float = 0.95):
+        self.total = steps
+        self.budget_s = budget_s
+        self.skip, self.over, self.margin = skip, over, margin
+        self.started = time.perf_counter()
+        self.mark = None
+        self.measured_rate = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def update(self, step: int) -> None:
+        """Call before step `step` (0-based) runs."""
+        if not math.isfinite(self.budget_s) or self.measured_rate is not None:
+            return
+        if step == self.skip:
+            self.mark = self.elapsed()
+        elif step == self.skip + self.over and self.mark is not None:
+            now = self.elapsed()
+            self.measured_rate = self.over / max(now - self.mark, 1e-9)
+            fits = step + int(self.margin * self.measured_rate * max(0.0, self.budget_s - now))
+            if fits < self.total:
+                logger.info("%.2f steps/s measured: %d steps fit in the time budget (%.0f s)", self.measured_rate,
+                            fits, self.budget_s)
+                self.total = max(step, fits)
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() >= self.budget_s
+
+    def progress(self, step: int) -> float:
+        return step / max(1, self.total)
+
+    def record(self) -> dict:
+        return {"planned_steps": self.total, "measured_steps_per_s": self.measured_rate, "budget_s": self.budget_s}
+
+
+def lr_factor(step: int, progress: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from 1 to `floor` as progress goes 0 -> 1."""
+    warm = min(1.0, (step + 1) / max(1, warmup))
+    progress = min(max(progress, 0.0), 1.0)
+    return warm * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+@torch.no_grad()
+def encode_prompt_table(prompts: list[str], text_encoder, tokenizer, device) -> torch.Tensor:
+    """(len(prompts), TEXT_TOKENS, d_model) fp32 embeddings, equal to WanPipeline's `encode_prompt`.
+
+    WanPipeline pads to TEXT_TOKENS and then zeroes every embedding past the prompt's length; as the
+    padding is masked out of the encoder's attention, padding only to the longest prompt and zeroing the
+    rest gives the same embeddings at a fraction of the cost (checked here against the pipeline's
+    own path on a few prompts).
+    """
+    from diffusers import WanPipeline
+
+    inputs = tokenizer(prompts, padding="longest", truncation=True, max_length=TEXT_TOKENS,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+    hidden = text_encoder(ids, mask).last_hidden_state.float() * mask[..., None]
+    table = F.pad(hidden, (0, 0, 0, TEXT_TOKENS - hidden.shape[1]))
+
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None)
+    probe = [0, len(prompts) - 1]
+    reference, _ = pipe.encode_prompt(
+        prompt=[prompts[i] for i in probe], do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS,
+        device=torch.device(device), dtype=torch.float32,
+    )
+    error = (reference - table[probe]).abs().max().item()
+    if error > 1e-4:
+        raise RuntimeError(f"prompt embeddings differ from WanPipeline.encode_prompt's by {error}")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- VAE
+
+
+def vae_config(args) -> dict:
+    return dict(
+        base_dim=args.vae_base_dim,
+        z_dim=Z_DIM,
+        dim_mult=list(args.vae_dim_mult),
+        num_res_blocks=args.vae_res_blocks,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+    )
+
+
+def _causal_convs(module) -> int:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
+def encode_moments(vae, video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 1 + 4k, H, W) in [-1, 1] -> (B, 2 z_dim, 1 + k, H/8, W/8) posterior mean and log-variance.
+
+    The chunking of `AutoencoderKLWan._encode` (frame 0 alone, then 4 frames at a time through the
+    causal cache), with a cache of its own and gradients kept.
+    """
+    cache = [None] * _causal_convs(vae.encoder)
+    frames = video.shape[2]
+    outs = []
+    for i in range(1 + (frames - 1) // TEMPORAL):
+        chunk = video[:, :, :1] if i == 0 else video[:, :, 1 + TEMPORAL * (i - 1) : 1 + TEMPORAL * i]
+        outs.append(vae.encoder(chunk, feat_cache=cache, feat_idx=[0]))
+    return vae.quant_conv(torch.cat(outs, dim=2))
+
+
+def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
+    """(B, z_dim, f, h, w) raw latents -> (B, 3, 1 + 4 (f - 1), 8h, 8w): `AutoencoderKLWan._decode`
+    (one latent frame at a time through the causal cache) without its final clamp to [-1, 1], so the
+    loss has gradients everywhere."""
+    cache = [None] * _causal_convs(vae.decoder)
+    x = vae.post_quant_conv(z)
+    outs = [
+        vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
+        for i in range(x.shape[2])
+    ]
+    return torch.cat(outs, dim=2)
+
+
+def render_clips(specs, frames: int, args, device, *, return_alpha: bool = False):
+    """(B, 3, F, H, W) clips in [-1, 1], the layout Wan's VAE takes (and the object's (B, 1, F, H, W) coverage)."""
+    video, alpha = toyvideo.render_batch(specs, frames, args.height, args.width, device, return_alpha=True)
+    video = video.permute(0, 2, 1, 3, 4).contiguous()
+    return (video, alpha.unsqueeze(1)) if return_alpha else video
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, Stage]:
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(args.seed + 10)
+    vae = AutoencoderKLWan(**vae_config(args))
+    with torch.no_grad():
+        # Start with a narrow posterior: sampling noise of std ~1 around near-zero means hides the
+        # input from the decoder until the encoder has learnt to shrink it.
+        vae.quant_conv.bias[Z_DIM:] += args.vae_init_logvar
+    vae = vae.to(device).train()
+    stage = Stage(extra={"params": parameter_count(vae), "config": vae_config(args)})
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    specs_rng = torch.Generator().manual_seed(args.seed + 20)
+    noise_rng = torch.Generator(device).manual_seed(args.seed + 21)
+    plan = Plan(args.vae_steps, clock.budget(args.max_minutes_vae, reserve_s=args.reserve_minutes * 60.0))
+    logger.info("VAE: %d parameters, %d steps of %d clips x %d frames at most, %.0f s at most",
+                stage.extra["params"], args.vae_steps, args.vae_batch, args.vae_frames, plan.budget_s)
+    started = time.perf_counter()
+    window_start, window_steps = started, 0
+    sums = torch.zeros(3, device=device)  # loss, l1, kl over the log window
+    for step in range(args.vae_steps):
+        plan.update(step)
+        if step >= plan.total or plan.out_of_time():
+            # "planned": the count fitted to the budget was reached; "time": the budget ran out first
+            stage.stopped_by = "planned" if step >= plan.total else "time"
+            break
+        set_lr(optimizer, args.vae_lr * lr_factor(step, plan.progress(step), args.warmup))
+        specs = toyvideo.sample_specs(args.vae_batch, specs_rng)
+        video, alpha = render_clips(specs, args.vae_frames, args, device, return_alpha=True)
+        # The object covers a few percent of a frame but carries the prompt's colour, shape and motion.
+        weight = 1.0 + args.vae_object_weight * alpha
+        weight = weight / weight.mean()
+        with autocast():
+            moments = encode_moments(vae, video).float()
+            mean, logvar = moments.chunk(2, dim=1)
+            logvar = logvar.clamp(-30.0, 20.0)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=noise_rng, device=device)
+            recon = decode_unclamped(vae, z).float()
+        error = recon - video
+        l1 = (weight * error.abs()).mean()
+        mse = (weight * error.square()).mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
+        loss = l1 + mse + args.vae_kl * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        sums += torch.stack([loss.detach(), l1.detach(), kl.detach()])
+        window_steps += 1
+        stage.steps = step + 1
+        if stage.steps % args.log_every == 0 or stage.steps == plan.total:
+            means = (sums / window_steps).tolist()
+            now = time.perf_counter()
+            logger.info("vae step %d/%d loss %.4f l1 %.4f kl %.3f lr %.2e %.2f steps/s elapsed %.0fs",
+                        stage.steps, plan.total, means[0], means[1], means[2], optimizer.param_groups[0]["lr"],
+                        window_steps / (now - window_start), clock.elapsed())
+            stage.final_loss = means[0]
+            stage.extra.update(final_l1=means[1], final_kl=means[2])
+            sums.zero_()
+            window_start, window_steps = now, 0
+    if window_steps:
+        means = (sums / window_steps).tolist()
+        stage.final_loss = means[0]
+        stage.extra.update(final_l1=means[1], final_kl=means[2])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stage.seconds = time.perf_counter() - started
+    stage.extra.update(plan.record())
+    vae.eval()
+
+    # Held-out reconstruction (posterior mean, decoded and clamped as WanPipeline does).
+    held_out = toyvideo.sample_specs(args.eval_clips, torch.Generator().manual_seed(args.seed + 30))
+    with torch.no_grad(), autocast():
+        video = render_clips(held_out, args.vae_frames, args, device)
+        moments = encode_moments(vae, video).float()
+        mean, logvar = moments.chunk(2, dim=1)
+        recon = decode_unclamped(vae, mean).float().clamp(-1, 1)
+    stage.extra["held_out_psnr_db"] = psnr(recon, video)
+    stage.extra["posterior_std"] = float(torch.exp(0.5 * logvar.clamp(-30, 20)).mean())
+    logger.info("VAE: %d steps in %.0f s (stopped by %s), held-out PSNR %.2f dB, mean posterior std %.3f",
+                stage.steps, stage.seconds, stage.stopped_by, stage.extra["held_out_psnr_db"],
+                stage.extra["posterior_std"])
+    return vae, stage
+
+
+# ------------------------------------------------------------------------------------------ latents
+
+
+class LatentPool:
+    """Latents of toy clips on the device: (N, T, z_dim, h, w) fp32, each with its prompt's index.
+
+    `refresh(n)` re-renders and re-encodes the n oldest clips (round robin) with new specs.
+    """
+
+    def __init__(self, n: int, vae, args, device, autocast, specs_rng: torch.Generator, prompt_index: dict[str, int]):
+        self.vae, self.args, self.device, self.autocast = vae, args, device, autocast
+        self.specs_rng, self.prompt_index = specs_rng, prompt_index
+        frames = args.pool_frames
+        self.latent_frames = 1 + (frames - 1) // TEMPORAL
+        h, w = args.height // SPATIAL, args.width // SPATIAL
+        self.latents = torch.empty(n, self.latent_frames, Z_DIM, h, w, device=device)
+        self.prompts = torch.empty(n, dtype=torch.long, device=device)
+        self.mean = torch.zeros(Z_DIM, device=device)
+        self.inv_std = torch.ones(Z_DIM, device=device)
+        self.next = 0
+        self.refreshed = 0
+
+    @torch.no_grad()
+    def _fill(self, start: int, count: int) -> None:
+        for lo in range(start, start + count, self.args.encode_batch):
+            hi = min(lo + self.args.encode_batch, start + count)
+            specs = toyvideo.sample_specs(hi - lo, self.specs_rng)
+            with self.autocast():
+                video = render_clips(specs, self.args.pool_frames, self.args, self.device)
+                mean = encode_moments(self.vae, video).float().chunk(2, dim=1)[0]
+            z = (mean.permute(0, 2, 1, 3, 4) - self.mean.view(1, 1, -1, 1, 1)) * self.inv_std.view(1, 1, -1, 1, 1)
+            self.latents[lo:hi] = z
+            self.prompts[lo:hi] = torch.tensor([self.prompt_index[s.prompt] for s in specs], device=self.device)
+
+    def fill_and_normalise(self) -> tuple[list[float], list[float]]:
+        """Encode the whole pool, then measure per-channel mean and std and normalise with them."""
+        self._fill(0, self.latents.shape[0])
+        z = self.latents.double()
+        mean = z.mean(dim=(0, 1, 3, 4))
+        std = z.std(dim=(0, 1, 3, 4)).clamp_min(1e-3)
+        del z
+        self.mean, self.inv_std = mean.float(), (1.0 / std).float()
+        self.latents.sub_(self.mean.view(1, 1, -1, 1, 1)).mul_(self.inv_std.view(1, 1, -1, 1, 1))
+        return mean.tolist(), std.tolist()
+
+    def fill_like(self, other: "LatentPool") -> None:
+        """Encode the whole pool, normalised with `other`'s statistics."""
+        self.mean, self.inv_std = other.mean, other.inv_std
+        self._fill(0, self.latents.shape[0])
+
+    def refresh(self, count: int) -> None:
+        count = min(count, self.latents.shape[0])
+        first = min(count, self.latents.shape[0] - self.next)
+        self._fill(self.next, first)
+        if count > first:
+            self._fill(0, count - first)
+        self.next = (self.next + count) % self.latents.shape[0]
+        self.refreshed += count
+
+
+# ----------------------------------------------------------------------------------------------- DiT
+
+
+def dit_config(args, text_dim: int) -> dict:
+    return dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=args.dit_heads,
+        attention_head_dim=args.dit_head_dim,
+        in_channels=Z_DIM,
+        out_channels=Z_DIM,
+        text_dim=text_dim,
+        freq_dim=args.dit_freq_dim,
+        ffn_dim=args.dit_ffn,
+        num_layers=args.dit_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=1024,
+    )
+
+
+def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's timestep shift: sigma = s u / (1 + (s - 1) u), as UniPC's `flow_shift` applies it."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def draw_u(n: int, args, generator, device) -> torch.Tensor:
+    """Unshifted noise levels in (0, 1): uniform, or logit-normal (mean 0, std 1)."""
+    if args.sigma_sampling == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    return torch.rand(n, generator=generator, device=device).clamp(1e-4, 1.0 - 1e-4)
+
+
+def frame_sigmas(u: torch.Tensor, length: int, args, generator) -> torch.Tensor:
+    """(b, length) per-frame sigmas: the window's sigma, with the context-style jitter at the ends."""
+    b, device = u.shape[0], u.device
+    uf = u[:, None].expand(b, length).clone()
+    if args.context_jitter > 0 and length > 1:
+        frame = torch.arange(length, device=device)[None]
+        for sign in (-1.0, 1.0):  # -1: the first frames are cleaner, +1: the last ones noisier
+            apply = torch.rand(b, generator=generator, device=device) < args.context_jitter
+            count = 1 + (torch.rand(b, generator=generator, device=device) * min(3, length - 1)).long()
+            delta = args.jitter_max * torch.rand(b, generator=generator, device=device)
+            ends = frame < count[:, None] if sign < 0 else frame >= length - count[:, None]
+            moved = (u[:, None] + sign * delta[:, None]).clamp(0.0, 1.0 - 1e-4)
+            uf = torch.where(apply[:, None] & ends, moved, uf)
+    return shift_sigma(uf, args.flow_shift)
+
+
+def dit_batch(pool: LatentPool, table: torch.Tensor, empty_index: int, length: int, batch: int, args, generator,
+              *, dropout: bool = True, context_jitter: bool = True):
+    """One training batch: (x_t, timestep, text, target) for crops of `length` latent frames."""
+    device = pool.latents.device
+    n, frames = pool.latents.shape[:2]
+    clip = torch.randint(0, n, (batch,), generator=generator, device=device)
+    start = torch.randint(0, frames - length + 1, (batch,), generator=generator, device=device)
+    index = start[:, None] + torch.arange(length, device=device)[None]
+    x0 = pool.latents[clip[:, None], index].permute(0, 2, 1, 3, 4).contiguous()  # (b, C, L, h, w)
+    prompts = pool.prompts[clip]
+    if dropout and args.cfg_dropout > 0:
+        drop = torch.rand(batch, generator=generator, device=device) < args.cfg_dropout
+        prompts = torch.where(drop, torch.full_like(prompts, empty_index), prompts)
+    u = draw_u(batch, args, generator, device)
+    sigma = shift_sigma(u, args.flow_shift)
+    if context_jitter:
+        per_frame = frame_sigmas(u, length, args, generator)
+    else:
+        per_frame = sigma[:, None].expand(batch, length)
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    s = per_frame[:, None, :, None, None]
+    x_t = (1.0 - s) * x0 + s * noise
+    return x_t, sigma * 1000.0, table[prompts], noise - x0
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+@torch.no_grad()
+def validation_loss(model, val, autocast) -> float:
+    total = 0.0
+    for x_t, timestep, text, target in val:
+        with autocast():
+            pred = model(x_t, timestep, text, return_dict=False)[0]
+        total += F.mse_loss(pred.float(), target).item()
+    return total / len(val)
+
+
+def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: LatentPool, table: torch.Tensor,
+              empty_index: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(args.seed + 40)
+    config = dit_config(args, table.shape[-1])
+    model = WanTransformer3DModel(**config).to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    stage = Stage(extra={"params": parameter_count(model), "config": config})
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name or "scale_shift_table" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.dit_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.dit_lr, betas=(0.9, 0.99), fused=device.type == "cuda",
+    )
+    forward = torch.compile(model, dynamic=True) if args.compile else model
+    rng = torch.Generator(device).manual_seed(args.seed + 50)
+    crop_rng = torch.Generator().manual_seed(args.seed + 52)  # on the CPU: the crop length needs no device sync
+    # Held-out clips, fixed crops and noise: a low-variance loss to follow (all sigmas, prompts kept).
+    val_rng = torch.Generator(device).manual_seed(args.seed + 51)
+    val_length = min(args.max_crop, pool.latent_frames)
+    val = [dit_batch(held_out, table, empty_index, val_length, args.eval_clips, args, val_rng, dropout=False,
+                     context_jitter=False) for _ in range(2)]
+    # the margin leaves room for the pool refreshes and held-out losses the measured steps may not include
+    plan = Plan(args.dit_steps, clock.budget(args.max_minutes_dit, reserve_s=args.reserve_minutes * 60.0),
+                margin=0.92)
+    max_crop = min(args.max_crop, pool.latent_frames)
+    logger.info("DiT: %d parameters, %d steps at most, crops of %d..%d latent frames, %d windows at %d frames, "
+                "%.0f s at most", stage.extra["params"], args.dit_steps, args.min_crop, max_crop, args.dit_batch,
+                max_crop, plan.budget_s)
+    started = time.perf_counter()
+    window_start, window_steps = started, 0
+    loss_sum = torch.zeros((), device=device)
+    lengths = []
+    for step in range(args.dit_steps):
+        plan.update(step)
+        if step >= plan.total or plan.out_of_time():
+            # "planned": the count fitted to the budget was reached; "time": the budget ran out first
+            stage.stopped_by = "planned" if step >= plan.total else "time"
+            break
+        set_lr(optimizer, args.dit_lr * lr_factor(step, plan.progress(step), args.warmup))
+        if args.pool_refresh_every and step and step % args.pool_refresh_every == 0:
+            pool.refresh(args.pool_refresh_clips)
+        length = int(torch.randint(args.min_crop, max_crop + 1, (1,), generator=crop_rng))
+        batch = max(1, args.dit_batch * max_crop // length)
+        lengths.append(length)
+        x_t, timestep, text, target = dit_batch(pool, table, empty_index, length, batch, args, rng)
+        with autocast():
+            pred = forward(x_t, timestep, text, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, model, min(args.ema, (1.0 + step) / (10.0 + step)))
+        loss_sum += loss.detach()
+        window_steps += 1
+        stage.steps = step + 1
+        if stage.steps % args.log_every == 0 or stage.steps == plan.total:
+            now = time.perf_counter()
+            stage.final_loss = (loss_sum / window_steps).item()
+            message = (f"dit step {stage.steps}/{plan.total} loss {stage.final_loss:.4f} "
+                       f"lr {optimizer.param_groups[0]['lr']:.2e} {window_steps / (now - window_start):.2f} steps/s "
+                       f"elapsed {clock.elapsed():.0f}s")
+            if args.eval_every and stage.steps % args.eval_every == 0:
+                message += f" val(ema) {validation_loss(ema, val, autocast):.4f}"
+            logger.info(message)
+            loss_sum.zero_()
+            window_start, window_steps = time.perf_counter(), 0
+    if window_steps:
+        stage.final_loss = (loss_sum / window_steps).item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stage.seconds = time.perf_counter() - started
+    stage.extra.update(plan.record())
+    stage.extra["val_loss_ema"] = validation_loss(ema, val, autocast)
+    stage.extra["val_loss_model"] = validation_loss(model, val, autocast)
+    stage.extra["pool_clips_refreshed"] = pool.refreshed
+    stage.extra["mean_crop_length"] = sum(lengths) / max(1, len(lengths))
+    logger.info("DiT: %d steps in %.0f s (stopped by %s), held-out loss %.4f (EMA) %.4f (raw)", stage.steps,
+                stage.seconds, stage.stopped_by, stage.extra["val_loss_ema"], stage.extra["val_loss_model"])
+    return ema, stage
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+SMOKE = dict(
+    vae_steps=2, vae_batch=1, vae_frames=5, dit_steps=3, dit_batch=2, pool_clips=4, pool_frames=9,
+    encode_batch=4, min_crop=2, max_crop=3, log_every=1, eval_every=0, eval_clips=2, pool_refresh_every=2,
+    pool_refresh_clips=2, warmup=2,
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python launch/train_tiny.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few steps on tiny batches (a CPU test); explicit flags still override: "
+                        + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-time limit of the whole run")
+    parser.add_argument("--reserve-minutes", type=float, default=0.3,
+                        help="kept from --max-minutes for the steps after a stage (encoding, saving)")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps (both stages)")
+    parser.add_argument("--eval-clips", type=int, default=32, help="held-out clips for the PSNR / loss checks")
+    parser.add_argument("--eval-every", type=int, default=1000,
+                        help="DiT steps between held-out losses in the log (0: only at the end)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA, off on CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT (dynamic shapes)")
+    parser.add_argument("--shard-size", default="1MB", help="transformer shard size (several shards, like Wan's)")
+
+    vae = parser.add_argument_group("VAE")
+    vae.add_argument("--vae-from", type=Path, default=None,
+                     help="take vae/ from this model folder instead of training one (its statistics are redone)")
+    vae.add_argument("--vae-steps", type=int, default=20000)
+    vae.add_argument("--max-minutes-vae", type=float, default=None)
+    vae.add_argument("--vae-batch", type=int, default=32, help="clips a step")
+    vae.add_argument("--vae-frames", type=int, default=13, help="frames a clip (4k+1)")
+    vae.add_argument("--vae-lr", type=float, default=1e-3)
+    vae.add_argument("--vae-init-logvar", type=float, default=-6.0,
+                     help="added to the posterior's initial log-variance (0: diffusers' initialisation)")
+    vae.add_argument("--vae-object-weight", type=float, default=3.0,
+                     help="extra loss weight of the object's pixels (weight 1 + this x coverage, mean 1)")
+    vae.add_argument("--vae-kl", type=float, default=3e-5, help="weight of the KL term (per-element means)")
+    vae.add_argument("--vae-base-dim", type=int, default=16)
+    vae.add_argument("--vae-dim-mult", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 4])
+    vae.add_argument("--vae-res-blocks", type=int, default=1)
+
+    dit = parser.add_argument_group("DiT")
+    dit.add_argument("--dit-steps", type=int, default=40000)
+    dit.add_argument("--max-minutes-dit", type=float, default=None)
+    dit.add_argument("--dit-batch", type=int, default=256,
+                     help="windows a step at the longest crop; shorter crops take proportionally more")
+    dit.add_argument("--dit-lr", type=float, default=5e-4)
+    dit.add_argument("--dit-weight-decay", type=float, default=0.01)
+    dit.add_argument("--dit-layers", type=int, default=4)
+    dit.add_argument("--dit-heads", type=int, default=4)
+    dit.add_argument("--dit-head-dim", type=int, default=32)
+    dit.add_argument("--dit-ffn", type=int, default=512)
+    dit.add_argument("--dit-freq-dim", type=int, default=256)
+    dit.add_argument("--ema", type=float, default=0.999)
+    dit.add_argument("--pool-clips", type=int, default=8192, help="clips whose latents the DiT trains on")
+    dit.add_argument("--pool-frames", type=int, default=65, help="frames a pool clip (4k+1)")
+    dit.add_argument("--pool-refresh-every", type=int, default=500, help="steps between pool refreshes (0: never)")
+    dit.add_argument("--pool-refresh-clips", type=int, default=512)
+    dit.add_argument("--encode-batch", type=int, default=128, help="clips rendered and encoded at once")
+    dit.add_argument("--min-crop", type=int, default=2, help="shortest crop, latent frames")
+    dit.add_argument("--max-crop", type=int, default=13, help="longest crop, latent frames")
+    dit.add_argument("--cfg-dropout", type=float, default=0.1)
+    dit.add_argument("--flow-shift", type=float, default=3.0)
+    dit.add_argument("--sigma-sampling", choices=["uniform", "logit-normal"], default="uniform")
+    dit.add_argument("--context-jitter", type=float, default=0.25,
+                     help="probability, at each end of a crop, of frames at another noise level")
+    dit.add_argument("--jitter-max", type=float, default=0.3, help="largest such change of the unshifted level")
+
+    if parser.parse_known_args(argv)[0].smoke:
+        parser.set_defaults(**SMOKE)  # flags given explicitly still win
+    args = parser.parse_args(argv)
+    for name in ("vae_frames", "pool_frames"):
+        if (getattr(args, name) - 1) % TEMPORAL:
+            parser.error(f"--{name.replace('_', '-')} must be 4k+1, got {getattr(args, name)}")
+    if args.height % 16 or args.width % 16:
+        parser.error("--height and --width must be multiples of 16")
+    pool_latent_frames = 1 + (args.pool_frames - 1) // TEMPORAL
+    if not 1 <= args.min_crop <= min(args.max_crop, pool_latent_frames):
+        parser.error(f"need 1 <= --min-crop <= --max-crop and a pool clip's {pool_latent_frames} latent frames")
+    if args.dit_head_dim % 2:  # Wan's rotary parts: h = w = 2 (d // 6), t = d - h - w, all even
+        parser.error(f"--dit-head-dim must be even for Wan's rotary embedding, got {args.dit_head_dim}")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    args = parse_args(argv)
+    clock = Clock(args.max_minutes)
+    device = torch.device(args.device)
+    use_bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    torch.manual_seed(args.seed)
+    logger.info("device %s%s, bf16 autocast %s, seed %d", device,
+                f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "", use_bf16, args.seed)
+
+    # 1. text
+    t0 = time.perf_counter()
+    tokenizer = build_tokenizer()
+    text_encoder = build_text_encoder(args.seed + 3).eval().requires_grad_(False)
+    prompts = toyvideo.all_prompts()
+    prompt_index = {p: i for i, p in enumerate(prompts)}
+    empty_index = len(prompts)
+    table = encode_prompt_table(prompts + [""], text_encoder.to(device), tokenizer, device)
+    text_encoder.to("cpu")
+    logger.info("text: %d prompts and \"\" encoded to %s in %.1f s", len(prompts), tuple(table.shape),
+                time.perf_counter() - t0)
+
+    # 2. VAE
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(args.vae_from / "vae").to(device).eval()
+        vae_stage = Stage(stopped_by="loaded", extra={"from": str(args.vae_from), "params": parameter_count(vae)})
+    else:
+        vae, vae_stage = train_vae(args, clock, device, autocast)
+    vae.requires_grad_(False)
+
+    # 3. latents of the DiT's clip pool, and the VAE's latent statistics
+    t0 = time.perf_counter()
+    pool = LatentPool(args.pool_clips, vae, args, device, autocast, torch.Generator().manual_seed(args.seed + 60),
+                      prompt_index)
+    latents_mean, latents_std = pool.fill_and_normalise()
+    held_out = LatentPool(args.eval_clips, vae, args, device, autocast, torch.Generator().manual_seed(args.seed + 61),
+                          prompt_index)
+    held_out.fill_like(pool)
+    vae.register_to_config(latents_mean=latents_mean, latents_std=latents_std)
+    pool_seconds = time.perf_counter() - t0
+    logger.info("pool: %d clips of %d frames -> %s latents in %.1f s; latent std per channel %s", args.pool_clips,
+                args.pool_frames, tuple(pool.latents.shape), pool_seconds, [round(s, 3) for s in latents_std])
+
+    # 4. DiT
+    transformer, dit_stage = train_dit(args, clock, device, autocast, pool, held_out, table, empty_index)
+
+    # 5. the model folder
+    save_pipeline(
+        args.out,
+        transformer=transformer.to("cpu"),  # fp32 throughout: autocast only changed the compute
+        vae=vae.to("cpu"),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=build_scheduler(),
+        max_shard_size=args.shard_size,
+    )
+    files = {str(p.relative_to(args.out)): p.stat().st_size for p in sorted(args.out.rglob("*.safetensors"))}
+    log = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "torch": torch.__version__,
+        "bf16": use_bf16,
+        "vae": dataclasses.asdict(vae_stage),
+        "latents": {"mean": latents_mean, "std": latents_std, "pool_seconds": pool_seconds},
+        "dit": dataclasses.asdict(dit_stage),
+        "text_encoder_params": parameter_count(text_encoder),
+        "safetensors_bytes": files,
+        "total_safetensors_bytes": sum(files.values()),
+        "total_seconds": clock.elapsed(),
+    }
+    (args.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    logger.info("wrote %s (%.1f MB of weights) in %.0f s", args.out, log["total_safetensors_bytes"] / 1e6,
+                log["total_seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

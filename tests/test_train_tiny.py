@@ -1,0 +1,76 @@
+"""launch/train_tiny.py on the CPU: a smoke run writes a model folder that diffusers and generate.py load."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from diffusers import WanPipeline
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_CONFIG, run_generate, subprocess_env
+from ds_dualparal import toyvideo
+from ds_dualparal.tiny import build_text_encoder
+
+TRAIN = ROOT / "launch" / "train_tiny.py"
+
+
+def test_smoke_training_writes_a_model_that_generates(tmp_path):
+    out = tmp_path / "model"
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--out", str(out), "--smoke", "--device", "cpu", "--dit-steps", "4"],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dit step 4/4" in result.stderr and "vae step 2/2" in result.stderr
+
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["vae"]["steps"] == 2 and log["dit"]["steps"] == 4
+    assert log["vae"]["stopped_by"] == log["dit"]["stopped_by"] == "steps"
+    assert all(isinstance(log[s]["final_loss"], float) for s in ("vae", "dit"))
+    assert log["config"]["dit_steps"] == 4 and log["config"]["seed"] == 0
+    assert 0 < log["total_safetensors_bytes"] <= 20e6
+
+    pipe = WanPipeline.from_pretrained(out)
+    # the latent statistics measured on the clip pool went into the VAE config
+    assert pipe.vae.config.latents_mean == log["latents"]["mean"]
+    assert pipe.vae.config.latents_std == log["latents"]["std"]
+    assert all(s > 0 for s in pipe.vae.config.latents_std)
+    # the frozen text encoder is tiny.py's, as write_tiny_wan(seed=0) writes it
+    reference = build_text_encoder(3).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in pipe.text_encoder.state_dict().items())
+    for words in toyvideo.all_prompts()[:: 37]:
+        assert pipe.tokenizer.unk_token_id not in pipe.tokenizer(words).input_ids
+    assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
+    assert pipe.scheduler.config.prediction_type == "flow_prediction" and pipe.scheduler.config.flow_shift == 3.0
+    video = pipe(prompt=toyvideo.all_prompts()[5], num_frames=5, height=32, width=32, num_inference_steps=2,
+                 guidance_scale=5.0, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, 5, 32, 32, 3) and np.isfinite(video).all()
+    index = json.loads((out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) >= 2
+    # the saved weights are the trained (EMA) ones, not the initialisation
+    trained = {}
+    for shard in shards:
+        trained.update(load_file(out / "transformer" / shard))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(40)  # train_dit's initialisation for --seed 0
+        fresh = type(pipe.transformer)(**{k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")})
+    assert not torch.equal(fresh.state_dict()["proj_out.weight"], trained["proj_out.weight"])
+
+    run = run_generate("--config", TINY_CONFIG, "--model", out, "--prompt", toyvideo.all_prompts()[0],
+                       "--output", "toy.mp4", "--save-latents", "toy.safetensors", cwd=tmp_path)
+    assert run.returncode == 0, run.explain()
+    latents = load_file(tmp_path / "toy.safetensors")["latents"]
+    assert latents.shape == (1, 16, 6, 8, 8) and torch.isfinite(latents).all()
+    assert (tmp_path / "toy.mp4").stat().st_size > 0
+
+
+def test_bad_arguments_end_in_one_line(tmp_path):
+    for flags, words in ((["--vae-frames", "12"], "4k+1"), (["--min-crop", "9", "--max-crop", "4"], "--min-crop"),
+                         (["--dit-head-dim", "15"], "rotary")):
+        result = subprocess.run([sys.executable, str(TRAIN), "--out", str(tmp_path / "x"), "--smoke", *flags],
+                                env=subprocess_env(), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and words in result.stderr, result.stderr
+        assert not (tmp_path / "x").exists()
