@@ -177,7 +177,7 @@ def encode_prompt_table(prompts: list[str], text_encoder, tokenizer, device) -> 
         device=torch.device(device), dtype=torch.float32,
     )
     error = (reference - table[probe]).abs().max().item()
-    if error > 1e-4:
+    if error > (1e-4 if torch.device(device).type == "cpu" else 1e-2):  # TF32 matmuls on CUDA
         raise RuntimeError(f"prompt embeddings differ from WanPipeline.encode_prompt's by {error}")
     return table
 

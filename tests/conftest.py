@@ -8,9 +8,12 @@ so outputs never land in the repository.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,10 +21,23 @@ import pytest
 import torch
 
 from ds_dualparal.files import free_port  # noqa: F401  (tests import it from here)
+from ds_dualparal.tiny import write_tiny_wan
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ROOT / "launch" / "generate.py"
 TINY_CONFIG = ROOT / "ds_configs" / "tiny.json"
+
+
+def _random_tiny() -> Path:
+    """The random-weight tiny Wan (3 blocks of width 24) that `write_tiny_wan(seed=0)` writes, once per
+    session: the model tests that depend on its shapes and rounding use (LoRA files made for it, shard
+    names, fp32 agreement with WanPipeline); the embedded default is the trained one."""
+    folder = Path(tempfile.mkdtemp(prefix="ds-dualparal-random-tiny-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return write_tiny_wan(folder / "tiny-wan", seed=0)
+
+
+RANDOM_TINY = _random_tiny()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -93,7 +93,7 @@ def test_defaults():
     assert run == RunConfig(dualparal=DualParalConfig(), source=None)
     cfg = run.dualparal
     assert cfg.model is None
-    assert cfg.prompt == "a red circle moves sideways over a striped background"
+    assert cfg.prompt == "A cat walks on the grass, realistic style."
     assert (cfg.height, cfg.width, cfg.num_frames, cfg.latent_frames) == (480, 832, 81, 21)
     assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.guidance_scale_2) == (50, 5.0, None)
     assert (cfg.scheduler, cfg.flow_shift, cfg.block_size, cfg.context) == ("unipc", 3.0, 8, 8)

@@ -13,7 +13,7 @@ import torch
 from diffusers import WanPipeline
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIG, run_deepspeed, run_generate
+from conftest import RANDOM_TINY, TINY_CONFIG, run_deepspeed, run_generate
 from ds_dualparal.checkpoint import fingerprint_fields
 from ds_dualparal.cli import build_parser, config_from_args, parse_lora
 from ds_dualparal.config import ConfigError, DualParalConfig, LoraSpec, load_config
@@ -21,9 +21,10 @@ from ds_dualparal.generation import reference_latents
 from ds_dualparal.jobs import parse_job
 from ds_dualparal.lora import LoraError, LoraFile, check_loras, model_shapes, with_loras
 from ds_dualparal.model import Conditioner, WanConfig, layer_specs
-from ds_dualparal.tiny import TINY_WAN_PATH, write_tiny_wan
+from ds_dualparal.tiny import write_tiny_wan
 from ds_dualparal.weights import FolderWeights
 
+TINY_WAN_PATH = RANDOM_TINY  # the LoRA files here are made for its shapes
 TINY_WAN = WanConfig.from_json(TINY_WAN_PATH / "transformer" / "config.json")
 RANK = 4
 _ATTENTION = {"attn1": "self_attn", "attn2": "cross_attn"}
@@ -130,7 +131,8 @@ def test_a_half_precision_weight_is_fused_in_fp32_and_rounded_once(loras):
 
 def _one_block_config(**kw) -> DualParalConfig:
     base = dict(height=32, width=48, num_frames=13, num_inference_steps=4, guidance_scale=5.0, block_size=8,
-                context=0, dtype="float32", seed=3, prompt="a cat walks", negative_prompt="blurry")
+                context=0, dtype="float32", seed=3, prompt="a cat walks", negative_prompt="blurry",
+                model=str(TINY_WAN_PATH))
     return DualParalConfig(**{**base, **kw})
 
 
@@ -207,7 +209,7 @@ def test_loras_that_do_not_fit_are_one_line_errors_naming_the_file(tmp_path):
 def test_generate_refuses_a_bad_lora_with_exit_code_2(workdir):
     cases = {path.stem: message for path, message in _bad_loras(workdir)}
     for name in ("other_size", "pickle"):
-        run = run_generate("--config", TINY_CONFIG, "--lora", f"{name}.safetensors:0.5", "--output", "v.mp4", cwd=workdir)
+        run = run_generate("--config", TINY_CONFIG, "--model", TINY_WAN_PATH, "--lora", f"{name}.safetensors:0.5", "--output", "v.mp4", cwd=workdir)
         assert run.returncode == 2, run.explain()
         [line] = run.stderr.strip().splitlines()[-1:]
         assert line.startswith(f"generate.py: error: lora {name}.safetensors: ") and re.search(cases[name], line), run.explain()
@@ -251,10 +253,10 @@ def test_few_step_euler_without_cfg_and_a_lora_is_bit_identical_on_1_to_4_stages
     """`--scheduler euler --guidance 1 --steps 4`, the few-step LoRA setting; the tiny config's K = 2 blocks."""
     flags = ["--scheduler", "euler", "--guidance", "1", "--steps", "4", "--lora", f"{loras['wan']}:0.8",
              "--lora", str(loras["diffusers"])]
-    run = run_deepspeed(ranks, "--config", TINY_CONFIG, *flags, "--output", "v.mp4", "--save-latents", "l.safetensors",
+    run = run_deepspeed(ranks, "--config", TINY_CONFIG, "--model", TINY_WAN_PATH, *flags, "--output", "v.mp4", "--save-latents", "l.safetensors",
                         cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.explain()
-    cfg = config_from_args(build_parser().parse_args(["--config", str(TINY_CONFIG), *flags]))
+    cfg = config_from_args(build_parser().parse_args(["--config", str(TINY_CONFIG), "--model", str(TINY_WAN_PATH), *flags]))
     assert not cfg.do_classifier_free_guidance and len(cfg.loras) == 2
     assert torch.equal(load_file(tmp_path / "l.safetensors")["latents"], reference_latents(cfg))
     # each rank reads only its own layers' LoRA tensors (the wan LoRA's head: the last stage)

@@ -15,10 +15,10 @@ from ds_dualparal.model import (
     apply_rotary,
     layer_specs,
 )
-from ds_dualparal.tiny import TINY_WAN_PATH
+from conftest import RANDOM_TINY
 from ds_dualparal.weights import FolderWeights, ModelError, RandomWeights, SafetensorsFolder
 
-TRANSFORMER = TINY_WAN_PATH / "transformer"
+TRANSFORMER = RANDOM_TINY / "transformer"  # the counts and shapes below are its
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,21 @@ import shutil
 
 import pytest
 
-from conftest import TINY_CONFIG
+from conftest import RANDOM_TINY, TINY_CONFIG
 from ds_dualparal.cli import check_model
 from ds_dualparal.config import ConfigError, load_config
 from ds_dualparal.estimate import estimate, refusal
 from ds_dualparal.model import WanConfig
 from ds_dualparal.modelcheck import check_model_folder, weights_fingerprint
-from ds_dualparal.tiny import TINY_WAN_PATH
 from ds_dualparal.weights import ModelError, SafetensorsFolder
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config(TINY_CONFIG).dualparal
+    return load_config(TINY_CONFIG, {"model": str(TINY_WAN_PATH)}).dualparal
+
+
+TINY_WAN_PATH = RANDOM_TINY  # shard names, sizes and the estimates below are the random tiny model's
 
 
 def truncate(path, keep=0.5):

@@ -196,7 +196,7 @@ def test_the_schedule_is_in_the_fingerprint_and_another_is_refused_in_one_line(t
     assert Checkpoints.open(folder.folder, 1, storyline, TINY_WAN_PATH, 99).start == 4
     for other, what in ((storyline.with_overrides(prompts=[seg(0, FOX), seg(9, LAKE)]), "prompts"),
                         (storyline.with_overrides(prompt_transition=1), "prompt_transition"),
-                        (tiny, "prompts")):
+                        (tiny, "prompt, prompts")):  # with `prompts`, `prompt` keeps its default
         with pytest.raises(ResumeError) as info:
             Checkpoints.open(folder.folder, 1, other, TINY_WAN_PATH, 99)
         assert str(info.value) == (f"--checkpoint-dir: {folder.folder / 'iter_000004'} is a checkpoint of another "
