@@ -18,8 +18,9 @@ metrics, to `--out` (JSON, written atomically). `seconds` is the wall time from 
 this machine (model load, text encoding and denoising; the VAE decode is `decode_seconds`, apart).
 
 The default sweep, 3 prompts x 2 seeds x (4 settings x 2 noise modes + the baseline) = 54 videos of 161
-frames at 64x64 with 20 steps, took 337 s on one CPU thread with the embedded random-weight model (on a
-busy 2-core machine): ~3 s a video to decode, 1.5-4.5 s to generate (B=2 the slowest: 20 blocks).
+frames at 64x64 with 20 steps, took 811 s on one CPU thread with the embedded trained model (on a busy
+2-core machine; 337 s with the earlier random-weight model): ~6 s a video to decode, 3-12 s to generate
+(B=2 the slowest: 20 blocks).
 """
 
 from __future__ import annotations
