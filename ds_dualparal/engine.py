@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
 import re
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -335,7 +335,7 @@ class _Run:
     def scheduler_step(self, instruction) -> None:
         key = (instruction.block, instruction.step)
         self.updates.append(key)
-        if key not in self.predictions or not self.request.overlap:  # one stage: it never left
+        if key not in self.predictions or not self.request.overlap:  # one stage (it never left), or lockstep
             self._apply_updates()
 
     def _apply_updates(self, needed: list[tuple[int, int]] | None = None) -> None:
