@@ -253,6 +253,16 @@ def _grouped(specs: Sequence[ToySpec], key: str, vocabulary) -> tuple[list[int],
     return order, counts
 
 
+def _groups(vocabulary, counts: list[int], params: torch.Tensor):
+    """(word, its rows of `params`) for each word of `vocabulary` that has rows, the rows grouped in
+    vocabulary order (`_grouped`'s counts)."""
+    start = 0
+    for word, count in zip(vocabulary, counts):
+        if count:
+            yield word, params[start : start + count]
+        start += count
+
+
 def _inverse(order: list[int]) -> list[int]:
     inverse = [0] * len(order)
     for position, i in enumerate(order):
@@ -280,12 +290,7 @@ def _background(params: torch.Tensor, counts: list[int], clouds: torch.Tensor, h
     x = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / side
     gy, gx = torch.meshgrid(y, x, indexing="ij")  # (H, W) in units of the shorter side
     patterns = []
-    start = 0
-    for kind, count in zip(BACKGROUNDS, counts):
-        if not count:
-            continue
-        group = params[start : start + count]
-        start += count
+    for kind, group in _groups(BACKGROUNDS, counts, params):
         scale = group[:, _COL["texture_scale"]].view(-1, 1, 1)
         theta = group[:, _COL["texture_angle"]].view(-1, 1, 1)
         phase_a = group[:, _COL["phase_a"]].view(-1, 1, 1)
@@ -330,12 +335,7 @@ def _coverage(params: torch.Tensor, counts: list[int], num_frames: int, height: 
     y = torch.arange(height, device=device, dtype=torch.float32) + 0.5
     x = torch.arange(width, device=device, dtype=torch.float32) + 0.5
     alphas = []
-    start = 0
-    for shape, count in zip(SHAPES, counts):
-        if not count:
-            continue
-        group = params[start : start + count]
-        start += count
+    for shape, group in _groups(SHAPES, counts, params):
         extent = group[:, _COL["size"]] * (SHAPE_EXTENT[shape] * side)  # pixels
         radius = extent * _CIRCUMRADIUS[shape]
         start_xy = group[:, [_COL["start_x"], _COL["start_y"]]]

@@ -124,6 +124,14 @@ class Plan:
                             fits, self.budget_s)
                 self.total = max(step, fits)
 
+    def stop(self, step: int) -> str | None:
+        """Before step `step` (0-based): None to run it, else why the stage ends there: "planned" (the
+        count fitted to the budget is reached) or "time" (the budget ran out first)."""
+        self.update(step)
+        if step >= self.total:
+            return "planned"
+        return "time" if self.out_of_time() else None
+
     def out_of_time(self) -> bool:
         return self.elapsed() >= self.budget_s
 
@@ -264,10 +272,9 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
     window_start, window_steps = started, 0
     sums = torch.zeros(3, device=device)  # loss, l1, kl over the log window
     for step in range(args.vae_steps):
-        plan.update(step)
-        if step >= plan.total or plan.out_of_time():
-            # "planned": the count fitted to the budget was reached; "time": the budget ran out first
-            stage.stopped_by = "planned" if step >= plan.total else "time"
+        stopped_by = plan.stop(step)
+        if stopped_by:
+            stage.stopped_by = stopped_by
             break
         set_lr(optimizer, args.vae_lr * lr_factor(step, plan.progress(step), args.warmup))
         specs = toyvideo.sample_specs(args.vae_batch, specs_rng)
@@ -515,10 +522,9 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
     loss_sum = torch.zeros((), device=device)
     lengths = []
     for step in range(args.dit_steps):
-        plan.update(step)
-        if step >= plan.total or plan.out_of_time():
-            # "planned": the count fitted to the budget was reached; "time": the budget ran out first
-            stage.stopped_by = "planned" if step >= plan.total else "time"
+        stopped_by = plan.stop(step)
+        if stopped_by:
+            stage.stopped_by = stopped_by
             break
         set_lr(optimizer, args.dit_lr * lr_factor(step, plan.progress(step), args.warmup))
         if args.pool_refresh_every and step and step % args.pool_refresh_every == 0:
