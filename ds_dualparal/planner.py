@@ -9,6 +9,7 @@ import argparse
 from collections import deque
 from dataclasses import dataclass, field
 
+from .report import stdout_report
 from .schedule import (EmitBlock, ForwardLayers, LoadWindow, RecvActivation, RecvPrediction,
                        SchedulerStep, SendActivation, SendPrediction, block_steps_from, stage_streams, tick_table)
 from .timeline import BlockTimeline
@@ -344,14 +345,14 @@ def main(argv=None) -> int:
     one_device = simulate(timeline, 1, Costs([args.block_step_seconds], 0.0, args.scheduler_seconds,
                                              args.tick_seconds), overlap=True)
     block_steps = timeline.num_blocks * timeline.num_steps
-    print(f"blocks: {timeline.num_blocks} (block 0: {timeline.block_len(0)} frames), "
-          f"block-steps: {block_steps}, iterations: {timeline.num_iterations}")
-    print(f"predicted seconds (overlapped, as the engine runs): {result.total_seconds:.3f} "
-          f"(1 device: {one_device.total_seconds:.3f}, "
-          f"speedup {one_device.total_seconds / result.total_seconds:.2f}x)")
-    print(f"in lockstep ticks (overlap off): {lockstep.total_seconds:.3f}")
-    print(f"block-steps/s: {block_steps / result.total_seconds:.3f}")
-    print(f"bubble fraction: {result.bubble_fraction:.4f}")
+    report = stdout_report("ds_dualparal.planner.report")
+    report.info("blocks: %d (block 0: %d frames), block-steps: %d, iterations: %d", timeline.num_blocks,
+                timeline.block_len(0), block_steps, timeline.num_iterations)
+    report.info("predicted seconds (overlapped, as the engine runs): %.3f (1 device: %.3f, speedup %.2fx)",
+                result.total_seconds, one_device.total_seconds, one_device.total_seconds / result.total_seconds)
+    report.info("in lockstep ticks (overlap off): %.3f", lockstep.total_seconds)
+    report.info("block-steps/s: %.3f", block_steps / result.total_seconds)
+    report.info("bubble fraction: %.4f", result.bubble_fraction)
     return 0
 
 

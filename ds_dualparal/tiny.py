@@ -14,6 +14,7 @@ import torch
 
 from . import toyvideo
 from .config import TEXT_TOKENS, WAN22_BOUNDARY_RATIO
+from .report import stdout_report
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     if args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
     out = write_tiny_wan(args.out_dir, seed=args.seed, two_experts=args.two_experts, num_layers=args.layers)
-    print(out)
+    stdout_report("ds_dualparal.tiny.report").info("%s", out)  # the folder written, for scripts
     return 0
 
 
