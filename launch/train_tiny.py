@@ -39,6 +39,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -659,6 +660,8 @@ def parse_args(argv=None):
         parser.error(f"need 1 <= --min-crop <= --max-crop and a pool clip's {pool_latent_frames} latent frames")
     if args.dit_head_dim % 2:  # Wan's rotary parts: h = w = 2 (d // 6), t = d - h - w, all even
         parser.error(f"--dit-head-dim must be even for Wan's rotary embedding, got {args.dit_head_dim}")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        parser.error(f"--out {args.out} exists and is not an empty folder; give a new one")
     return args
 
 
@@ -719,9 +722,11 @@ def main(argv=None) -> int:
     # 4. DiT
     transformer, dit_stage = train_dit(args, clock, device, autocast, pool, held_out, table, empty_index)
 
-    # 5. the model folder
+    # 5. the model folder: written beside --out under a temporary name, renamed when complete, so a
+    # run that dies while saving leaves no folder at --out that looks like a model
+    partial = args.out.parent / f".{args.out.name}.partial-{os.getpid()}"
     save_pipeline(
-        args.out,
+        partial,
         transformer=transformer.to("cpu"),  # fp32 throughout: autocast only changed the compute
         vae=vae.to("cpu"),
         text_encoder=text_encoder,
@@ -729,7 +734,7 @@ def main(argv=None) -> int:
         scheduler=build_scheduler(),
         max_shard_size=args.shard_size,
     )
-    files = {str(p.relative_to(args.out)): p.stat().st_size for p in sorted(args.out.rglob("*.safetensors"))}
+    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*.safetensors"))}
     log = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -743,7 +748,10 @@ def main(argv=None) -> int:
         "total_safetensors_bytes": sum(files.values()),
         "total_seconds": clock.elapsed(),
     }
-    (args.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    (partial / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    if args.out.exists():  # the empty folder the arguments were checked against
+        args.out.rmdir()
+    partial.rename(args.out)
     logger.info("wrote %s (%.1f MB of weights) in %.0f s", args.out, log["total_safetensors_bytes"] / 1e6,
                 log["total_seconds"])
     return 0

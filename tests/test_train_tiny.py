@@ -74,3 +74,10 @@ def test_bad_arguments_end_in_one_line(tmp_path):
                                 env=subprocess_env(), capture_output=True, text=True, timeout=60)
         assert result.returncode == 2 and words in result.stderr, result.stderr
         assert not (tmp_path / "x").exists()
+    kept = tmp_path / "mine"  # a folder with the user's files is never written into
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, str(TRAIN), "--out", str(kept), "--smoke"],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not an empty folder" in result.stderr, result.stderr
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
