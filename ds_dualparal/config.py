@@ -36,11 +36,18 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, get_args
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .files import no_duplicate_keys
-from .timeline import BlockTimeline
+from .pipeline.timeline import BlockTimeline
 
 SECTION = "dualparal"
 

@@ -1,5 +1,5 @@
-"""The result lines of the package's small command-line entry points (`python -m ds_dualparal.planner`,
-`python -m ds_dualparal.tiny`): a logger whose records go, as bare lines, to standard output."""
+"""The result lines of the package's small command-line entry points (`python -m ds_dualparal.pipeline.planner`,
+`python -m ds_dualparal.toy.tiny`): a logger whose records go, as bare lines, to standard output."""
 
 from __future__ import annotations
 

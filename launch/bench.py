@@ -57,13 +57,13 @@ def _append(out: Path, record: dict) -> None:
 def worker(args) -> int:
     import torch
 
-    from ds_dualparal import comm
     from ds_dualparal.config import DualParalConfig
-    from ds_dualparal.flops import block_step_flops
-    from ds_dualparal.generation import Generator
-    from ds_dualparal.model import WanConfig
-    from ds_dualparal.planner import Costs, simulate, simulate_ticks
-    from ds_dualparal.schedule import tick_table
+    from ds_dualparal.pipeline import comm
+    from ds_dualparal.pipeline.generation import Generator
+    from ds_dualparal.pipeline.planner import Costs, simulate, simulate_ticks
+    from ds_dualparal.pipeline.schedule import tick_table
+    from ds_dualparal.wan.flops import block_step_flops
+    from ds_dualparal.wan.model import WanConfig
 
     wan = WanConfig(**SHAPES[args.shape])
     cases = parse_cases(args.cases)
@@ -161,7 +161,7 @@ def profile_run(generator, request, folder: Path, label: str) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ds_dualparal import comm
+    from ds_dualparal.pipeline import comm
 
     comm.barrier()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -193,7 +193,7 @@ def random_texts(cfg, text_dim: int, device):
     import torch
 
     from ds_dualparal.config import TEXT_TOKENS
-    from ds_dualparal.prompts import prompt_plan
+    from ds_dualparal.pipeline.prompts import prompt_plan
 
     texts = len(prompt_plan(cfg).texts)
     batch = 2 if cfg.do_classifier_free_guidance else 1
@@ -210,7 +210,7 @@ class RandomTextEncoder:
         from diffusers import WanPipeline
         from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-        from ds_dualparal.tiny import TINY_WAN_PATH
+        from ds_dualparal.wan.weights import TINY_WAN_PATH
 
         if shape == "debug":
             config = UMT5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
@@ -228,7 +228,7 @@ class RandomTextEncoder:
         import torch
 
         from ds_dualparal.config import TEXT_TOKENS
-        from ds_dualparal.prompts import prompt_plan
+        from ds_dualparal.pipeline.prompts import prompt_plan
 
         stack = []
         with torch.no_grad():
@@ -247,8 +247,8 @@ def real_path(generator, cfg, shape: str, repeats: int) -> dict:
     warm-up; peak memory of the generation (after the encoder is freed)."""
     import torch
 
-    from ds_dualparal import comm
-    from ds_dualparal.runner import generate_streaming
+    from ds_dualparal.cli.runner import generate_streaming
+    from ds_dualparal.pipeline import comm
 
     device = generator.device
     cuda = device.type == "cuda"
@@ -295,8 +295,8 @@ def baseline(args) -> int:
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     from ds_dualparal.config import TEXT_TOKENS
-    from ds_dualparal.flops import block_step_flops
-    from ds_dualparal.model import WanConfig
+    from ds_dualparal.wan.flops import block_step_flops
+    from ds_dualparal.wan.model import WanConfig
 
     device = torch.device("cuda")
     torch.manual_seed(0)

@@ -18,8 +18,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ds_dualparal.model import Conditioner, FeatureCache, WanBlockLayer, WanConfig, WindowState  # noqa: E402
-from ds_dualparal.weights import RandomWeights  # noqa: E402
+from ds_dualparal.wan.model import (  # noqa: E402
+    Conditioner,
+    FeatureCache,
+    WanBlockLayer,
+    WanConfig,
+    WindowState,
+)
+from ds_dualparal.wan.weights import RandomWeights  # noqa: E402
 
 
 def run(layers, conditioner, wan, frames, cached_frames, h, w, device, rows, dtype):

@@ -14,7 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ds_dualparal.video import Mp4Writer  # noqa: E402
+from ds_dualparal.output.video import Mp4Writer  # noqa: E402
 
 FRAMES, HEIGHT, WIDTH, FPS = 189, 480, 832, 16
 

@@ -9,7 +9,7 @@
 
 import sys
 
-from ds_dualparal.cli import main
+from ds_dualparal.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,8 +21,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from ds_dualparal.model import Conditioner, FeatureCache, WanBlockLayer, WanConfig, WindowState  # noqa: E402
-from ds_dualparal.weights import RandomWeights  # noqa: E402
+from ds_dualparal.wan.model import (  # noqa: E402
+    Conditioner,
+    FeatureCache,
+    WanBlockLayer,
+    WanConfig,
+    WindowState,
+)
+from ds_dualparal.wan.weights import RandomWeights  # noqa: E402
 
 SHAPE = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
 
@@ -97,7 +103,7 @@ def breakdown(fn) -> dict[str, float]:
 def vae_numbers(device, repeats: int) -> dict:
     from diffusers import AutoencoderKLWan
 
-    from ds_dualparal.video import StreamingDecoder, to_uint8_frames
+    from ds_dualparal.output.video import StreamingDecoder, to_uint8_frames
 
     torch.manual_seed(0)
     vae32 = AutoencoderKLWan().to(device).eval()

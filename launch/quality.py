@@ -1,6 +1,6 @@
 """Quality benchmark for long videos: DualParal at several (block size, context) settings and both noise
 modes against the whole-sequence baseline (diffusers' WanPipeline), on prompts of the toy world
-(`ds_dualparal/toyvideo.py`), scored with `ds_dualparal/quality.py`. CPU, single process.
+(`ds_dualparal/toy/toyvideo.py`), scored with `ds_dualparal/toy/quality.py`. CPU, single process.
 
     python launch/quality.py                                   # the default sweep on the embedded tiny model
     python launch/quality.py --model path/to/tiny-wan --out outputs/quality.json
@@ -149,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--baseline-frames: {args.baseline_frames} is more than --frames ({args.frames})")
     from ds_dualparal.config import ConfigError, load_config
     from ds_dualparal.files import location_problem
-    from ds_dualparal.weights import ModelError, ModelFolder, resolve_model
+    from ds_dualparal.wan.weights import ModelError, ModelFolder, resolve_model
 
     problem = location_problem(args.out)
     if problem:
@@ -180,7 +180,7 @@ class Job:
 
 def make_jobs(args, base) -> list[Job]:
     """Every video of the sweep, each config validated before anything runs (a ConfigError says which)."""
-    from ds_dualparal.toyvideo import prompt
+    from ds_dualparal.toy.toyvideo import prompt
 
     jobs = []
     for p, words in enumerate(PROMPTS[: args.prompts]):
@@ -211,7 +211,7 @@ def quiet_libraries() -> None:
 
 
 def dualparal_latents(cfg):
-    from ds_dualparal.generation import reference_latents
+    from ds_dualparal.pipeline.generation import reference_latents
 
     return reference_latents(cfg)
 
@@ -222,8 +222,8 @@ def baseline_latents(cfg, folder: Path):
     import torch
     from diffusers import WanPipeline
 
-    from ds_dualparal.denoise import make_scheduler
-    from ds_dualparal.generation import DTYPES
+    from ds_dualparal.pipeline.denoise import make_scheduler
+    from ds_dualparal.pipeline.generation import DTYPES
 
     pipe = WanPipeline.from_pretrained(folder, dtype=DTYPES[cfg.dtype])
     pipe.set_progress_bar_config(disable=True)
@@ -239,7 +239,7 @@ def baseline_latents(cfg, folder: Path):
 
 def decode(vae, latents):
     """Normalised latents (1, C, f, h, w) -> uint8 frames (F, H, W, 3), as the project writes its mp4s."""
-    from ds_dualparal.video import StreamingDecoder, to_uint8_frames
+    from ds_dualparal.output.video import StreamingDecoder, to_uint8_frames
 
     return to_uint8_frames(StreamingDecoder(vae).decode(latents))
 
@@ -247,7 +247,7 @@ def decode(vae, latents):
 def load_vae(folder: Path, dtype: str):
     from diffusers import AutoencoderKLWan
 
-    from ds_dualparal.generation import DTYPES
+    from ds_dualparal.pipeline.generation import DTYPES
 
     return AutoencoderKLWan.from_pretrained(folder / "vae", dtype=DTYPES[dtype], use_safetensors=True).eval()
 
@@ -256,7 +256,7 @@ def run(args) -> list[dict]:
     """Generates, decodes and scores every job; one JSON-ready dict per (video, table row)."""
     import torch
 
-    from ds_dualparal import quality
+    from ds_dualparal.toy import quality
 
     torch.set_num_threads(args.threads)
     quiet_libraries()

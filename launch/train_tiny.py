@@ -1,4 +1,4 @@
-"""Train the tiny Wan text-to-video model on procedural toy videos (ds_dualparal.toyvideo).
+"""Train the tiny Wan text-to-video model on procedural toy videos (ds_dualparal.toy.toyvideo).
 
     python launch/train_tiny.py --out runs/tiny-wan --device cuda --max-minutes 11.5   # one H200
     python launch/train_tiny.py --out /tmp/tiny-smoke --smoke                         # CPU, seconds
@@ -6,7 +6,7 @@
 Three stages, all seeded by --seed, write one diffusers WanPipeline folder to --out (what
 `WanPipeline.from_pretrained` and `launch/generate.py --model` load) plus `training_log.json`:
 
-1. Text. The tiny random UMT5 encoder of `ds_dualparal.tiny` (frozen, the one `write_tiny_wan(seed=S)`
+1. Text. The tiny random UMT5 encoder of `ds_dualparal.toy.tiny` (frozen, the one `write_tiny_wan(seed=S)`
    writes, seed S + 3) encodes every toy prompt (5 colours x 3 shapes x 4 motions x 4 backgrounds = 240)
    and "" once, as WanPipeline does: 512 tokens, embeddings past the prompt's length zeroed.
 2. VAE. A small `AutoencoderKLWan` (z_dim 16, 8x space, 4x time like Wan 2.1) learns to reconstruct
@@ -50,9 +50,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ds_dualparal import toyvideo  # noqa: E402  (after the path: the script runs from a checkout)
 from ds_dualparal.config import TEXT_TOKENS  # noqa: E402
-from ds_dualparal.tiny import build_scheduler, build_text_encoder, build_tokenizer, save_pipeline  # noqa: E402
+from ds_dualparal.toy import toyvideo  # noqa: E402  (after the path: the script runs from a checkout)
+from ds_dualparal.toy.tiny import (  # noqa: E402
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    save_pipeline,
+)
 
 logger = logging.getLogger("train_tiny")
 

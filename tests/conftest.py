@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ds_dualparal.files import free_port  # noqa: F401  (tests import it from here)
-from ds_dualparal.tiny import write_tiny_wan
+from ds_dualparal.toy.tiny import write_tiny_wan
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERATE = ROOT / "launch" / "generate.py"

@@ -8,18 +8,33 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG, run_deepspeed, run_generate
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, run_deepspeed, run_generate
-from ds_dualparal.checkpoint import Checkpoints, ResumeError, fingerprint_fields
-from ds_dualparal.cli import build_parser, check_args, config_from_args
+from ds_dualparal.cli.args import build_parser, check_args, config_from_args
 from ds_dualparal.config import LATENTS_FIELDS, ConfigError, load_config
-from ds_dualparal.denoise import BlockLatents, GenerationPlan, make_scheduler, scheduler_state
-from ds_dualparal.schedule import (DualParalSchedule, ForwardLayers, LoadWindow, RecvActivation, RecvPrediction,
-                                   SaveCheckpoint, SchedulerStep, SendActivation, SendPrediction, block_steps_from,
-                                   stage_streams)
-from ds_dualparal.timeline import BlockTimeline
-from ds_dualparal.tiny import TINY_WAN_PATH
+from ds_dualparal.output.checkpoint import Checkpoints, ResumeError, fingerprint_fields
+from ds_dualparal.pipeline.denoise import (
+    BlockLatents,
+    GenerationPlan,
+    make_scheduler,
+    scheduler_state,
+)
+from ds_dualparal.pipeline.schedule import (
+    DualParalSchedule,
+    ForwardLayers,
+    LoadWindow,
+    RecvActivation,
+    RecvPrediction,
+    SaveCheckpoint,
+    SchedulerStep,
+    SendActivation,
+    SendPrediction,
+    block_steps_from,
+    stage_streams,
+)
+from ds_dualparal.pipeline.timeline import BlockTimeline
+from ds_dualparal.wan.weights import TINY_WAN_PATH
 
 # ---- the schedule: where checkpoints are taken, and what a resumed run does
 
@@ -188,7 +203,7 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, base_cfg, change):
 
 
 def test_every_field_the_latents_depend_on_is_in_the_fingerprint(base_cfg):
-    from ds_dualparal.modelcheck import weights_fingerprint
+    from ds_dualparal.wan.modelcheck import weights_fingerprint
 
     fields = fingerprint_fields(base_cfg, TINY_WAN_PATH)
     assert set(fields) == set(LATENTS_FIELDS) | {"format"}
@@ -344,7 +359,7 @@ def test_another_model_at_the_same_path_is_another_run(tmp_path, base_cfg):
 def test_a_checkpoint_whose_files_disagree_with_its_manifest_is_refused_when_opened(tmp_path, base_cfg):
     """Files whose digests match the manifest but whose content does not (another iteration's state,
     latents of another size) are refused before the run starts, not in the middle of it."""
-    from ds_dualparal.checkpoint import _digest
+    from ds_dualparal.output.checkpoint import _digest
 
     folder, tl = saved_run(tmp_path, base_cfg)
     path = folder.folder / "iter_000004"
@@ -369,7 +384,7 @@ def test_a_checkpoint_that_cannot_be_written_is_skipped_and_leaves_nothing(tmp_p
         path.write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("ds_dualparal.checkpoint._save_tensors", disk_full)
+    monkeypatch.setattr("ds_dualparal.output.checkpoint._save_tensors", disk_full)
     plan, scheduler = plan_for(base_cfg.scheduler, tl)
     latents = BlockLatents(plan, [torch.zeros(1, 4, tl.block_len(b), 8, 8) for b in range(tl.num_blocks)],
                            scheduler, "cpu")

@@ -4,12 +4,12 @@ import shutil
 
 import imageio.v3 as iio
 import pytest
+from conftest import TINY_CONFIG, run_deepspeed, run_generate
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, run_deepspeed, run_generate
-from ds_dualparal.cli import build_parser, config_from_args
+from ds_dualparal.cli.args import build_parser, config_from_args
 from ds_dualparal.config import FLAGS, DualParalConfig
-from ds_dualparal.tiny import TINY_WAN_PATH
+from ds_dualparal.wan.weights import TINY_WAN_PATH
 
 # tiny.json: 21 video frames (6 latent frames) of 64x64, 16 latent channels.
 FRAMES, HEIGHT, WIDTH = 21, 64, 64
@@ -38,7 +38,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(workdir):
 
     refused = run_generate(*args, cwd=workdir)
     assert refused.returncode == 2, refused.explain()
-    assert _one_line(refused.stderr) == f"generate.py: error: --output: video.mp4 already exists; pass --overwrite to replace it"
+    assert _one_line(refused.stderr) == "generate.py: error: --output: video.mp4 already exists; pass --overwrite to replace it"
     assert output.read_bytes() == b"not a video"
 
     replaced = run_generate(*args, "--overwrite", cwd=workdir)

@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from ds_dualparal.config import load_config
-from ds_dualparal.generation import reference_latents
 from ds_dualparal.files import free_port
-from ds_dualparal.tiny import TINY_WAN_PATH
-from ds_dualparal.weights import SafetensorsFolder
+from ds_dualparal.pipeline.generation import reference_latents
+from ds_dualparal.wan.weights import TINY_WAN_PATH, SafetensorsFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ds_configs" / "tiny.json"

@@ -10,16 +10,15 @@ start-up (launch to fault) is measured in the same run and reported apart.
 import json
 import os
 import re
-import sys
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-
 from conftest import GENERATE, TINY_CONFIG, deepspeed_command, subprocess_env
 
 BOUND_S = 60  # from the fault to the launcher's exit
@@ -83,7 +82,7 @@ def test_a_rank_that_raises_ends_the_run(workdir):
 def test_a_killed_rank_ends_the_run(workdir):
     run = launch_with_fault(workdir, "rank=1,tick=3,action=kill", TINY_CONFIG)
     assert_ended(run, workdir)
-    assert "[rank 1] WARNING ds_dualparal.engine: DS_DUALPARAL_FAULT: kill at tick 3" in run.log
+    assert "[rank 1] WARNING ds_dualparal.pipeline.engine: DS_DUALPARAL_FAULT: kill at tick 3" in run.log
     assert "rank 0 failed: CommError: rank 0: transfer with rank(s) [1] failed" in run.log
 
 
@@ -107,7 +106,7 @@ def test_a_hung_rank_ends_the_run_after_about_one_comm_timeout_s(workdir):
 
 
 def test_the_fault_hook_reads_only_its_own_rank_and_refuses_what_it_cannot_read(monkeypatch):
-    from ds_dualparal.engine import InjectedFault
+    from ds_dualparal.pipeline.engine import InjectedFault
 
     monkeypatch.setenv("DS_DUALPARAL_FAULT", "rank=1,tick=3,action=kill")
     assert InjectedFault.from_environment(0) is None

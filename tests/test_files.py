@@ -5,8 +5,14 @@ import os
 
 import pytest
 
-from ds_dualparal.files import (DuplicateKeyError, OutputError, append_line, atomic_output, free_port,
-                                no_duplicate_keys)
+from ds_dualparal.files import (
+    DuplicateKeyError,
+    OutputError,
+    append_line,
+    atomic_output,
+    free_port,
+    no_duplicate_keys,
+)
 
 
 def test_two_writers_of_one_output_get_their_own_temporaries(tmp_path):

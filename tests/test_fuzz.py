@@ -8,14 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, TINY_CONFIG, run_generate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TINY_CONFIG, run_generate
+from ds_dualparal.cli.jobs import parse_job, read_jobs
 from ds_dualparal.config import DualParalConfig, load_config
-from ds_dualparal.jobs import parse_job, read_jobs
-from ds_dualparal.tiny import TINY_WAN_PATH
-from ds_dualparal.weights import ModelError, SafetensorsFolder
+from ds_dualparal.wan.weights import TINY_WAN_PATH, ModelError, SafetensorsFolder
 
 OUT = Path("/out")
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

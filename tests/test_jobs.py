@@ -6,12 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CONFIG, run_deepspeed, run_generate
 from safetensors.torch import load_file
 
-from conftest import TINY_CONFIG, run_deepspeed, run_generate
-from ds_dualparal.cli import build_parser, check_args, config_from_args, plan_jobs
+from ds_dualparal.cli.args import build_parser, check_args, config_from_args
+from ds_dualparal.cli.checks import plan_jobs
+from ds_dualparal.cli.jobs import (
+    MANIFEST,
+    MODEL_FIELDS,
+    done_outputs,
+    parse_job,
+    read_jobs,
+    record,
+)
 from ds_dualparal.config import ConfigError, load_config
-from ds_dualparal.jobs import MANIFEST, MODEL_FIELDS, done_outputs, parse_job, read_jobs, record
 
 
 @pytest.fixture(scope="module")
@@ -435,9 +443,9 @@ def test_a_scheduler_that_cannot_take_the_steps_fails_the_job_before_work(tmp_pa
     """diffusers' UniPC fails at the last step from about 334 steps at flow_shift 3: found up front by
     running the job's scheduler on a one-value latent, so that job fails and the others run (on several
     stages, failing in the middle would end the run); a single video stops with one line."""
-    from ds_dualparal.cli import check_work
-    from ds_dualparal.model import WanConfig
-    from ds_dualparal.tiny import TINY_WAN_PATH
+    from ds_dualparal.cli.checks import check_work
+    from ds_dualparal.wan.model import WanConfig
+    from ds_dualparal.wan.weights import TINY_WAN_PATH
 
     wan = WanConfig.from_json(TINY_WAN_PATH / "transformer" / "config.json")
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", {"name": "many", "steps": 400}, {"name": "euler", "steps": 400,

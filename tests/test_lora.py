@@ -1,4 +1,4 @@
-"""LoRAs fused at load (ds_dualparal/lora.py) against diffusers' load_lora_weights + fuse_lora.
+"""LoRAs fused at load (ds_dualparal/wan/lora.py) against diffusers' load_lora_weights + fuse_lora.
 
 Random LoRAs of the tiny model's shapes are written in both namings: diffusers/PEFT
 (`transformer.blocks.N.attn1.to_q.lora_A.weight`) and the original Wan names community LoRAs use
@@ -10,19 +10,25 @@ import re
 
 import pytest
 import torch
+from conftest import RANDOM_TINY, TINY_CONFIG, run_deepspeed, run_generate
 from diffusers import WanPipeline
 from safetensors.torch import load_file, save_file
 
-from conftest import RANDOM_TINY, TINY_CONFIG, run_deepspeed, run_generate
-from ds_dualparal.checkpoint import fingerprint_fields
-from ds_dualparal.cli import build_parser, config_from_args, parse_lora
+from ds_dualparal.cli.args import build_parser, config_from_args, parse_lora
+from ds_dualparal.cli.jobs import parse_job
 from ds_dualparal.config import ConfigError, DualParalConfig, LoraSpec, load_config
-from ds_dualparal.generation import reference_latents
-from ds_dualparal.jobs import parse_job
-from ds_dualparal.lora import LoraError, LoraFile, check_loras, model_shapes, with_loras
-from ds_dualparal.model import Conditioner, WanConfig, layer_specs
-from ds_dualparal.tiny import write_tiny_wan
-from ds_dualparal.weights import FolderWeights
+from ds_dualparal.output.checkpoint import fingerprint_fields
+from ds_dualparal.pipeline.generation import reference_latents
+from ds_dualparal.toy.tiny import write_tiny_wan
+from ds_dualparal.wan.lora import (
+    LoraError,
+    LoraFile,
+    check_loras,
+    model_shapes,
+    with_loras,
+)
+from ds_dualparal.wan.model import Conditioner, WanConfig, layer_specs
+from ds_dualparal.wan.weights import FolderWeights
 
 TINY_WAN_PATH = RANDOM_TINY  # the LoRA files here are made for its shapes
 TINY_WAN = WanConfig.from_json(TINY_WAN_PATH / "transformer" / "config.json")

@@ -3,9 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import RANDOM_TINY
 from diffusers import WanTransformer3DModel
 
-from ds_dualparal.model import (
+from ds_dualparal.wan.model import (
     AttentionWindow,
     Conditioner,
     FeatureCache,
@@ -15,8 +16,12 @@ from ds_dualparal.model import (
     apply_rotary,
     layer_specs,
 )
-from conftest import RANDOM_TINY
-from ds_dualparal.weights import FolderWeights, ModelError, RandomWeights, SafetensorsFolder
+from ds_dualparal.wan.weights import (
+    FolderWeights,
+    ModelError,
+    RandomWeights,
+    SafetensorsFolder,
+)
 
 TRANSFORMER = RANDOM_TINY / "transformer"  # the counts and shapes below are its
 
@@ -176,7 +181,7 @@ def test_missing_shard_is_a_model_error(tmp_path):
 def test_chunked_feed_forward_equals_the_whole(monkeypatch):
     from diffusers.models.attention import FeedForward
 
-    from ds_dualparal.model import ChunkedFeedForward
+    from ds_dualparal.wan.model import ChunkedFeedForward
 
     torch.manual_seed(5)
     ff = ChunkedFeedForward(24, inner_dim=64, activation_fn="gelu-approximate")

@@ -1,18 +1,18 @@
 """A model folder is checked whole before any weights load (one line each), the work of a job is
 estimated up front, and model-level settings that cannot run here are refused."""
 
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import pytest
-
 from conftest import RANDOM_TINY, TINY_CONFIG
-from ds_dualparal.cli import check_model
+
+from ds_dualparal.cli.checks import check_model
 from ds_dualparal.config import ConfigError, load_config
-from ds_dualparal.estimate import estimate, refusal
-from ds_dualparal.model import WanConfig
-from ds_dualparal.modelcheck import check_model_folder, weights_fingerprint
-from ds_dualparal.weights import ModelError, SafetensorsFolder
+from ds_dualparal.pipeline.estimate import estimate, refusal
+from ds_dualparal.wan.model import WanConfig
+from ds_dualparal.wan.modelcheck import check_model_folder, weights_fingerprint
+from ds_dualparal.wan.weights import ModelError, SafetensorsFolder
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import subprocess
 import sys
 
 import torch
+from conftest import GENERATE, ROOT, TINY_CONFIG, free_port, subprocess_env
 from deepspeed.launcher.runner import fetch_hostfile
 from safetensors.torch import load_file
-
-from conftest import GENERATE, ROOT, TINY_CONFIG, free_port, subprocess_env
 
 TIMEOUT_S = 300
 

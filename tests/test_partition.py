@@ -2,7 +2,7 @@
 
 from deepspeed.runtime.utils import partition_balanced
 
-from ds_dualparal.engine import balanced_parts
+from ds_dualparal.pipeline.engine import balanced_parts
 
 # embedding, 30 blocks, head: what 'type:WanBlockLayer' weighs
 LAYERS = [0.0] + [1.0] * 30 + [0.0]

@@ -6,18 +6,26 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import ROOT, TINY_CONFIG, run_deepspeed
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_CONFIG, run_deepspeed
-from ds_dualparal import cli
-from ds_dualparal.checkpoint import Checkpoints, ResumeError, fingerprint_fields
-from ds_dualparal.config import ConfigError, DualParalConfig, load_config
-from ds_dualparal.denoise import GenerationPlan, WindowBuilder
-from ds_dualparal.generation import reference_latents
-from ds_dualparal.jobs import parse_job
-from ds_dualparal.prompts import block_mixes, block_segments, prompt_plan, video_frames
-from ds_dualparal.timeline import BlockTimeline
-from ds_dualparal.tiny import TINY_WAN_PATH, write_tiny_wan
+from ds_dualparal.cli.args import build_parser, config_from_args
+from ds_dualparal.cli.checks import unused_segments
+from ds_dualparal.cli.jobs import parse_job
+from ds_dualparal.cli.main import main as generate_main
+from ds_dualparal.config import ConfigError, load_config
+from ds_dualparal.output.checkpoint import Checkpoints, ResumeError, fingerprint_fields
+from ds_dualparal.pipeline.denoise import GenerationPlan, WindowBuilder
+from ds_dualparal.pipeline.generation import reference_latents
+from ds_dualparal.pipeline.prompts import (
+    block_mixes,
+    block_segments,
+    prompt_plan,
+    video_frames,
+)
+from ds_dualparal.pipeline.timeline import BlockTimeline
+from ds_dualparal.toy.tiny import write_tiny_wan
+from ds_dualparal.wan.weights import TINY_WAN_PATH
 
 FOX, LAKE, NIGHT = "a fox wakes up in a snowy forest", "the fox runs across a frozen lake", "the fox sleeps at night"
 
@@ -140,21 +148,21 @@ def test_the_prompts_flag_reads_a_json_file_and_names_the_segment(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     good = tmp_path / "story.json"
     good.write_text(json.dumps([seg(0, FOX), seg(13, LAKE, "dark")]))
-    args = cli.build_parser().parse_args(["--config", str(TINY_CONFIG), "--prompts", str(good),
+    args = build_parser().parse_args(["--config", str(TINY_CONFIG), "--prompts", str(good),
                                           "--prompt-transition", "1"])
-    cfg = cli.config_from_args(args)
+    cfg = config_from_args(args)
     assert cfg.prompt_schedule == ((0, FOX, ""), (13, LAKE, "dark")) and cfg.prompt_transition == 1
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([seg(0, FOX), seg(40, LAKE)]))
-    assert cli.main(["--config", str(TINY_CONFIG), "--prompts", str(bad), "--output", "v.mp4"]) == 2
+    assert generate_main(["--config", str(TINY_CONFIG), "--prompts", str(bad), "--output", "v.mp4"]) == 2
     assert capsys.readouterr().err == (
         "generate.py: error: --prompts[1]: from_frame 40 is past the video's last frame (20)\n")
-    assert cli.main(["--config", str(TINY_CONFIG), "--prompts", str(good), "--prompt", "a cat"]) == 2
+    assert generate_main(["--config", str(TINY_CONFIG), "--prompts", str(good), "--prompt", "a cat"]) == 2
     assert capsys.readouterr().err.startswith("generate.py: error: --prompts: given together with prompt")
     (tmp_path / "broken.json").write_text("[{]")
     for name, words in (("broken.json", "invalid JSON at line 1"), ("none.json", "file not found")):
         with pytest.raises(SystemExit) as info:
-            cli.main(["--config", str(TINY_CONFIG), "--prompts", str(tmp_path / name)])
+            generate_main(["--config", str(TINY_CONFIG), "--prompts", str(tmp_path / name)])
         assert info.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "argument --prompts" in err and words in err
@@ -173,7 +181,7 @@ def test_the_storyline_example_config_is_valid():
 
 
 def test_each_distinct_prompt_is_encoded_once(monkeypatch, tiny):
-    from ds_dualparal import text
+    from ds_dualparal.wan import text
 
     calls = []
     original = text.encode_prompts
@@ -257,7 +265,7 @@ def test_two_replicas_run_jobs_with_their_own_schedules(tmp_path, tiny):
 
 def test_a_segment_that_no_block_takes_is_said(tiny):
     cfg = tiny.with_overrides(prompts=[seg(0, FOX), seg(14, LAKE), seg(18, NIGHT)])  # middle frames 6, 16
-    assert cli.unused_segments(cfg) == [
+    assert unused_segments(cfg) == [
         "prompts[2] (from_frame 18) holds no block's middle frame, so no block takes its prompt; "
         "make it at least a block (8 video frames) long"]
-    assert cli.unused_segments(tiny) == []
+    assert unused_segments(tiny) == []

@@ -1,4 +1,4 @@
-"""The quality metrics (ds_dualparal/quality.py) on synthetic toy videos with and without a planted defect,
+"""The quality metrics (ds_dualparal/toy/quality.py) on synthetic toy videos with and without a planted defect,
 block_boundaries by hand, and a tiny sweep of the benchmark runner (launch/quality.py) on the embedded model."""
 
 from __future__ import annotations
@@ -10,11 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-
-from ds_dualparal import quality
-from ds_dualparal.toyvideo import BACKGROUND_MAX_SATURATION, COLOURS, OBJECT_MIN_SATURATION
-
 from conftest import ROOT
+
+from ds_dualparal.toy import quality
+from ds_dualparal.toy.toyvideo import (
+    BACKGROUND_MAX_SATURATION,
+    COLOURS,
+    OBJECT_MIN_SATURATION,
+)
 
 SIZE = 64
 FRAMES = 81  # 21 latent frames

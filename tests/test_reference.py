@@ -2,18 +2,17 @@
 
 import pytest
 import torch
+from conftest import RANDOM_TINY
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 from ds_dualparal.config import DualParalConfig
-from ds_dualparal.denoise import make_scheduler, run_reference
-from ds_dualparal.generation import build_plan
-from ds_dualparal.model import Conditioner, WanConfig, layer_specs
-from ds_dualparal.noise import initial_noise
-from ds_dualparal.timeline import BlockTimeline
-from ds_dualparal.tiny import write_tiny_wan
-from ds_dualparal.weights import FolderWeights, ModelFolder
-
-from conftest import RANDOM_TINY
+from ds_dualparal.pipeline.denoise import make_scheduler, run_reference
+from ds_dualparal.pipeline.generation import build_plan
+from ds_dualparal.pipeline.noise import initial_noise
+from ds_dualparal.pipeline.timeline import BlockTimeline
+from ds_dualparal.toy.tiny import write_tiny_wan
+from ds_dualparal.wan.model import Conditioner, WanConfig, layer_specs
+from ds_dualparal.wan.weights import FolderWeights, ModelFolder
 
 # The fp32 agreement with WanPipeline below (1e-5) was measured on the random tiny model; the trained
 # embedded one has larger activations and agrees to 1.4e-5 (same operations, another rounding).
@@ -149,7 +148,7 @@ def test_independent_noise_is_fresh_per_block_and_deterministic():
 def test_prompt_embeddings_are_wan_pipelines_and_the_encoder_loads_once(monkeypatch):
     from transformers import UMT5EncoderModel
 
-    from ds_dualparal.text import encode_prompts
+    from ds_dualparal.wan.text import encode_prompts
 
     loads = []
     original = UMT5EncoderModel.from_pretrained.__func__

@@ -7,18 +7,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TINY_CONFIG
 from deepspeed.runtime.pipe.topology import ProcessTopology
 from diffusers import AutoencoderKLWan
 
-from conftest import TINY_CONFIG
-from ds_dualparal.cli import build_parser
+from ds_dualparal.cli.args import build_parser
+from ds_dualparal.cli.jobs import MANIFEST, Job
+from ds_dualparal.cli.runner import JobFailed, OutputOptions, run_job
 from ds_dualparal.config import load_config
-from ds_dualparal.engine import GenerationRequest
 from ds_dualparal.files import OutputError
-from ds_dualparal.jobs import MANIFEST, Job
-from ds_dualparal.runner import JobFailed, OutputOptions, run_job
-from ds_dualparal.timeline import BlockTimeline
-from ds_dualparal.tiny import TINY_WAN_PATH
+from ds_dualparal.pipeline.engine import GenerationRequest
+from ds_dualparal.pipeline.timeline import BlockTimeline
+from ds_dualparal.wan.weights import TINY_WAN_PATH
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_an_output_that_cannot_be_opened_fails_the_job_in_step_with_the_other_st
 
 
 def test_a_single_video_write_error_is_a_failed_result_not_a_traceback(tmp_path, vae, monkeypatch):
-    monkeypatch.setattr("ds_dualparal.runner.save_file", _disk_full)
+    monkeypatch.setattr("ds_dualparal.cli.runner.save_file", _disk_full)
     out = tmp_path / "out"
     job = batch_job(out, save_latents=str(out / "a.safetensors"))
     args = build_parser().parse_args(["--output", str(job.output)])
@@ -129,7 +129,7 @@ def _disk_full(tensors, path):
 
 
 def test_check_finite():
-    from ds_dualparal.runner import check_finite
+    from ds_dualparal.cli.runner import check_finite
 
     check_finite(0, torch.zeros(2))
     with pytest.raises(JobFailed, match="block 3: 1 of 2 latent values are not finite"):

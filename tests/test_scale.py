@@ -3,14 +3,14 @@ predictions for those stage counts (the GPU runs of issues 7 and 8 need machines
 
 import pytest
 import torch
+from conftest import ROOT, run_deepspeed
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_deepspeed
 from ds_dualparal.config import load_config
-from ds_dualparal.generation import reference_latents
-from ds_dualparal.planner import Costs, simulate
-from ds_dualparal.timeline import BlockTimeline
-from ds_dualparal.tiny import write_tiny_wan
+from ds_dualparal.pipeline.generation import reference_latents
+from ds_dualparal.pipeline.planner import Costs, simulate
+from ds_dualparal.pipeline.timeline import BlockTimeline
+from ds_dualparal.toy.tiny import write_tiny_wan
 
 TINY = ROOT / "ds_configs" / "tiny.json"
 

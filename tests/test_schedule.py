@@ -7,11 +7,21 @@ from pathlib import Path
 import pytest
 from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
 
-from ds_dualparal import planner
-from ds_dualparal.planner import Costs, DeadlockError, main, simulate
-from ds_dualparal.schedule import (DualParalSchedule, EmitBlock, ForwardLayers, LoadWindow, RecvActivation,
-                                   RecvPrediction, SchedulerStep, SendActivation, SendPrediction, stage_streams)
-from ds_dualparal.timeline import BlockTimeline
+from ds_dualparal.pipeline import planner
+from ds_dualparal.pipeline.planner import Costs, DeadlockError, main, simulate
+from ds_dualparal.pipeline.schedule import (
+    DualParalSchedule,
+    EmitBlock,
+    ForwardLayers,
+    LoadWindow,
+    RecvActivation,
+    RecvPrediction,
+    SchedulerStep,
+    SendActivation,
+    SendPrediction,
+    stage_streams,
+)
+from ds_dualparal.pipeline.timeline import BlockTimeline
 
 PACKAGE = Path(__file__).resolve().parent.parent / "ds_dualparal"
 
@@ -342,7 +352,7 @@ def test_planner_cli_requires_arguments():
     assert info.value.code == 2
 
 
-@pytest.mark.parametrize("module", ["timeline.py", "schedule.py", "planner.py"])
+@pytest.mark.parametrize("module", ["pipeline/timeline.py", "pipeline/schedule.py", "pipeline/planner.py"])
 def test_module_imports_no_torch(module):
     source = (PACKAGE / module).read_text()
     assert not re.search(r"^\s*(import torch|from torch)\b", source, re.MULTILINE)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
-from ds_dualparal.stream import BlockOutput
-from ds_dualparal.video import StreamingDecoder, to_uint8_frames
+from ds_dualparal.output.stream import BlockOutput
+from ds_dualparal.output.video import StreamingDecoder, to_uint8_frames
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds_dualparal.timeline import BlockStep, BlockTimeline
+from ds_dualparal.pipeline.timeline import BlockStep, BlockTimeline
 
 
 @st.composite

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from ds_dualparal.config import WAN22_BOUNDARY_RATIO
-from ds_dualparal.tiny import TINY_WAN_PATH, main, write_tiny_wan
+from ds_dualparal.toy.tiny import main
+from ds_dualparal.wan.weights import TINY_WAN_PATH
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 

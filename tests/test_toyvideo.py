@@ -1,4 +1,4 @@
-"""The procedural toy videos (ds_dualparal.toyvideo) and the tiny tokenizer and random weights around them."""
+"""The procedural toy videos (ds_dualparal.toy.toyvideo) and the tiny tokenizer and random weights around them."""
 
 import hashlib
 import json
@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from ds_dualparal import toyvideo as tv
-from ds_dualparal.tiny import TINY_WAN_PATH, build_tokenizer, write_tiny_wan
+from ds_dualparal.toy import toyvideo as tv
+from ds_dualparal.toy.tiny import build_tokenizer, write_tiny_wan
+from ds_dualparal.wan.weights import TINY_WAN_PATH
 
 H = W = 64
 

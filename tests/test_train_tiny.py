@@ -6,12 +6,12 @@ import sys
 
 import numpy as np
 import torch
+from conftest import ROOT, TINY_CONFIG, run_generate, subprocess_env
 from diffusers import WanPipeline
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_CONFIG, run_generate, subprocess_env
-from ds_dualparal import toyvideo
-from ds_dualparal.tiny import build_text_encoder
+from ds_dualparal.toy import toyvideo
+from ds_dualparal.toy.tiny import build_text_encoder
 
 TRAIN = ROOT / "launch" / "train_tiny.py"
 

@@ -11,7 +11,12 @@ from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 
 from ds_dualparal.files import OutputError
-from ds_dualparal.video import Mp4Writer, StreamingDecoder, save_frames, to_uint8_frames
+from ds_dualparal.output.video import (
+    Mp4Writer,
+    StreamingDecoder,
+    save_frames,
+    to_uint8_frames,
+)
 
 # Wan 2.1's VAE, and Wan 2.2's (residual up blocks whose first_chunk handling matters, 2x2 patches).
 VAE_FLAVOURS = {
@@ -208,7 +213,7 @@ DISK_FULL = """
 import resource, signal, sys
 import numpy as np
 from ds_dualparal.files import OutputError
-from ds_dualparal.video import Mp4Writer
+from ds_dualparal.output.video import Mp4Writer
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 frames = np.random.default_rng(0).integers(0, 256, size=(8, 64, 64, 3), dtype=np.uint8)

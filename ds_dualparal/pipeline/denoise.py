@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-from .config import SCHEDULERS
-from .model import Conditioner, FeatureCache, WindowState
+from ..config import SCHEDULERS
+from ..wan.model import Conditioner, FeatureCache, WindowState
 from .timeline import BlockStep, BlockTimeline
 
 # Wan's UniPC settings, for folders whose scheduler config is missing.

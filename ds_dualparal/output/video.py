@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-
 import subprocess
 import tempfile
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
 
-from .files import OutputError, atomic_output
+from ..files import OutputError, atomic_output
 
 logger = logging.getLogger(__name__)
 MACRO_BLOCK = 16

@@ -25,7 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec
 from diffusers.models.attention import FeedForward
-from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.models.attention_dispatch import (
+    AttentionBackendName,
+    dispatch_attention_fn,
+)
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import (
     WanRotaryPosEmbed,
@@ -202,7 +205,7 @@ class WindowState:
 
 
 class WeightSource(ABC):
-    """Fills a meta-built layer with real tensors (see `ds_dualparal.weights`)."""
+    """Fills a meta-built layer with real tensors (see `ds_dualparal.wan.weights`)."""
 
     @abstractmethod
     def materialize(self, module: nn.Module, prefix: str) -> None:

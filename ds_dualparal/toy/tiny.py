@@ -1,6 +1,6 @@
 """Write a tiny random Wan2.1-T2V pipeline in diffusers format, so demos and tests need no download.
 
-    python -m ds_dualparal.tiny OUT_DIR [--two-experts] [--layers N] [--seed S]
+    python -m ds_dualparal.toy.tiny OUT_DIR [--two-experts] [--layers N] [--seed S]
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import shutil
 
 import torch
 
+from ..config import TEXT_TOKENS, WAN22_BOUNDARY_RATIO
+from ..report import stdout_report
 from . import toyvideo
-from .config import TEXT_TOKENS, WAN22_BOUNDARY_RATIO
-from .report import stdout_report
 
 logger = logging.getLogger(__name__)
 
-TINY_WAN_PATH = pathlib.Path(__file__).parent / "assets" / "tiny-wan"
 
 TEXT_DIM = 32
 # Small enough that even the tiny transformer is written as several shards, as real Wan checkpoints are.
@@ -40,7 +39,7 @@ _CORPUS = (
     "a panda eats bamboo and a fox sleeps in the snow",
     "time lapse of a busy road, people walking, many cars",
 )
-# The toy videos' words (ds_dualparal.toyvideo), appended after the sentences above so that their ids,
+# The toy videos' words (ds_dualparal.toy.toyvideo), appended after the sentences above so that their ids,
 # assigned in corpus order, stay what they were.
 _TOY_CORPUS = (
     toyvideo.PROMPT_TEMPLATE.format(colour="", shape="", motion="", background=""),
@@ -235,7 +234,7 @@ def write_tiny_wan(path, *, seed: int = 0, two_experts: bool = False, num_layers
 
 def main(argv=None) -> int:
     """CLI: write a tiny Wan checkpoint to OUT_DIR."""
-    parser = argparse.ArgumentParser(prog="python -m ds_dualparal.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ds_dualparal.toy.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument(
         "--two-experts", action="store_true", help="add transformer_2 and boundary_ratio (Wan2.2 style)"
@@ -246,7 +245,7 @@ def main(argv=None) -> int:
     if args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
     out = write_tiny_wan(args.out_dir, seed=args.seed, two_experts=args.two_experts, num_layers=args.layers)
-    stdout_report("ds_dualparal.tiny.report").info("%s", out)  # the folder written, for scripts
+    stdout_report("ds_dualparal.toy.tiny.report").info("%s", out)  # the folder written, for scripts
     return 0
 
 

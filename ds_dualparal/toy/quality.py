@@ -48,8 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import TEMPORAL_FACTOR
-from .timeline import BlockTimeline
+from ..config import TEMPORAL_FACTOR
+from ..pipeline.timeline import BlockTimeline
 from .toyvideo import BACKGROUND_MAX_SATURATION, COLOURS, OBJECT_MIN_SATURATION, SHAPES
 
 SATURATION_THRESHOLD = (BACKGROUND_MAX_SATURATION + OBJECT_MIN_SATURATION) / 2

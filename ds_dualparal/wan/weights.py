@@ -17,6 +17,8 @@ from safetensors import safe_open
 
 from .model import WeightSource, keeps_fp32
 
+# The embedded default model (`launch/train_tiny.py` made it), shipped with the package.
+TINY_WAN_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny-wan"
 _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -154,8 +156,6 @@ class ModelFolder:
 def resolve_model(model: str | None) -> Path:
     """A local folder as given, the embedded tiny model for None, else a hub id to download."""
     if model is None:
-        from .tiny import TINY_WAN_PATH
-
         return TINY_WAN_PATH
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")):

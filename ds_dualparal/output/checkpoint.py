@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -38,9 +37,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import LATENTS_FIELDS
-from .denoise import BlockLatents, GenerationPlan
-from .files import atomic_output, fsync
+from ..config import LATENTS_FIELDS
+from ..files import atomic_output, fsync
+from ..pipeline.denoise import BlockLatents, GenerationPlan
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class ResumeError(ValueError):
 
 def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
     """What the latents of `cfg` depend on, as JSON values."""
-    from .modelcheck import weights_fingerprint
+    from ..wan.modelcheck import weights_fingerprint
 
     fields = cfg.model_dump(mode="json", include=set(LATENTS_FIELDS))
     # the model's content (weights, configs, tokenizer, scheduler), not its path: another model at the
@@ -145,7 +144,7 @@ class Checkpoints:
 
     def _read(self, path: Path, iteration: int, cfg=None, plan: GenerationPlan | None = None):
         """(latents, state, scheduler tensors) of the checkpoint at `path`, checked against the run."""
-        from .timeline import BlockTimeline
+        from ..pipeline.timeline import BlockTimeline
 
         if plan is not None:
             timeline, size = plan.timeline, (plan.latent_height, plan.latent_width)

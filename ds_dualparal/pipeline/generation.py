@@ -14,17 +14,17 @@ from dataclasses import dataclass, replace
 import torch
 from deepspeed.runtime.pipe.topology import ProcessTopology
 
+from ..config import WAN22_BOUNDARY_RATIO, DualParalConfig
+from ..wan.lora import tensors_read as lora_tensors_read
+from ..wan.lora import with_loras
+from ..wan.model import Conditioner, WanConfig, layer_specs
+from ..wan.weights import FolderWeights, ModelFolder, RandomWeights, resolve_model
 from . import comm
-from .config import WAN22_BOUNDARY_RATIO, DualParalConfig
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine, GenerationRequest, StageStats
-from .lora import tensors_read as lora_tensors_read
-from .lora import with_loras
-from .model import Conditioner, WanConfig, layer_specs
 from .noise import initial_noise
 from .prompts import prompt_plan
 from .timeline import BlockTimeline
-from .weights import FolderWeights, ModelFolder, RandomWeights, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Generator:
         distinct prompt once), else None. Per job: its distinct texts stacked (prompts.PromptPlan)."""
         if not self.is_first:
             return [None] * len(cfgs)
-        from .text import encode_jobs
+        from ..wan.text import encode_jobs
 
         return encode_jobs(self.folder.path, cfgs, self.device, self.dtype)
 
@@ -177,7 +177,7 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
     for wan, weights in zip(configs, sources):
         layers = [spec.build() for spec in layer_specs(wan, weights, cfg.attention_backend)]
         experts.append((Conditioner(wan, weights).to(device), layers))
-    from .text import encode_jobs
+    from ..wan.text import encode_jobs
 
     [text] = encode_jobs(folder.path, [cfg], device, dtype)
     scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TEXT_TOKENS
-from .prompts import prompt_plan
+from ..config import TEXT_TOKENS
+from ..pipeline.prompts import prompt_plan
 
 
 def encode_prompts(

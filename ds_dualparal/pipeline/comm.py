@@ -25,7 +25,7 @@ import deepspeed.comm as dist
 import torch
 import torch.distributed
 
-from .files import free_port
+from ..files import free_port
 
 log = logging.getLogger(__name__)
 

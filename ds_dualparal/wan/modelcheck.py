@@ -18,7 +18,7 @@ import os
 import struct
 from pathlib import Path
 
-from .files import DuplicateKeyError, no_duplicate_keys
+from ..files import DuplicateKeyError, no_duplicate_keys
 from .weights import ModelError, ModelFolder
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .flops import block_step_flops
-from .model import WanConfig
+from ..wan.flops import block_step_flops
+from ..wan.model import WanConfig
 from .timeline import BlockTimeline
 
 VAE_SPATIAL = 8

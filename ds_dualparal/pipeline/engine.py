@@ -29,15 +29,15 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import ProcessTopology
 from deepspeed.runtime.utils import partition_balanced
 
+from ..config import TEXT_TOKENS
+from ..wan.model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
 from . import schedule as sched
 from .comm import PipeComm, Transfers
-from .config import TEXT_TOKENS
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
-from .model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
 from .timeline import BlockStep
 
 if TYPE_CHECKING:
-    from .checkpoint import Resume
+    from ..output.checkpoint import Resume
 
 log = logging.getLogger(__name__)
 

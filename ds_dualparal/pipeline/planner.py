@@ -2,16 +2,27 @@
 
 The simulator runs every stage's instruction stream (``stage_streams``) against per-instruction
 costs, pairs every send with its receive in FIFO order, and checks the dataflow the engine relies
-on. ``python -m ds_dualparal.planner --help`` predicts the latency of a configuration.
+on. ``python -m ds_dualparal.pipeline.planner --help`` predicts the latency of a configuration.
 """
 
 import argparse
 from collections import deque
 from dataclasses import dataclass, field
 
-from .report import stdout_report
-from .schedule import (EmitBlock, ForwardLayers, LoadWindow, RecvActivation, RecvPrediction,
-                       SchedulerStep, SendActivation, SendPrediction, block_steps_from, stage_streams, tick_table)
+from ..report import stdout_report
+from .schedule import (
+    EmitBlock,
+    ForwardLayers,
+    LoadWindow,
+    RecvActivation,
+    RecvPrediction,
+    SchedulerStep,
+    SendActivation,
+    SendPrediction,
+    block_steps_from,
+    stage_streams,
+    tick_table,
+)
 from .timeline import BlockTimeline
 
 
@@ -312,7 +323,7 @@ def _non_negative_float(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ds_dualparal.planner",
+        prog="python -m ds_dualparal.pipeline.planner",
         description="Predict the latency of DualParal generation on a pipeline of N stages.")
     parser.add_argument("--stages", type=_positive_int, required=True, help="pipeline stages (GPUs)")
     parser.add_argument("--frames", type=_positive_int, required=True, help="latent frames F")
@@ -345,7 +356,7 @@ def main(argv=None) -> int:
     one_device = simulate(timeline, 1, Costs([args.block_step_seconds], 0.0, args.scheduler_seconds,
                                              args.tick_seconds), overlap=True)
     block_steps = timeline.num_blocks * timeline.num_steps
-    report = stdout_report("ds_dualparal.planner.report")
+    report = stdout_report("ds_dualparal.pipeline.planner.report")
     report.info("blocks: %d (block 0: %d frames), block-steps: %d, iterations: %d", timeline.num_blocks,
                 timeline.block_len(0), block_steps, timeline.num_iterations)
     report.info("predicted seconds (overlapped, as the engine runs): %.3f (1 device: %.3f, speedup %.2fx)",

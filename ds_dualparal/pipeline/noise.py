@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import NOISE_MODES
+from ..config import NOISE_MODES
 from .timeline import BlockTimeline
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from .config import ConfigError
+from ..config import ConfigError
 from .model import Conditioner, WanConfig, WeightSource, layer_specs
 
 log = logging.getLogger(__name__)
@@ -139,7 +138,9 @@ class LoraFile:
 
     def _convert(self, keys, shapes, alphas) -> dict[str, tuple[str, float]]:
         """diffusers name -> (file key, factor), from diffusers' converter run on placeholders."""
-        from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+        from diffusers.loaders.lora_conversion_utils import (
+            _convert_non_diffusers_wan_lora_to_diffusers,
+        )
 
         placeholders = {}
         for number, key in enumerate(keys):

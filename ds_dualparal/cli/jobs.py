@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import FLAGS, MODEL_FIELDS, ConfigError, DualParalConfig
-from .files import DuplicateKeyError, append_line, is_temporary_name, no_duplicate_keys, same_file_key
+from ..config import FLAGS, MODEL_FIELDS, ConfigError, DualParalConfig
+from ..files import (
+    DuplicateKeyError,
+    append_line,
+    is_temporary_name,
+    no_duplicate_keys,
+    same_file_key,
+)
 
 log = logging.getLogger(__name__)
 

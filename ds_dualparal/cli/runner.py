@@ -15,14 +15,15 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import comm, interrupt
-from .checkpoint import Checkpoints
-from .engine import Checkpointing
-from .files import OutputError, atomic_output
-from .generation import Result
+from ..files import OutputError, atomic_output
+from ..output.checkpoint import Checkpoints
+from ..output.stream import BlockOutput, FrameSink
+from ..output.video import Mp4Writer, StreamingDecoder, save_frames
+from ..pipeline import comm
+from ..pipeline.engine import Checkpointing
+from ..pipeline.generation import Result
+from . import interrupt
 from .jobs import record
-from .stream import BlockOutput, FrameSink
-from .video import Mp4Writer, StreamingDecoder, save_frames
 
 log = logging.getLogger(__name__)
 

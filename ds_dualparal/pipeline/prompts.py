@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 
-from .config import TEMPORAL_FACTOR
+from ..config import TEMPORAL_FACTOR
 from .timeline import BlockTimeline
 
 
