@@ -226,6 +226,11 @@ class DualParalConfig(BaseModel):
         scope="job", latents=True, flag="prompts", flag_options={"type": read_prompts_file, "metavar": "FILE"},
         strict=False,
     )
+    image: str | None = setting(
+        None, "PNG or JPEG file: the video's first frame, for image-to-video models (Wan2.1-I2V, Wan2.2-I2V, "
+        "Wan2.2-TI2V); see docs/image-to-video.md.",
+        scope="job", latents=True, flag="image", min_length=1,
+    )
     prompt_transition: int = setting(
         0, "Blocks over which the text embeddings are blended linearly around each change of prompts (0: a cut).",
         scope="job", latents=True, flag="prompt_transition", ge=0,

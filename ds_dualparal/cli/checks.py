@@ -160,14 +160,29 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
     """Refuses (one line) a job that cannot fit the device; returns what each other job costs, as
     (log level, line) for rank 0 to say once every check has passed."""
     from ..pipeline.estimate import device_memory, estimate, refusal
+    from ..pipeline.image import image_input, job_problem, read_vae_config, spatial_factor
+    from ..wan.modelcheck import read_json
+    from ..wan.weights import resolve_model
 
     memory = device_memory(device_type)
     costs = []
     schedules: dict[tuple, str | None] = {}
+    configs = [job.config for job in jobs if job.config is not None]
+    if configs:  # the model is the same for every job (a model-level setting)
+        model_path = resolve_model(configs[0].model)
+        index = read_json(model_path / "model_index.json") if (model_path / "model_index.json").is_file() else {}
+        spatial, mode = spatial_factor(read_vae_config(model_path)), image_input(model_path, wan, index)
     for job in jobs:
         if job.config is None or job.done:
             continue
         cfg = job.config
+        problem = job_problem(cfg, mode, spatial, wan.patch_size)
+        if problem is not None:
+            field, why = problem
+            if args.jobs is None:
+                raise ConfigError(f"--{field}: {why}")
+            job.error, job.config = f"{field}: {why}", None
+            continue
         key = (cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, cfg.model)
         if key not in schedules:
             schedules[key] = scheduler_problem(cfg)
@@ -176,7 +191,7 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
                 raise ConfigError(f"--steps/--scheduler/--flow-shift: {schedules[key]}")
             job.error, job.config = f"num_inference_steps/scheduler/flow_shift: {schedules[key]}", None
             continue
-        work = estimate(job.config, wan)
+        work = estimate(job.config, wan, spatial, mode.clip_tokens if mode is not None and cfg.image else 0)
         reason = refusal(work, memory)
         if reason is None:
             costs.extend((logging.WARNING, f"{job.name}: {line}") for line in unused_segments(job.config))

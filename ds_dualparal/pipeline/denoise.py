@@ -17,6 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from ..config import SCHEDULERS
 from ..wan.model import Conditioner, FeatureCache, WindowState
+from .image import ImageCondition
 from .timeline import BlockStep, BlockTimeline
 
 # Wan's UniPC settings, for folders whose scheduler config is missing.
@@ -57,6 +58,10 @@ class GenerationPlan:
     # None: every block uses text 0 as is.
     num_texts: int = 1
     text_mixes: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    # Image-to-video (image.py): CLIP tokens shared with every stage (0: none), and whether the first
+    # latent frame is the image's, held clean at timestep 0 (Wan2.2-TI2V).
+    image_tokens: int = 0
+    clean_first_frame: bool = False
 
     @property
     def cfg(self) -> bool:
@@ -99,13 +104,17 @@ class GenerationPlan:
 class WindowBuilder:
     """Makes a block-step's `WindowState` on one stage: its own timestep and text embeddings, RoPE, cache flags."""
 
-    def __init__(self, plan: GenerationPlan, conditioners: list[Conditioner], texts: torch.Tensor, device):
+    def __init__(self, plan: GenerationPlan, conditioners: list[Conditioner], texts: torch.Tensor, device,
+                 image: torch.Tensor | None = None):
         self.plan = plan
         self.conditioners = conditioners
         # (num_texts, batch, L, text_dim): the plan's distinct texts, each cond then uncond
         assert texts.ndim == 4 and texts.shape[0] == plan.num_texts, (
             f"text embeddings of shape {tuple(texts.shape)}; the plan has {plan.num_texts} text(s)")
         self.texts = texts
+        # (1, tokens, image_dim): the image's CLIP tokens, the same for cond and uncond as in diffusers
+        assert (image is None) == (plan.image_tokens == 0), "image tokens without a plan for them, or none given"
+        self.image = None if image is None else image.expand(plan.batch, *image.shape[1:])
         self.device = torch.device(device)
         self.timesteps = plan.timesteps.to(self.device)  # once, not a host-to-device copy per block-step
         self.cache = FeatureCache()
@@ -136,10 +145,18 @@ class WindowBuilder:
         b, s, i = step.block, step.step, step.iteration
         expert = plan.expert(s)
         t = self.timesteps[s]
-        temb, timestep_proj, text = self.conditioners[expert].embed(t.expand(plan.batch), self.text(b))
         frames = plan.window_frames(b)
-        read_cache = timeline.has_cache(b, i)
         height, width = plan.patch_grid
+        if plan.clean_first_frame and b == 0:
+            # diffusers' expand_timesteps: one timestep per token, 0 on the clean first frame's tokens
+            mask = torch.ones(frames, height, width, device=self.device)
+            mask[0] = 0
+            timesteps = (mask * t).flatten().expand(plan.batch, -1)
+            temb, timestep_proj, text = self.conditioners[expert].embed(
+                timesteps.flatten(), self.text(b), self.image, timestep_seq_len=timesteps.shape[1])
+        else:
+            temb, timestep_proj, text = self.conditioners[expert].embed(t.expand(plan.batch), self.text(b), self.image)
+        read_cache = timeline.has_cache(b, i)
         rope_frames = frames + (timeline.context if read_cache else 0)
         capture = None
         if b >= 1 and i - (b - 1) < timeline.num_steps and timeline.has_cache(b - 1, i):
@@ -194,9 +211,19 @@ class BlockLatents:
     """
 
     def __init__(self, plan: GenerationPlan, latents: list[torch.Tensor], scheduler, device,
-                 states: dict[int, dict] | None = None):
+                 states: dict[int, dict] | None = None, condition: ImageCondition | None = None):
         self.plan = plan
         self.latents = [n.to(device=device, dtype=torch.float32) for n in latents]
+        # image-to-video: the condition channels of the whole video, or block 0's clean first frame
+        self.channels = first_frame = None
+        if condition is not None:
+            if condition.channels is not None:
+                self.channels = condition.channels.to(device=device, dtype=torch.float32)
+            if condition.first_frame is not None:
+                first_frame = condition.first_frame.to(device=device, dtype=torch.float32)
+        assert (first_frame is not None) == plan.clean_first_frame, "a clean first frame needs its latent"
+        self.first_frame = first_frame
+        self._keep_first_frame()
         self.fresh = copy.deepcopy(scheduler)
         self.schedulers = [copy.deepcopy(self.fresh) for _ in latents]
         for block, state in (states or {}).items():
@@ -216,12 +243,26 @@ class BlockLatents:
         """Model input: the last c frames of block-1 as they stand, then the block's frames."""
         context = self.plan.timeline.context
         if block == 0 or context == 0:
-            return self.latents[block]
-        return torch.cat([self.latents[block - 1][:, :, -context:], self.latents[block]], dim=2)
+            window = self.latents[block]
+        else:
+            window = torch.cat([self.latents[block - 1][:, :, -context:], self.latents[block]], dim=2)
+        if self.channels is not None:  # the window's own slice of the mask and condition latents
+            start, stop = self.plan.timeline.window_range(block)
+            window = torch.cat([window, self.channels[:, :, start:stop]], dim=1)
+        return window
 
     def step(self, block: int, step: int, pred: torch.Tensor) -> None:
         t = self.plan.timesteps[step]
         self.latents[block] = self.schedulers[block].step(pred, t, self.latents[block], return_dict=False)[0]
+        if block == 0:
+            self._keep_first_frame()
+
+    def _keep_first_frame(self) -> None:
+        """The image's latent in place of block 0's first frame, as diffusers' expand_timesteps path puts it
+        in the model input and the final latents. The scheduler works element by element, so what it
+        made of that frame touches no other frame."""
+        if self.first_frame is not None:
+            self.latents[0] = torch.cat([self.first_frame, self.latents[0][:, :, 1:]], dim=2)
 
     def block(self, block: int) -> torch.Tensor:
         return self.latents[block]
@@ -234,15 +275,17 @@ def batched_window(window: torch.Tensor, batch: int) -> torch.Tensor:
     return window.expand(batch, *window.shape[1:])
 
 
-def run_reference(plan, experts, texts, noise, scheduler, device="cpu", on_block_done=None) -> torch.Tensor:
+def run_reference(plan, experts, texts, noise, scheduler, device="cpu", on_block_done=None,
+                  image: ImageCondition | None = None) -> torch.Tensor:
     """Sequential DualParal: every block-step through every layer, in timeline order.
 
     `experts`: per expert, (Conditioner, [embed, block layers..., head]); `texts`: the plan's text
-    embeddings stacked (num_texts, batch, L, text_dim). Returns (1, C, F, h, w).
+    embeddings stacked (num_texts, batch, L, text_dim); `image`: the job's image condition, if any.
+    Returns (1, C, F, h, w).
     """
     conditioners = [conditioner for conditioner, _ in experts]
-    build = WindowBuilder(plan, conditioners, texts, device)
-    latents = BlockLatents(plan, noise, scheduler, device)
+    build = WindowBuilder(plan, conditioners, texts, device, None if image is None else image.embeds)
+    latents = BlockLatents(plan, noise, scheduler, device, condition=image)
     with torch.no_grad():
         for step in plan.timeline.block_steps():
             state = build(step)

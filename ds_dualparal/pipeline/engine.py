@@ -34,6 +34,7 @@ from ..wan.model import Conditioner, WanBlockLayer, WanConfig, WeightSource, lay
 from . import schedule as sched
 from .comm import PipeComm, Transfers
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
+from .image import ImageCondition
 from .timeline import BlockStep
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class GenerationRequest:
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     on_step: Callable[[], object] | None = None
     on_block_done: Callable[[int, torch.Tensor], object] | None = None
+    image: ImageCondition | None = None  # image-to-video: the first stage's; every stage's embeds once shared
     timing: bool = False  # record CUDA events around every ForwardLayers (benchmarks)
     overlap: bool = True  # False: wait for each tick's transfers at its end (lockstep; benchmarks compare)
 
@@ -209,8 +211,21 @@ class DualParalEngine:
         assert tuple(text.shape) == shape, f"text embeddings of shape {tuple(text.shape)}, the plan needs {shape}"
         return self.comm.broadcast_from_first(text.to(self.device, self.dtype).contiguous())
 
+    def share_image(self, image: ImageCondition | None, plan: GenerationPlan) -> ImageCondition | None:
+        """The job's image condition, with its CLIP tokens (encoded on the first stage) on every stage of
+        the replica: one broadcast, when the plan has image tokens. The rest stays on the first stage."""
+        if not plan.image_tokens:
+            return image
+        shape = (1, plan.image_tokens, self.config.image_dim)
+        if not self.is_first:
+            image = ImageCondition(embeds=torch.empty(shape, dtype=self.dtype, device=self.device))
+        assert tuple(image.embeds.shape) == shape, f"image tokens of shape {tuple(image.embeds.shape)}, the plan needs {shape}"
+        embeds = self.comm.broadcast_from_first(image.embeds.to(self.device, self.dtype).contiguous())
+        return ImageCondition(embeds, image.channels, image.first_frame)
+
     def generate(self, request: GenerationRequest) -> GenerationOutput:
-        """Runs one generation; `request.text` must already be on every stage (`share_text`)."""
+        """Runs one generation; `request.text` (and `request.image`'s tokens) must already be on every
+        stage (`share_text`, `share_image`)."""
         run = _Run(self, request)
         checkpointing = request.checkpointing
         schedule = sched.DualParalSchedule(request.plan.timeline, self.comm.num_stages, self.stage,
@@ -234,16 +249,19 @@ class _Run:
         self.engine = engine
         self.request = request
         self.plan = plan = request.plan
-        self.build = WindowBuilder(plan, engine.conditioners, request.text, engine.device)
+        image = request.image
+        self.build = WindowBuilder(plan, engine.conditioners, request.text, engine.device,
+                                   None if image is None else image.embeds)
         self.stats = StageStats()
         self.latents = None
         if engine.is_first:
             resume = request.checkpointing.resume
             assert (resume is None) == (request.checkpointing.start == 0), "a resumed run starts from a checkpoint's state"
             if resume is None:
-                self.latents = BlockLatents(plan, request.noise, request.scheduler, engine.device)
+                self.latents = BlockLatents(plan, request.noise, request.scheduler, engine.device, condition=image)
             else:
-                self.latents = BlockLatents(plan, resume.latents, request.scheduler, engine.device, resume.schedulers)
+                self.latents = BlockLatents(plan, resume.latents, request.scheduler, engine.device, resume.schedulers,
+                                            condition=image)
         self.states = {}
         self.predictions = {}
         self.sends: list[tuple[torch.Tensor, int]] = []

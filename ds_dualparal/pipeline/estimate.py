@@ -2,7 +2,8 @@
 cannot fit before any weights load.
 
 Deliberately simple and a lower bound (weights and framework overhead are not counted):
-- latents: the first stage keeps every block's latents and initial noise in fp32;
+- latents: the first stage keeps every block's latents and initial noise in fp32 (and, for an
+  image-to-video model, the job's mask and condition latents: the transformer's extra input channels);
 - one block-step's activations: the window's tokens (plus the cached tokens of the next block) times
   the model width, ~16 tensors of that size alive at once, in the run's dtype, twice with CFG;
 - the feature cache: keys and values of the next block's context frames, per transformer block.
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 
 from ..wan.flops import block_step_flops
 from ..wan.model import WanConfig
+from .image import DEFAULT_SPATIAL_FACTOR
 from .timeline import BlockTimeline
 
-VAE_SPATIAL = 8
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LIVE_TENSORS = 16
 GiB = 2**30
@@ -43,20 +44,22 @@ class Work:
                 f"~{self.tflop:.3g} TFLOP, at least {self.first_stage_bytes / GiB:.3g} GiB on the first stage")
 
 
-def estimate(cfg, wan: WanConfig) -> Work:
+def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_tokens: int = 0) -> Work:
+    """`spatial`: the VAE's spatial factor; `image_tokens`: CLIP tokens in every cross-attention."""
     timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
     _, p_h, p_w = wan.patch_size
-    h, w = cfg.height // VAE_SPATIAL, cfg.width // VAE_SPATIAL
+    h, w = cfg.height // spatial, cfg.width // spatial
     per_frame = (h // p_h) * (w // p_w)
     longest = max(timeline.block_len(0), cfg.block_size)
     window = (longest + cfg.context) * per_frame
     cached = cfg.context * per_frame
     batch = 2 if cfg.do_classifier_free_guidance else 1
     dtype = DTYPE_BYTES[cfg.dtype]
-    latents = 2 * wan.in_channels * cfg.latent_frames * h * w * 4
+    condition = wan.in_channels - wan.out_channels if cfg.image else 0
+    latents = (2 * wan.out_channels + condition) * cfg.latent_frames * h * w * 4
     activations = LIVE_TENSORS * batch * (window + cached) * wan.inner_dim * dtype
     cache = 2 * wan.num_layers * batch * cached * wan.inner_dim * dtype
-    flop = timeline.num_blocks * timeline.num_steps * block_step_flops(wan, window, cached, batch)
+    flop = timeline.num_blocks * timeline.num_steps * block_step_flops(wan, window, cached, batch, image_tokens)
     return Work(cfg.latent_frames, timeline.num_blocks, timeline.num_steps, window, cached, flop / 1e12,
                 latents + activations + cache)
 

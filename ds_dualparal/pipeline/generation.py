@@ -22,6 +22,7 @@ from ..wan.weights import FolderWeights, ModelFolder, RandomWeights, resolve_mod
 from . import comm
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine, GenerationRequest, StageStats
+from .image import DEFAULT_SPATIAL_FACTOR, ImageInput, encode_image, image_input, read_vae_config, spatial_factor
 from .noise import initial_noise
 from .prompts import prompt_plan
 from .timeline import BlockTimeline
@@ -29,24 +30,27 @@ from .timeline import BlockTimeline
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VAE_SPATIAL = 8
 
 
-def build_plan(cfg: DualParalConfig, wan: WanConfig, scheduler, boundary_ratio: float | None, num_experts: int) -> GenerationPlan:
-    """The rank-independent description of one generation."""
+def build_plan(cfg: DualParalConfig, wan: WanConfig, scheduler, boundary_ratio: float | None, num_experts: int,
+               spatial: int = DEFAULT_SPATIAL_FACTOR, image: ImageInput | None = None) -> GenerationPlan:
+    """The rank-independent description of one generation; `spatial` is the VAE's spatial factor and
+    `image` how the model takes the job's image (used only when the job has one)."""
     timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
     guidance = (cfg.guidance_scale, cfg.low_noise_guidance_scale)[:num_experts]
     prompts = prompt_plan(cfg, timeline)
     return GenerationPlan(
         timeline=timeline,
         timesteps=scheduler.timesteps.clone(),
-        latent_height=cfg.height // VAE_SPATIAL,
-        latent_width=cfg.width // VAE_SPATIAL,
+        latent_height=cfg.height // spatial,
+        latent_width=cfg.width // spatial,
         patch_size=wan.patch_size,
         guidance=guidance,
         boundary_timestep=None if boundary_ratio is None else boundary_ratio * 1000,
         num_texts=len(prompts.texts),
         text_mixes=prompts.mixes,
+        image_tokens=image.clip_tokens if image is not None and cfg.image else 0,
+        clean_first_frame=image is not None and bool(cfg.image) and image.mode == "first_frame",
     )
 
 
@@ -73,11 +77,14 @@ class Generator:
             expert_configs = [WanConfig.from_json(f / "config.json") for f in self.folder.experts]
             weights = [FolderWeights(f, self.dtype, self.device) for f in self.folder.experts]
             self.boundary_ratio = self.folder.boundary_ratio
+            self.spatial = spatial_factor(read_vae_config(self.folder.path))
+            self.image_input = image_input(self.folder.path, expert_configs[0], self.folder.index)
         else:
             self.folder = None
             expert_configs = random_weights
             weights = [RandomWeights(cfg.seed + e, self.dtype, self.device) for e in range(len(random_weights))]
             self.boundary_ratio = WAN22_BOUNDARY_RATIO if len(random_weights) == 2 else None
+            self.spatial, self.image_input = DEFAULT_SPATIAL_FACTOR, None
         weights = with_loras(weights, expert_configs, cfg.loras)
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
@@ -150,18 +157,23 @@ class Generator:
         fields of `GenerationRequest` (checkpointing, hooks, timing).
         """
         scheduler = self.scheduler(cfg)
-        plan = build_plan(cfg, self.wan, scheduler, self.boundary_ratio, self.num_experts)
-        noise = None
+        plan = build_plan(cfg, self.wan, scheduler, self.boundary_ratio, self.num_experts, self.spatial,
+                          self.image_input)
+        noise = image = None
         if self.is_first:
-            shape = (self.wan.in_channels, plan.latent_height, plan.latent_width)
+            shape = (self.wan.out_channels, plan.latent_height, plan.latent_width)
             noise = initial_noise(plan.timeline, cfg.seed, shape, cfg.noise)
-        return GenerationRequest(plan, text, noise, scheduler, **options)
+            if cfg.image:
+                image = encode_image(self.folder.path, self.image_input, cfg.image, self.vae, plan, self.spatial,
+                                     self.device, self.dtype)
+        return GenerationRequest(plan, text, noise, scheduler, image=image, **options)
 
     def generate(self, request: GenerationRequest) -> Result:
         """Runs one video through the pipeline (collective over the replica's stages)."""
         text = self.engine.share_text(request.text, request.plan)
+        image = self.engine.share_image(request.image, request.plan)
         started = time.perf_counter()
-        output = self.engine.generate(replace(request, text=text))
+        output = self.engine.generate(replace(request, text=text, image=image))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return Result(output.latents, time.perf_counter() - started, output.stats)
@@ -181,7 +193,14 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
 
     [text] = encode_jobs(folder.path, [cfg], device, dtype)
     scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
-    plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts))
-    shape = (wan.in_channels, plan.latent_height, plan.latent_width)
+    spatial, mode = spatial_factor(read_vae_config(folder.path)), image_input(folder.path, wan, folder.index)
+    plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts), spatial, mode)
+    shape = (wan.out_channels, plan.latent_height, plan.latent_width)
     noise = initial_noise(plan.timeline, cfg.seed, shape, cfg.noise)
-    return run_reference(plan, experts, text.to(device), noise, scheduler, device)
+    image = None
+    if cfg.image:
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(folder.path / "vae", dtype=DTYPES[cfg.vae_dtype], use_safetensors=True)
+        image = encode_image(folder.path, mode, cfg.image, vae.to(device).eval(), plan, spatial, device, dtype)
+    return run_reference(plan, experts, text.to(device), noise, scheduler, device, image=image)

@@ -62,6 +62,8 @@ class WanConfig:
     qk_norm: str = "rms_norm_across_heads"
     eps: float = 1e-6
     rope_max_seq_len: int = 1024
+    image_dim: int | None = None  # Wan2.1-I2V: width of the CLIP image tokens its cross-attention reads
+    added_kv_proj_dim: int | None = None
 
     @property
     def inner_dim(self) -> int:
@@ -70,8 +72,8 @@ class WanConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "WanConfig":
         raw = json.loads(Path(path).read_text())
-        if raw.get("image_dim") or raw.get("added_kv_proj_dim"):
-            raise ValueError(f"{path}: image-conditioned Wan (I2V) is not supported, only text-to-video")
+        if raw.get("pos_embed_seq_len"):
+            raise ValueError(f"{path}: first-last-frame Wan (pos_embed_seq_len) is not supported")
         names = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in raw.items() if k in names and v is not None}
         if "patch_size" in kwargs:
@@ -194,7 +196,7 @@ class WindowState:
     guidance: float | None  # None: no classifier-free guidance (batch of 1)
     temb: torch.Tensor
     timestep_proj: torch.Tensor
-    text: torch.Tensor
+    text: torch.Tensor  # the projected image tokens (Wan2.1-I2V) then the projected text, as diffusers joins them
     rope: tuple[torch.Tensor, torch.Tensor]
     cache: FeatureCache
     read_cache: bool = False  # attend to block+1's cached frames
@@ -268,7 +270,7 @@ class WanBlockLayer(WanTransformerBlock):
                 config.qk_norm,
                 config.cross_attn_norm,
                 config.eps,
-                None,
+                config.added_kv_proj_dim,
             )
             self.ffn = ChunkedFeedForward(config.inner_dim, inner_dim=config.ffn_dim, activation_fn="gelu-approximate")
         self.index = index
@@ -314,8 +316,13 @@ class WanHeadLayer(nn.Module):
 
     def forward(self, state: WindowState) -> WindowState:
         frames, height, width = state.grid
-        hidden = state.hidden[:, -state.own_frames * height * width :]
-        shift, scale = (self.scale_shift_table + state.temb.unsqueeze(1)).chunk(2, dim=1)
+        own_tokens = state.own_frames * height * width
+        hidden = state.hidden[:, -own_tokens:]
+        if state.temb.ndim == 3:  # per-token timesteps (a clean first frame): the own tokens' modulation
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + state.temb[:, -own_tokens:].unsqueeze(2)).chunk(2, dim=2)
+            shift, scale = shift.squeeze(2), scale.squeeze(2)
+        else:
+            shift, scale = (self.scale_shift_table + state.temb.unsqueeze(1)).chunk(2, dim=1)
         hidden = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
         hidden = self.proj_out(hidden)
         p_t, p_h, p_w = self.config.patch_size
@@ -344,6 +351,7 @@ class Conditioner(nn.Module):
                 time_freq_dim=config.freq_dim,
                 time_proj_dim=config.inner_dim * 6,
                 text_embed_dim=config.text_dim,
+                image_embed_dim=config.image_dim,
             )
         weights.materialize(self.condition_embedder, "condition_embedder.")
         self.eval().requires_grad_(False)
@@ -355,10 +363,15 @@ class Conditioner(nn.Module):
         cos, sin = self.rope(shape_only)
         return cos.to(device), sin.to(device)
 
-    def embed(self, timestep: torch.Tensor, text: torch.Tensor):
-        """Returns temb, timestep_proj (batch, 6, D) and the projected text, as diffusers' forward does."""
-        temb, timestep_proj, text, _ = self.condition_embedder(timestep, text)
-        return temb, timestep_proj.unflatten(1, (6, -1)), text
+    def embed(self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None,
+              timestep_seq_len: int | None = None):
+        """Returns temb, timestep_proj (batch, 6, D) and the projected text (after the projected image
+        tokens, if any), as diffusers' forward does. With `timestep_seq_len`, `timestep` holds one value
+        per token (batch * seq_len): temb is (batch, seq_len, D) and timestep_proj (batch, seq_len, 6, D)."""
+        temb, timestep_proj, text, image = self.condition_embedder(timestep, text, image, timestep_seq_len)
+        if image is not None:
+            text = torch.cat([image, text], dim=1)
+        return temb, timestep_proj.unflatten(-1, (6, -1)), text
 
 
 def layer_specs(config: WanConfig, weights: WeightSource, backend: str | None = None,

