@@ -25,7 +25,7 @@ from ds_dualparal.toy.tiny_i2v import write_tiny_i2v
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("i2v-models")
     with torch.no_grad():
-        return {kind: write_tiny_i2v(root / kind, kind=kind) for kind in ("i2v", "ti2v")}
+        return {kind: write_tiny_i2v(root / kind, kind=kind, num_layers=3) for kind in ("i2v", "ti2v")}
 
 
 def write_image(path: Path, seed: int, size=(56, 40), fmt="PNG") -> Path:
@@ -121,3 +121,41 @@ def test_condition_latents_streamed_equal_the_vae_encode(models, images):
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     torch.testing.assert_close(encode_condition_latents(vae, pixels, 3), (whole - mean) / std, rtol=1e-5, atol=1e-6)
+
+
+# Several blocks with context and feature cache: 7 latent frames, B = 2, c = 1 -> blocks of 3, 2, 2 frames.
+SEVERAL = dict(num_frames=25, block_size=2, context=1, num_inference_steps=3)
+
+
+def cli_args(cfg: DualParalConfig) -> list[str]:
+    return ["--model", cfg.model, "--image", cfg.image, "--prompt", cfg.prompt, "--negative-prompt", cfg.negative_prompt,
+            "--height", cfg.height, "--width", cfg.width, "--frames", cfg.num_frames, "--steps", cfg.num_inference_steps,
+            "--block-size", cfg.block_size, "--context", cfg.context, "--dtype", "float32", "--seed", cfg.seed]
+
+
+@pytest.mark.parametrize("kind,stages", [("i2v", 2), ("ti2v", 2), ("ti2v", 3)])
+def test_several_blocks_bit_identical_on_any_stage_count(models, images, tmp_path, kind, stages):
+    cfg = one_block(models[kind], kind, images[0], **SEVERAL)
+    want = reference_latents(cfg)
+    run = run_deepspeed(stages, *cli_args(cfg), "--output", "v.mp4", "--save-latents", "v.safetensors", cwd=tmp_path)
+    assert run.returncode == 0, run.explain()
+    assert torch.equal(load_file(tmp_path / "v.safetensors")["latents"], want)
+    if stages == 2:  # and one plain process
+        run = run_generate(*cli_args(cfg), "--output", "p.mp4", "--save-latents", "p.safetensors", cwd=tmp_path)
+        assert run.returncode == 0, run.explain()
+        assert torch.equal(load_file(tmp_path / "p.safetensors")["latents"], want)
+
+
+def test_two_replicas_of_two_stages_each_with_its_jobs_image(models, images, tmp_path):
+    """Jobs lines carry their own image; each replica encodes its job's image and shares its CLIP tokens."""
+    cfg = one_block(models["i2v"], "i2v", images[0], **SEVERAL)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"image": str(image), "save_latents": f"{n}.safetensors"}) + "\n"
+                            for n, image in enumerate(images)))
+    args = cli_args(cfg)
+    args = args[: args.index("--image")] + args[args.index("--image") + 2 :]
+    run = run_deepspeed(4, *args, "--stages", "2", "--jobs", jobs, "--output-dir", "out", cwd=tmp_path)
+    assert run.returncode == 0, run.explain()
+    for n, image in enumerate(images):
+        saved = load_file(tmp_path / "out" / f"{n}.safetensors")["latents"]
+        assert torch.equal(saved, reference_latents(cfg.with_overrides(image=str(image))))
