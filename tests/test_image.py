@@ -159,3 +159,43 @@ def test_two_replicas_of_two_stages_each_with_its_jobs_image(models, images, tmp
     for n, image in enumerate(images):
         saved = load_file(tmp_path / "out" / f"{n}.safetensors")["latents"]
         assert torch.equal(saved, reference_latents(cfg.with_overrides(image=str(image))))
+
+
+def test_image_file_problems(tmp_path, images, monkeypatch):
+    from ds_dualparal.pipeline import image as image_module
+    from ds_dualparal.pipeline.image import image_problem
+
+    assert image_problem(str(images[0])) is None and image_problem(str(images[1])) is None
+    assert image_problem(str(tmp_path / "missing.png")).endswith("file not found")
+    (tmp_path / "notes.png").write_text("not a picture")
+    assert image_problem(str(tmp_path / "notes.png")).endswith("not an image (PNG or JPEG)")
+    gif = write_image(tmp_path / "a.gif", 0, fmt="GIF")
+    assert image_problem(str(gif)).endswith("a GIF image; allowed: PNG or JPEG")
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(images[0].read_bytes()[:400])
+    assert "cannot read the image" in image_problem(str(truncated))
+    assert "is a folder" in image_problem(str(tmp_path))
+    monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 56 * 40 - 1)
+    assert "56x40 pixels is more than" in image_problem(str(images[0]))
+    monkeypatch.setattr(image_module, "MAX_IMAGE_BYTES", 100)
+    assert "MiB is more than" in image_problem(str(images[0]))
+
+
+def refused(run, start: str) -> None:
+    """Exit 2, one line naming the flag, before any weights load."""
+    assert run.returncode == 2, run.explain()
+    lines = [line for line in run.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and lines[0].startswith("generate.py: error: " + start), run.explain()
+    assert "Traceback" not in run.stderr and "loaded in" not in run.stdout + run.stderr
+
+
+def test_bad_input_is_refused_before_weights_load(models, images, tmp_path):
+    (tmp_path / "notes.png").write_text("not a picture")
+    common = ["--frames", "9", "--steps", "1", "--output", "v.mp4"]
+    refused(run_generate("--model", models["i2v"], "--image", "notes.png", "--height", 32, "--width", 48, *common,
+                         cwd=tmp_path), "--image: notes.png: not an image")
+    refused(run_generate("--model", RANDOM_TINY, "--image", images[0], "--height", 32, "--width", 48, *common,
+                         cwd=tmp_path), "--image: the model is text-to-video only")
+    refused(run_generate("--model", models["ti2v"], "--image", images[0], "--height", 48, "--width", 96, *common,
+                         cwd=tmp_path), "--height: 48 is not a multiple of 32 (this model's VAE compresses 16x")
+    assert not list(tmp_path.glob("*.mp4"))
