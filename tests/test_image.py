@@ -199,3 +199,36 @@ def test_bad_input_is_refused_before_weights_load(models, images, tmp_path):
     refused(run_generate("--model", models["ti2v"], "--image", images[0], "--height", 48, "--width", 96, *common,
                          cwd=tmp_path), "--height: 48 is not a multiple of 32 (this model's VAE compresses 16x")
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_a_prompt_schedule_with_an_image(models, images):
+    """Without context each block is the single-prompt run of its segment, image condition included."""
+    cfg = one_block(models["i2v"], "i2v", images[0], num_frames=25, block_size=2, context=0)
+    segments = ({"from_frame": 0, "prompt": "a cat walks on the grass"}, {"from_frame": 12, "prompt": "a dog runs"})
+    schedule = reference_latents(cfg.with_overrides(prompts=segments))
+    cat, dog = (reference_latents(cfg.with_overrides(prompt=s["prompt"])) for s in segments)
+    # blocks of 3, 2, 2 latent frames: block 0 (video frames 0-8) takes the cat, blocks 1 and 2 the dog
+    assert torch.equal(schedule[:, :, :3], cat[:, :, :3]) and torch.equal(schedule[:, :, 3:], dog[:, :, 3:])
+    assert (cat[:, :, 3:] - dog[:, :, 3:]).abs().max() > 1e-2
+
+
+def test_a_lora_with_an_image_is_the_pipeline_with_the_lora_fused(models, images, tmp_path):
+    from diffusers import WanImageToVideoPipeline
+    from test_lora import write_lora
+
+    from ds_dualparal.wan.model import WanConfig
+
+    wan = WanConfig.from_json(models["i2v"] / "transformer" / "config.json")
+    lora = write_lora(tmp_path / "lora.safetensors", wan, "diffusers")
+    cfg = one_block(models["i2v"], "i2v", images[0], loras=[{"path": str(lora), "scale": 0.7}])
+    ours = reference_latents(cfg)
+    pipe = WanImageToVideoPipeline.from_pretrained(models["i2v"], dtype=torch.float32)
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora(lora_scale=0.7)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(image=Image.open(cfg.image).convert("RGB"), prompt=cfg.prompt, negative_prompt=cfg.negative_prompt,
+                  height=cfg.height, width=cfg.width, num_frames=cfg.num_frames,
+                  num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                  generator=torch.Generator().manual_seed(cfg.seed), output_type="latent").frames
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (ours - reference_latents(cfg.with_overrides(loras=()))).abs().max() > 1e-2
