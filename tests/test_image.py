@@ -232,3 +232,18 @@ def test_a_lora_with_an_image_is_the_pipeline_with_the_lora_fused(models, images
                   generator=torch.Generator().manual_seed(cfg.seed), output_type="latent").frames
     assert (ours - theirs).abs().max() < 1e-4
     assert (ours - reference_latents(cfg.with_overrides(loras=()))).abs().max() > 1e-2
+
+
+def test_a_resume_checkpoint_fingerprints_the_image_content_not_its_path(models, images, tmp_path):
+    from ds_dualparal.output.checkpoint import fingerprint, fingerprint_fields
+
+    def of(image: Path) -> str:
+        return fingerprint(fingerprint_fields(one_block(models["i2v"], "i2v", image), models["i2v"]))
+
+    here, there = tmp_path / "here.png", tmp_path / "there.png"
+    shutil.copy(images[0], here)
+    shutil.copy(images[0], there)
+    same = of(here)
+    assert of(there) == same
+    write_image(here, 5)
+    assert of(here) != same

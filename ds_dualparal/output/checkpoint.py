@@ -60,6 +60,11 @@ def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
     # the model's content (weights, configs, tokenizer, scheduler), not its path: another model at the
     # same path is another run, the same model copied elsewhere is not
     fields.update(model=weights_fingerprint(Path(model_path)), format=FORMAT)
+    if cfg.image:  # the image's bytes and the encoders that turn it into the condition, not its path
+        from ..pipeline.image import file_digest
+
+        fields["image"] = {"file": file_digest(cfg.image),
+                           "encoders": weights_fingerprint(Path(model_path), ("vae", "image_encoder"))}
     return fields
 
 

@@ -30,6 +30,7 @@ WEIGHTS = {
     "transformer_2": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
     "text_encoder": "model.safetensors",
+    "image_encoder": "model.safetensors",
 }
 SAMPLES, SAMPLE_BYTES = 16, 64 * 2**10
 
@@ -148,7 +149,7 @@ def check_model_folder(path: Path) -> ModelFolder:
     return folder
 
 
-def weights_fingerprint(path: Path) -> str:
+def weights_fingerprint(path: Path, components: tuple[str, ...] | None = None) -> str:
     """sha256 of what in the model folder determines the latents, read cheaply.
 
     Covered: the transformer(s)' and text encoder's safetensors files, each by its header (every
@@ -159,6 +160,9 @@ def weights_fingerprint(path: Path) -> str:
     resumes, a different one (other weights, even of the same shapes) does not. A change confined to
     bytes between the samples of a file of unchanged size goes unseen; a full hash of tens of GB per
     start would cost minutes.
+
+    `components` (those of them the folder has) instead of the transformers, text encoder, tokenizer and
+    scheduler: e.g. the VAE and image encoder, which make an image-to-video run's condition.
     """
     folder = ModelFolder(path)
     sha = hashlib.sha256()
@@ -167,17 +171,27 @@ def weights_fingerprint(path: Path) -> str:
         sha.update(f"{label}:{len(data)}:".encode())
         sha.update(data)
 
+    if components is not None:
+        for component in components:
+            if (path / component).is_dir():
+                _add_component(add, path, component)
+        return sha.hexdigest()
     for component in [e.name for e in folder.experts] + ["text_encoder"]:
-        for file in weight_files(path / component, WEIGHTS[component]):
-            add(f"{component}/{file.name}/header", safetensors_header(file))
-            size = file.stat().st_size
-            with open(file, "rb") as f:
-                for n in range(SAMPLES):
-                    offset = max(0, (size - SAMPLE_BYTES) * n // (SAMPLES - 1))
-                    f.seek(offset)
-                    add(f"{component}/{file.name}@{offset}", f.read(SAMPLE_BYTES))
-        add(f"{component}/config.json", (path / component / "config.json").read_bytes())
+        _add_component(add, path, component)
     for file in sorted((path / "tokenizer").glob("*")) + [path / "scheduler" / "scheduler_config.json"]:
         if file.is_file():
             add(os.path.relpath(file, path), file.read_bytes())
     return sha.hexdigest()
+
+
+def _add_component(add, path: Path, component: str) -> None:
+    """A component's safetensors (header, size, samples) and config.json, through `add(label, bytes)`."""
+    for file in weight_files(path / component, WEIGHTS[component]):
+        add(f"{component}/{file.name}/header", safetensors_header(file))
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            for n in range(SAMPLES):
+                offset = max(0, (size - SAMPLE_BYTES) * n // (SAMPLES - 1))
+                f.seek(offset)
+                add(f"{component}/{file.name}@{offset}", f.read(SAMPLE_BYTES))
+    add(f"{component}/config.json", (path / component / "config.json").read_bytes())
