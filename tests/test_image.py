@@ -247,3 +247,22 @@ def test_a_resume_checkpoint_fingerprints_the_image_content_not_its_path(models,
     assert of(there) == same
     write_image(here, 5)
     assert of(here) != same
+
+
+def test_a_ti2v_run_with_an_image_resumes_from_its_checkpoint_bit_for_bit(models, images, tmp_path):
+    """Killed after the checkpoint at iteration 2 (of 5), run again: the uninterrupted latents (the
+    checkpoint's latents are at the Wan2.2 VAE's 16x size)."""
+    from ds_dualparal.pipeline.schedule import DualParalSchedule, SaveCheckpoint
+    from ds_dualparal.pipeline.timeline import BlockTimeline
+
+    cfg = one_block(models["ti2v"], "ti2v", images[0], **SEVERAL)
+    args = [*cli_args(cfg), "--output", "v.mp4", "--save-latents", "v.safetensors", "--checkpoint-dir", "ck",
+            "--checkpoint-every", 2]
+    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    ticks = list(DualParalSchedule(timeline, 1, 0, checkpoint_every=2).steps())
+    saved = next(n for n, tick in enumerate(ticks) if SaveCheckpoint(2) in tick)
+    killed = run_generate(*args, cwd=tmp_path, env={"DS_DUALPARAL_FAULT": f"rank=0,tick={saved + 1},action=kill"})
+    assert killed.returncode == -9 and (tmp_path / "ck" / "iter_000002").is_dir(), killed.explain()
+    resumed = run_generate(*args, cwd=tmp_path)
+    assert resumed.returncode == 0 and "resuming from ck/iter_000002" in resumed.stdout + resumed.stderr, resumed.explain()
+    assert torch.equal(load_file(tmp_path / "v.safetensors")["latents"], reference_latents(cfg))

@@ -102,7 +102,7 @@ class Checkpoints:
         iteration = manifest.get("iteration")
         if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 < iteration < num_iterations:
             raise ResumeError(f"--checkpoint-dir: {newest}: iteration {iteration!r} is not in [1, {num_iterations})")
-        checkpoints._read(newest, iteration, cfg)  # the files agree with the manifest and this run, before work starts
+        checkpoints._read(newest, iteration, cfg, model_path=model_path)  # the files agree with the manifest and this run, before work starts
         log.info("resuming from %s: iteration %d of %d", newest, iteration, num_iterations)
         return cls(checkpoints.folder, every, checkpoints.fields, iteration)
 
@@ -147,7 +147,8 @@ class Checkpoints:
                               "give another --checkpoint-dir or delete it")
         return manifest
 
-    def _read(self, path: Path, iteration: int, cfg=None, plan: GenerationPlan | None = None):
+    def _read(self, path: Path, iteration: int, cfg=None, plan: GenerationPlan | None = None,
+              model_path: Path | None = None):
         """(latents, state, scheduler tensors) of the checkpoint at `path`, checked against the run."""
         from ..pipeline.timeline import BlockTimeline
 
@@ -155,7 +156,10 @@ class Checkpoints:
             timeline, size = plan.timeline, (plan.latent_height, plan.latent_width)
         else:
             timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
-            size = (cfg.height // 8, cfg.width // 8)
+            from ..pipeline.image import read_vae_config, spatial_factor
+
+            factor = spatial_factor(read_vae_config(model_path))
+            size = (cfg.height // factor, cfg.width // factor)
         try:
             saved = load_file(str(path / LATENTS))
             latents = [saved.pop(f"block_{b:04d}") for b in range(timeline.num_blocks)]
