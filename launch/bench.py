@@ -121,7 +121,7 @@ def worker(args) -> int:
         plan = request.plan
         tl = plan.timeline
         flops = sum(
-            block_step_flops(wan, plan.window_frames(b) * plan.tokens_per_frame(), tl.context * plan.tokens_per_frame() * tl.has_cache(b, b + s), plan.batch)
+            block_step_flops(wan, plan.window_frames(b) * plan.tokens_per_frame(), tl.context * plan.tokens_per_frame() * tl.has_cache(b, b + s), plan.batch, plan.image_tokens)
             for b in range(tl.num_blocks) for s in range(tl.num_steps)
         )
         seconds = statistics.median(times)

@@ -140,6 +140,8 @@ def test_several_blocks_bit_identical_on_any_stage_count(models, images, tmp_pat
     run = run_deepspeed(stages, *cli_args(cfg), "--output", "v.mp4", "--save-latents", "v.safetensors", cwd=tmp_path)
     assert run.returncode == 0, run.explain()
     assert torch.equal(load_file(tmp_path / "v.safetensors")["latents"], want)
+    if kind == "ti2v":  # the estimate at the 16x VAE's size: windows of 3 + 1 frames of 2x3 tokens
+        assert "block-steps of 24 tokens (+6 cached)" in run.stdout + run.stderr
     if stages == 2:  # and one plain process
         run = run_generate(*cli_args(cfg), "--output", "p.mp4", "--save-latents", "p.safetensors", cwd=tmp_path)
         assert run.returncode == 0, run.explain()
@@ -266,3 +268,22 @@ def test_a_ti2v_run_with_an_image_resumes_from_its_checkpoint_bit_for_bit(models
     resumed = run_generate(*args, cwd=tmp_path)
     assert resumed.returncode == 0 and "resuming from ck/iter_000002" in resumed.stdout + resumed.stderr, resumed.explain()
     assert torch.equal(load_file(tmp_path / "v.safetensors")["latents"], reference_latents(cfg))
+
+
+def test_the_estimate_counts_the_condition_channels_the_image_tokens_and_the_vae_size(models, images):
+    from ds_dualparal.pipeline.estimate import estimate
+    from ds_dualparal.wan.flops import block_step_flops
+    from ds_dualparal.wan.model import WanConfig
+
+    wan = WanConfig.from_json(models["i2v"] / "transformer" / "config.json")
+    cfg = one_block(models["i2v"], "i2v", images[0])
+    with_image, without = estimate(cfg, wan, 8, 17), estimate(cfg.with_overrides(image=None), wan, 8, 0)
+    latent_pixels = cfg.latent_frames * (cfg.height // 8) * (cfg.width // 8)
+    assert with_image.first_stage_bytes - without.first_stage_bytes == (4 + 16) * latent_pixels * 4  # mask + condition
+    window, layers, d = with_image.window_tokens, wan.num_layers, wan.inner_dim
+    extra = 2 * layers * (2 * 2 * 17 * d * d + 2 * 2 * window * 17 * d) * with_image.block_steps
+    assert (with_image.tflop - without.tflop) * 1e12 == pytest.approx(extra)
+    assert block_step_flops(wan, window, 0, 2, 17) > block_step_flops(wan, window, 0, 2)
+    ti2v = WanConfig.from_json(models["ti2v"] / "transformer" / "config.json")
+    work = estimate(one_block(models["ti2v"], "ti2v", images[0]), ti2v, 16)
+    assert work.window_tokens == 3 * (64 // 32) * (96 // 32)  # 16x VAE, 2x2 patches
