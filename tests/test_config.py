@@ -48,6 +48,8 @@ def test_every_shipped_config_is_listed_and_loads():
         "wan2.2-t2v-a14b-720p.json",
         "anchor-1.3b-480p.json",
         "wan2.1-t2v-1.3b-480p-storyline.json",
+        "wan2.1-i2v-14b-480p.json",
+        "wan2.2-ti2v-5b-720p.json",
     }
     for path in SHIPPED:
         run = load_config(path)

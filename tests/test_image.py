@@ -287,3 +287,20 @@ def test_the_estimate_counts_the_condition_channels_the_image_tokens_and_the_vae
     ti2v = WanConfig.from_json(models["ti2v"] / "transformer" / "config.json")
     work = estimate(one_block(models["ti2v"], "ti2v", images[0]), ti2v, 16)
     assert work.window_tokens == 3 * (64 // 32) * (96 // 32)  # 16x VAE, 2x2 patches
+
+
+def test_shipped_configs_fit_their_models():
+    from ds_dualparal.config import load_config
+    from ds_dualparal.pipeline.image import ImageInput, job_problem
+
+    configs = Path(__file__).resolve().parents[1] / "ds_configs"
+    i2v = load_config(configs / "wan2.1-i2v-14b-480p.json").dualparal
+    ti2v = load_config(configs / "wan2.2-ti2v-5b-720p.json").dualparal
+    assert (i2v.model, i2v.height, i2v.width) == ("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", 480, 832)
+    assert (ti2v.model, ti2v.height, ti2v.width) == ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 704, 1280)
+    clip = ImageInput("channels", 257)
+    # Wan2.1-I2V needs the image (the command line gives it); TI2V runs as text-to-video without one
+    assert job_problem(i2v, clip, 8, (1, 2, 2))[0] == "image"
+    assert job_problem(i2v.with_overrides(image="first.png"), clip, 8, (1, 2, 2)) == ("image", "first.png: file not found")
+    assert job_problem(ti2v, ImageInput("first_frame"), 16, (1, 2, 2)) is None
+    assert job_problem(ti2v.with_overrides(height=720), ImageInput("first_frame"), 16, (1, 2, 2))[0] == "height"

@@ -216,6 +216,9 @@ def job_problem(cfg, mode: ImageInput | None, spatial: int, patch_size) -> tuple
             nearest = f"{low} or {low + multiple}" if low else str(multiple)
             return name, (f"{value} is not a multiple of {multiple} (this model's VAE compresses {spatial}x and its "
                           f"patches are {patch_size[1]}x{patch_size[2]}); nearest valid: {nearest}")
+    if mode is not None and mode.mode == "channels" and not cfg.image:
+        return "image", ("the model is image-to-video (its transformer takes condition channels): give the video's "
+                         "first frame, a PNG or JPEG file")
     if cfg.image:
         if mode is None:
             return "image", ("the model is text-to-video only (its transformer takes no condition channels and its "
