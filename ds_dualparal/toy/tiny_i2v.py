@@ -1,13 +1,15 @@
 """Write tiny random image-to-video Wan pipelines in diffusers format, so tests need no download.
 
-    python -m ds_dualparal.toy.tiny_i2v OUT_DIR --kind i2v|ti2v [--layers N] [--seed S]
+    python -m ds_dualparal.toy.tiny_i2v OUT_DIR --kind i2v|i2v-a14b|ti2v [--layers N] [--seed S]
 
-Two kinds, shaped like the real models at a tiny width:
+Three kinds, shaped like the real models at a tiny width:
 
 - ``i2v`` (Wan2.1-I2V): the transformer takes 36 channels (16 latent + 4 mask + 16 condition) and image
   tokens in its cross-attention (``image_dim``, ``added_kv_proj_dim``); ``image_encoder/`` is a tiny
   ``CLIPVisionModel`` and ``image_processor/`` its ``CLIPImageProcessor``, as ``WanImageToVideoPipeline``
   loads them; the VAE is Wan2.1's (z 16, 8x spatial).
+- ``i2v-a14b`` (Wan2.2-I2V-A14B): the same 36-channel input without CLIP, two experts (``transformer_2``)
+  and a ``boundary_ratio``.
 - ``ti2v`` (Wan2.2-TI2V-5B): ``expand_timesteps`` in ``model_index.json``, the Wan2.2 VAE (z 48, residual
   blocks, a 2x2 patchify in front, so 16x spatial in all) and a transformer of 48 channels in and out.
 """
@@ -20,6 +22,7 @@ import pathlib
 
 import torch
 
+from ..config import WAN22_BOUNDARY_RATIO
 from ..report import stdout_report
 from .tiny import (
     _VAE_CONFIG,
@@ -33,7 +36,7 @@ from .tiny import (
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("i2v", "ti2v")
+KINDS = ("i2v", "i2v-a14b", "ti2v")
 
 # A ViT of 2 layers over 32x32 pixels in 8x8 patches: 16 patches + the class token = 17 image tokens.
 _CLIP_CONFIG = dict(
@@ -76,6 +79,11 @@ def _i2v_transformer_config(num_layers: int) -> dict:
             "added_kv_proj_dim": inner_dim}
 
 
+def _i2v_a14b_transformer_config(num_layers: int) -> dict:
+    config = _i2v_transformer_config(num_layers)
+    return {**config, "image_dim": None, "added_kv_proj_dim": None}
+
+
 def _ti2v_transformer_config(num_layers: int) -> dict:
     return {**_tiny_transformer_config(num_layers), "in_channels": _VAE22_LATENTS, "out_channels": _VAE22_LATENTS}
 
@@ -97,14 +105,22 @@ def write_tiny_i2v(path, *, kind: str, seed: int = 0, num_layers: int = 2) -> pa
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    config = _i2v_transformer_config(num_layers) if kind == "i2v" else _ti2v_transformer_config(num_layers)
+    config = {"i2v": _i2v_transformer_config, "i2v-a14b": _i2v_a14b_transformer_config,
+              "ti2v": _ti2v_transformer_config}[kind](num_layers)
     transformer = _seeded(seed, lambda: WanTransformer3DModel(**config))
-    vae = _seeded(seed + 2, lambda: AutoencoderKLWan(**(_VAE_CONFIG if kind == "i2v" else _VAE22_CONFIG)))
+    two_experts = kind == "i2v-a14b"
+    transformer_2 = _seeded(seed + 1, lambda: WanTransformer3DModel(**config)) if two_experts else None
+    boundary_ratio = WAN22_BOUNDARY_RATIO if two_experts else None
+    vae = _seeded(seed + 2, lambda: AutoencoderKLWan(**(_VAE22_CONFIG if kind == "ti2v" else _VAE_CONFIG)))
     text_encoder = build_text_encoder(seed + 3)
     tokenizer, scheduler = build_tokenizer(), build_scheduler()
-    path = save_pipeline(path, transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         scheduler=scheduler)
-    if kind == "i2v":
+    path = save_pipeline(path, transformer=transformer, transformer_2=transformer_2, boundary_ratio=boundary_ratio,
+                         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    if two_experts:
+        pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                       transformer=transformer, transformer_2=transformer_2,
+                                       boundary_ratio=boundary_ratio)
+    elif kind == "i2v":
         image_encoder = _seeded(seed + 4, lambda: CLIPVisionModel(CLIPVisionConfig(**_CLIP_CONFIG)))
         image_processor = _clip_processor()
         image_encoder.save_pretrained(path / "image_encoder")
@@ -127,7 +143,7 @@ def main(argv=None) -> int:
     """CLI: write a tiny image-to-video Wan checkpoint to OUT_DIR."""
     parser = argparse.ArgumentParser(prog="python -m ds_dualparal.toy.tiny_i2v", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=pathlib.Path)
-    parser.add_argument("--kind", choices=KINDS, required=True, help="i2v: Wan2.1-I2V; ti2v: Wan2.2-TI2V-5B")
+    parser.add_argument("--kind", choices=KINDS, required=True, help="i2v: Wan2.1-I2V; i2v-a14b: Wan2.2-I2V-A14B; ti2v: Wan2.2-TI2V-5B")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
