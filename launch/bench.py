@@ -29,8 +29,17 @@ PEAK_TFLOPS = 790.0  # bf16 matrix rate measured on one H200 (see BENCHMARKS.md)
 SHAPES = {
     "1.3b": dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960),
     "14b": dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824),
+    # image-to-video (--image): Wan2.1-I2V-14B (36 channels in, CLIP tokens) and Wan2.2-TI2V-5B (48 channels)
+    "i2v-14b": dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, in_channels=36,
+                    image_dim=1280, added_kv_proj_dim=5120),
+    "ti2v-5b": dict(num_layers=30, num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, in_channels=48,
+                    out_channels=48),
     # CPU smoke test of the script itself
     "debug": dict(num_layers=3, num_attention_heads=2, attention_head_dim=12, ffn_dim=64, text_dim=32, freq_dim=32),
+    "debug-i2v": dict(num_layers=3, num_attention_heads=2, attention_head_dim=12, ffn_dim=64, text_dim=32, freq_dim=32,
+                      in_channels=36, image_dim=16, added_kv_proj_dim=24),
+    "debug-ti2v": dict(num_layers=3, num_attention_heads=2, attention_head_dim=12, ffn_dim=64, text_dim=32, freq_dim=32,
+                       in_channels=48, out_channels=48),
 }
 
 
@@ -74,6 +83,8 @@ def worker(args) -> int:
         dtype="bfloat16", guidance_scale=args.guidance, scheduler=args.scheduler, attention_backend=args.backend,
         compile=args.compile,
         vae_dtype=args.vae_dtype, first_stage_vae_layers=args.first_stage_vae_layers,
+        # random weights take a random image condition of the shape's kind; the path is not read
+        image="random" if args.image else None,
     )
     started = time.perf_counter()
     generator = Generator(base, random_weights=[wan])
@@ -134,7 +145,7 @@ def worker(args) -> int:
             planner_s = (simulate(tl, stages, costs, overlap=True) if overlap else simulate_ticks(tl, stages, costs)).total_seconds
         ticks = tick_table(tl, stages)[-1][-1] + 1
         record = dict(
-            kind="dualparal", label=case["label"], shape=args.shape, gpus=stages, latent_frames=case["latent_frames"],
+            kind="dualparal", label=case["label"], shape=args.shape, image=args.image, gpus=stages, latent_frames=case["latent_frames"],
             segments=segments, prompt_transition=cfg.prompt_transition, overlap=overlap,
             height=cfg.height, width=cfg.width, steps=cfg.num_inference_steps, blocks=tl.num_blocks,
             block_size=tl.block_size, context=tl.context, backend=case.get("backend", args.backend) or "default",
@@ -212,7 +223,7 @@ class RandomTextEncoder:
 
         from ds_dualparal.wan.weights import TINY_WAN_PATH
 
-        if shape == "debug":
+        if shape.startswith("debug"):
             config = UMT5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
         else:
             config = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -379,6 +390,8 @@ def driver(args) -> int:
         common += ["--profile", args.profile]
     if args.lockstep:
         common += ["--lockstep"]
+    if args.image:
+        common += ["--image"]
     status = 0
     for gpus in [int(g) for g in args.gpus.split(",") if g]:
         command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
@@ -427,6 +440,8 @@ def main(argv=None) -> int:
                         help="one more run per case under torch.profiler; per-rank tables in DIR (CUDA only)")
     parser.add_argument("--lockstep", action="store_true",
                         help="also run each case with every tick's transfers waited for at its end (no overlap)")
+    parser.add_argument("--image", action="store_true",
+                        help="image-to-video with a random image condition (shapes i2v-14b, ti2v-5b, debug-i2v, debug-ti2v)")
     parser.add_argument("--baseline", action="store_true", help="also run diffusers' WanPipeline on one GPU")
     parser.add_argument("--baseline-cases", default=None)
     parser.add_argument("--out", default="bench.jsonl")

@@ -305,3 +305,15 @@ def test_shipped_configs_fit_their_models():
     assert job_problem(i2v.with_overrides(image="first.png"), clip, 8, (1, 2, 2)) == ("image", "first.png: file not found")
     assert job_problem(ti2v, ImageInput("first_frame"), 16, (1, 2, 2)) is None
     assert job_problem(ti2v.with_overrides(height=720), ImageInput("first_frame"), 16, (1, 2, 2))[0] == "height"
+
+
+def test_random_weights_take_the_image_of_their_shape():
+    """Benchmarks with random weights (launch/bench.py --image): the kind and VAE factor follow the shape."""
+    from ds_dualparal.pipeline.image import ImageInput, random_weights_image
+    from ds_dualparal.wan.model import WanConfig
+
+    shape = dict(num_layers=1, num_attention_heads=2, attention_head_dim=12)
+    assert random_weights_image(WanConfig(**shape)) == (8, None)
+    assert random_weights_image(WanConfig(**shape, in_channels=36, image_dim=16)) == (8, ImageInput("channels", 257))
+    assert random_weights_image(WanConfig(**shape, in_channels=36)) == (8, ImageInput("channels", 0))
+    assert random_weights_image(WanConfig(**shape, in_channels=48, out_channels=48)) == (16, ImageInput("first_frame"))

@@ -22,7 +22,16 @@ from ..wan.weights import FolderWeights, ModelFolder, RandomWeights, resolve_mod
 from . import comm
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine, GenerationRequest, StageStats
-from .image import DEFAULT_SPATIAL_FACTOR, ImageInput, encode_image, image_input, read_vae_config, spatial_factor
+from .image import (
+    DEFAULT_SPATIAL_FACTOR,
+    ImageInput,
+    encode_image,
+    image_input,
+    random_condition,
+    random_weights_image,
+    read_vae_config,
+    spatial_factor,
+)
 from .noise import initial_noise
 from .prompts import prompt_plan
 from .timeline import BlockTimeline
@@ -84,7 +93,7 @@ class Generator:
             expert_configs = random_weights
             weights = [RandomWeights(cfg.seed + e, self.dtype, self.device) for e in range(len(random_weights))]
             self.boundary_ratio = WAN22_BOUNDARY_RATIO if len(random_weights) == 2 else None
-            self.spatial, self.image_input = DEFAULT_SPATIAL_FACTOR, None
+            self.spatial, self.image_input = random_weights_image(random_weights[0])
         weights = with_loras(weights, expert_configs, cfg.loras)
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
@@ -163,7 +172,9 @@ class Generator:
         if self.is_first:
             shape = (self.wan.out_channels, plan.latent_height, plan.latent_width)
             noise = initial_noise(plan.timeline, cfg.seed, shape, cfg.noise)
-            if cfg.image:
+            if cfg.image and self.folder is None:  # random weights (benchmarks): a random condition
+                image = random_condition(plan, self.image_input, self.wan, cfg.seed, self.dtype, self.device)
+            elif cfg.image:
                 image = encode_image(self.folder.path, self.image_input, cfg.image, self.vae, plan, self.spatial,
                                      self.device, self.dtype)
         return GenerationRequest(plan, text, noise, scheduler, image=image, **options)

@@ -228,3 +228,37 @@ def job_problem(cfg, mode: ImageInput | None, spatial: int, patch_size) -> tuple
         if problem is not None:
             return "image", problem
     return None
+
+
+# Wan2.1-I2V's CLIP (ViT-H/14 at 224 pixels): 16 x 16 patches and the class token.
+CLIP_TOKENS = 257
+WAN22_LATENT_CHANNELS = 48
+
+
+def random_weights_image(wan) -> tuple[int, ImageInput | None]:
+    """(VAE spatial factor, image input) of a transformer shape run with random weights (benchmarks,
+    no folder): 2 z + 4 input channels take condition channels (and CLIP tokens with an `image_dim`);
+    48 latent channels are Wan2.2-TI2V's, whose VAE compresses 16x."""
+    if wan.in_channels == 2 * wan.out_channels + MASK_CHANNELS:
+        return DEFAULT_SPATIAL_FACTOR, ImageInput("channels", CLIP_TOKENS if wan.image_dim else 0)
+    if wan.in_channels == wan.out_channels == WAN22_LATENT_CHANNELS:
+        return 16, ImageInput("first_frame")
+    return DEFAULT_SPATIAL_FACTOR, None
+
+
+def random_condition(plan, mode: ImageInput, wan, seed: int, dtype: torch.dtype, device) -> ImageCondition:
+    """A seeded random image condition of the plan's shapes, for random weights (benchmarks)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    size = (plan.latent_height, plan.latent_width)
+    condition = ImageCondition()
+    if mode.clip_tokens:
+        condition.embeds = torch.randn(1, mode.clip_tokens, wan.image_dim, generator=generator).to(device, dtype)
+    if mode.mode == "first_frame":
+        condition.first_frame = torch.randn(1, wan.out_channels, 1, *size, generator=generator)
+    else:
+        frames = plan.timeline.num_frames
+        latents = torch.randn(1, wan.out_channels, frames, *size, generator=generator)
+        condition.channels = torch.cat([mask_channels(frames, *size), latents], dim=1)
+    return condition
