@@ -102,7 +102,8 @@ class Checkpoints:
         iteration = manifest.get("iteration")
         if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 < iteration < num_iterations:
             raise ResumeError(f"--checkpoint-dir: {newest}: iteration {iteration!r} is not in [1, {num_iterations})")
-        checkpoints._read(newest, iteration, cfg, model_path=model_path)  # the files agree with the manifest and this run, before work starts
+        # the files agree with the manifest and this run, before work starts
+        checkpoints._read(newest, iteration, cfg, model_path=model_path)
         log.info("resuming from %s: iteration %d of %d", newest, iteration, num_iterations)
         return cls(checkpoints.folder, every, checkpoints.fields, iteration)
 

@@ -219,7 +219,7 @@ class DualParalEngine:
         shape = (1, plan.image_tokens, self.config.image_dim)
         if not self.is_first:
             image = ImageCondition(embeds=torch.empty(shape, dtype=self.dtype, device=self.device))
-        assert tuple(image.embeds.shape) == shape, f"image tokens of shape {tuple(image.embeds.shape)}, the plan needs {shape}"
+        assert tuple(image.embeds.shape) == shape, f"image tokens {tuple(image.embeds.shape)}, the plan needs {shape}"
         embeds = self.comm.broadcast_from_first(image.embeds.to(self.device, self.dtype).contiguous())
         return ImageCondition(embeds, image.channels, image.first_frame)
 

@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     """CLI: write a tiny image-to-video Wan checkpoint to OUT_DIR."""
     parser = argparse.ArgumentParser(prog="python -m ds_dualparal.toy.tiny_i2v", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=pathlib.Path)
-    parser.add_argument("--kind", choices=KINDS, required=True, help="i2v: Wan2.1-I2V; i2v-a14b: Wan2.2-I2V-A14B; ti2v: Wan2.2-TI2V-5B")
+    parser.add_argument("--kind", choices=KINDS, required=True,
+                        help="i2v: Wan2.1-I2V; i2v-a14b: Wan2.2-I2V-A14B; ti2v: Wan2.2-TI2V-5B")
     parser.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -319,7 +319,8 @@ class WanHeadLayer(nn.Module):
         own_tokens = state.own_frames * height * width
         hidden = state.hidden[:, -own_tokens:]
         if state.temb.ndim == 3:  # per-token timesteps (a clean first frame): the own tokens' modulation
-            shift, scale = (self.scale_shift_table.unsqueeze(0) + state.temb[:, -own_tokens:].unsqueeze(2)).chunk(2, dim=2)
+            own_temb = state.temb[:, -own_tokens:].unsqueeze(2)
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + own_temb).chunk(2, dim=2)
             shift, scale = shift.squeeze(2), scale.squeeze(2)
         else:
             shift, scale = (self.scale_shift_table + state.temb.unsqueeze(1)).chunk(2, dim=1)
