@@ -288,6 +288,9 @@ def test_the_estimate_counts_the_condition_channels_the_image_tokens_and_the_vae
     ti2v = WanConfig.from_json(models["ti2v"] / "transformer" / "config.json")
     work = estimate(one_block(models["ti2v"], "ti2v", images[0]), ti2v, 16)
     assert work.window_tokens == 3 * (64 // 32) * (96 // 32)  # 16x VAE, 2x2 patches
+    clean = estimate(one_block(models["ti2v"], "ti2v", images[0]), ti2v, 16, clean_first_frame=True)
+    # block 0's per-token modulation, CFG batch of 2, in fp32 (the config's dtype) and again in fp32
+    assert clean.first_stage_bytes - work.first_stage_bytes == 2 * work.window_tokens * 6 * ti2v.inner_dim * (4 + 4)
 
 
 def test_shipped_configs_fit_their_models():

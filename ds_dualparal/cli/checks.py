@@ -191,7 +191,9 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
                 raise ConfigError(f"--steps/--scheduler/--flow-shift: {schedules[key]}")
             job.error, job.config = f"num_inference_steps/scheduler/flow_shift: {schedules[key]}", None
             continue
-        work = estimate(job.config, wan, spatial, mode.clip_tokens if mode is not None and cfg.image else 0)
+        image = mode if cfg.image else None
+        work = estimate(job.config, wan, spatial, image.clip_tokens if image else 0,
+                        image is not None and image.mode == "first_frame")
         reason = refusal(work, memory)
         if reason is None:
             costs.extend((logging.WARNING, f"{job.name}: {line}") for line in unused_segments(job.config))

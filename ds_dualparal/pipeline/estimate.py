@@ -6,7 +6,9 @@ Deliberately simple and a lower bound (weights and framework overhead are not co
   image-to-video model, the job's mask and condition latents: the transformer's extra input channels);
 - one block-step's activations: the window's tokens (plus the cached tokens of the next block) times
   the model width, ~16 tensors of that size alive at once, in the run's dtype, twice with CFG;
-- the feature cache: keys and values of the next block's context frames, per transformer block.
+- the feature cache: keys and values of the next block's context frames, per transformer block;
+- a clean first frame (Wan2.2-TI2V with an image): block 0's per-token modulation, (tokens, 6, width)
+  in the run's dtype and again in fp32 inside each layer.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class Work:
                 f"~{self.tflop:.3g} TFLOP, at least {self.first_stage_bytes / GiB:.3g} GiB on the first stage")
 
 
-def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_tokens: int = 0) -> Work:
-    """`spatial`: the VAE's spatial factor; `image_tokens`: CLIP tokens in every cross-attention."""
+def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_tokens: int = 0,
+             clean_first_frame: bool = False) -> Work:
+    """`spatial`: the VAE's spatial factor; `image_tokens`: CLIP tokens in every cross-attention;
+    `clean_first_frame`: block 0 has per-token timesteps."""
     timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
     _, p_h, p_w = wan.patch_size
     h, w = cfg.height // spatial, cfg.width // spatial
@@ -59,6 +63,8 @@ def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_t
     latents = (2 * wan.out_channels + condition) * cfg.latent_frames * h * w * 4
     activations = LIVE_TENSORS * batch * (window + cached) * wan.inner_dim * dtype
     cache = 2 * wan.num_layers * batch * cached * wan.inner_dim * dtype
+    if clean_first_frame:
+        activations += batch * timeline.block_len(0) * per_frame * 6 * wan.inner_dim * (dtype + 4)
     flop = timeline.num_blocks * timeline.num_steps * block_step_flops(wan, window, cached, batch, image_tokens)
     return Work(cfg.latent_frames, timeline.num_blocks, timeline.num_steps, window, cached, flop / 1e12,
                 latents + activations + cache)
