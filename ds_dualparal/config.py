@@ -170,7 +170,8 @@ class DualParalConfig(BaseModel):
 
     model: str | None = setting(
         None,
-        "Local diffusers folder or hub id of a Wan model (text- or image-to-video); unset: the embedded tiny checkpoint.",
+        "Local diffusers folder or hub id of a Wan model (text- or image-to-video); unset: the embedded tiny "
+        "checkpoint.",
         scope="model", latents=True, flag="model",
         min_length=1,
     )
