@@ -46,7 +46,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .files import no_duplicate_keys
+from .files import no_duplicate_keys, read_regular_file
 from .pipeline.timeline import BlockTimeline
 
 SECTION = "dualparal"
@@ -104,6 +104,7 @@ MAX_GUIDANCE = 100.0
 MAX_FLOW_SHIFT = 100.0
 MAX_SEED = 2**63 - 1
 MAX_COMM_TIMEOUT_S = 7 * 24 * 3600
+MAX_INPUT_FILE_BYTES = 64 * 2**20  # a config or prompts file; larger is a mistake (or /dev/zero)
 
 
 class ConfigError(ValueError):
@@ -151,8 +152,7 @@ class PromptSegment(BaseModel):
 def read_prompts_file(path: str) -> list:
     """``--prompts FILE``: the JSON array of segments in FILE (argparse's ``type``; checked as the config is)."""
     try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8-sig")
+        text = read_regular_file(path, MAX_INPUT_FILE_BYTES).decode("utf-8-sig")
         return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_reject_constant)
     except FileNotFoundError:
         raise argparse.ArgumentTypeError(f"{path}: file not found") from None
@@ -474,8 +474,7 @@ def load_config(path: str | os.PathLike | None, overrides: Mapping[str, Any] | N
         return config_from_dict({}, overrides=overrides)
     source = os.fspath(path)
     try:
-        with open(source, "rb") as f:
-            text = f.read().decode("utf-8-sig")
+        text = read_regular_file(source, MAX_INPUT_FILE_BYTES).decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:

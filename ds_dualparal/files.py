@@ -8,6 +8,8 @@
   new line first when the file ends in a line cut short by a crash.
 - `no_duplicate_keys`: the `object_pairs_hook` of every JSON reader: a key given twice is an error.
 - `free_port()`: a free TCP port on this host for a process group's master.
+- `read_regular_file(path, limit)`: the bytes of a file a user names (config, prompts, jobs), refusing
+  a FIFO or device (which would block or never end) and a file larger than `limit`.
 """
 
 from __future__ import annotations
@@ -175,6 +177,33 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class NotRegularFileError(OSError):
+    """A file a user names is a FIFO, device, folder, ... or larger than allowed: the message says which."""
+
+
+def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of the regular file at `path`, at most `limit` of them (NotRegularFileError otherwise).
+
+    Opened without blocking, so a FIFO with no writer is refused at once instead of waiting for one."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(f"{os.fspath(path)} is not a regular file (a FIFO, device or folder)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise NotRegularFileError(f"{os.fspath(path)} is larger than {limit // 2**20} MiB")
+    return data
+
+
+def holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether `path` is `folder` or lies inside it (links resolved, case folded as `same_file_key`)."""
+    outer, inner = same_file_key(folder), same_file_key(path)
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 NAME_MAX = 255

@@ -234,9 +234,15 @@ def test_plan_skips_done_jobs_on_resume_and_fails_existing_outputs(tmp_path):
     argv = ["--jobs", jobs_file, "--output-dir", out]
 
     a, b, c = decide(*argv, "--resume")
-    assert a.done and a.error is None
-    assert b.error == f"output: {out / 'b.mp4'} already exists; pass --overwrite to replace it"
+    assert a.done and a.error is None and not a.unrecorded
+    # b.mp4 is complete (outputs are renamed whole) but unrecorded: a run stopped before its manifest line
+    assert b.done and b.unrecorded and b.error is None
     assert c.error is None and not c.done
+
+    b_latents = '{"name": "b", "save_latents": "b.safetensors"}'
+    jobs_file.write_text('{"name": "a"}\n' + b_latents + '\n{"name": "c"}\n')
+    a, b, c = decide(*argv, "--resume")  # its latents (written before the mp4) are missing: not that run's
+    assert b.error == f"output: {out / 'b.mp4'} already exists; pass --overwrite to replace it"
 
     a, b, c = decide(*argv, "--overwrite")  # without --resume nothing is skipped
     assert [j.error for j in (a, b, c)] == [None, None, None] and not a.done

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 from ..config import ConfigError
-from ..files import location_problem, same_file_key
+from ..files import holds, location_problem, same_file_key
 from .jobs import MANIFEST, Job, done_outputs, read_jobs
 
 LARGE_TFLOP = 1000.0
@@ -38,6 +38,11 @@ def plan_jobs(args, cfg) -> list[Job]:
             if key in seen:
                 raise ConfigError(f"{flag}: {path} is also the {seen[key]}; every output needs its own path")
             seen[key] = flag
+        frames = dict(paths).get("--save-frames")
+        if frames is not None:
+            held = next(((flag, path) for flag, path in paths if flag != "--save-frames" and holds(frames, path)), None)
+            if held is not None:
+                raise ConfigError(_frames_hold_message(frames, f"the {held[0]} {_shown(held[1])}"))
         for flag, path in paths:
             if flag != "--checkpoint-dir" and _exists(path) and not args.overwrite:
                 raise ConfigError(f"{flag}: {path} already exists; pass --overwrite to replace it")
@@ -45,6 +50,7 @@ def plan_jobs(args, cfg) -> list[Job]:
     _check_output_dir(args.output_dir)
     jobs = read_jobs(args.jobs, cfg, args.output_dir)
     done = done_outputs(args.output_dir) if args.resume else set()
+    held = _frames_holding(jobs, args)
     for job in jobs:
         if job.error is not None:
             continue
@@ -52,7 +58,10 @@ def plan_jobs(args, cfg) -> list[Job]:
             job.done = True
             continue
         outputs = _outputs(job, args)
-        problem = _frames_link(job, args)
+        if args.resume and _complete_unrecorded(job, outputs):
+            job.done = job.unrecorded = True
+            continue
+        problem = held.get(job.index) or _frames_link(job, args)
         problem = problem or next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
                         if (problem := location_problem(path, folder=flag == "--save-frames")) is not None), None)
         existing = [(flag, path) for flag, path in outputs if _exists(path)]
@@ -63,6 +72,43 @@ def plan_jobs(args, cfg) -> list[Job]:
             job.error = problem
             job.config = None
     return jobs
+
+
+def _frames_hold_message(frames: Path, what: str) -> str:
+    # --overwrite is not the way out: replacing the frames folder would delete what it holds
+    return (f"--save-frames: {_shown(frames)} would hold {what}, which replacing the frames folder would delete; "
+            "choose a --save-frames folder that holds no other output of the run")
+
+
+def _frames_holding(jobs: list[Job], args) -> dict[int, str]:
+    """Jobs (by line) whose frames folder `<--save-frames>/<name>` is or holds another output of the batch:
+    any job's output or latents (done or not, valid or not) or --output-dir with its manifest."""
+    if args.save_frames is None:
+        return {}
+    frames = {same_file_key(args.save_frames / job.name): job for job in jobs if job.config is not None}
+    if not frames:
+        return {}
+    others = [(f"the manifest {_shown(args.output_dir / MANIFEST)}", args.output_dir / MANIFEST)]
+    for job in jobs:
+        others.append((f"line {job.index}'s output {_shown(job.output)}", job.output))
+        if job.config is not None and job.config.save_latents:
+            others.append((f"line {job.index}'s save_latents {_shown(job.config.save_latents)}",
+                           Path(job.config.save_latents)))
+    problems: dict[int, str] = {}
+    for what, path in others:
+        key = Path(same_file_key(path))
+        # every folder above the output (and the output itself) that is some job's frames folder
+        for candidate in (key, *key.parents):
+            job = frames.get(str(candidate))
+            if job is not None and job.index not in problems:
+                problems[job.index] = _frames_hold_message(args.save_frames / job.name, what)
+    return problems
+
+
+def _complete_unrecorded(job: Job, outputs: list[tuple[str, Path]]) -> bool:
+    """--resume: every output of the job is there though the manifest does not record it done: a run
+    stopped between renaming the mp4 (written last, atomically) and its manifest line."""
+    return all(path.is_file() if flag != "--save-frames" else _exists(path) for flag, path in outputs)
 
 
 def _frames_link(job: Job, args) -> str | None:

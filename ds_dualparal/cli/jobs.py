@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +16,11 @@ from typing import Any
 from ..config import FLAGS, MODEL_FIELDS, ConfigError, DualParalConfig
 from ..files import (
     DuplicateKeyError,
+    NotRegularFileError,
     append_line,
     is_temporary_name,
     no_duplicate_keys,
+    read_regular_file,
     same_file_key,
 )
 
@@ -39,6 +39,7 @@ class Job:
     config: DualParalConfig | None = None  # None when the line is invalid
     error: str | None = None
     done: bool = False  # --resume: the manifest records it done, so it is skipped
+    unrecorded: bool = False  # --resume: done, but its manifest line was lost (the run stopped before it)
     relative: str = ""  # the output's path inside --output-dir, as the manifest records it
 
 
@@ -145,16 +146,10 @@ def read_jobs(path: Path, base: DualParalConfig, output_dir: Path) -> list[Job]:
     of one name would share a frames folder (`--save-frames DIR/<name>`), so a name is used once too.
     """
     try:
-        with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ConfigError(f"--jobs: {path} is not a regular file")
-            data = f.read(MAX_JOBS_FILE_BYTES + 1)
-        if len(data) > MAX_JOBS_FILE_BYTES:
-            raise ConfigError(f"--jobs: {path} is larger than {MAX_JOBS_FILE_BYTES // 2**20} MiB")
-        text = data.decode("utf-8")
+        text = read_regular_file(path, MAX_JOBS_FILE_BYTES).decode("utf-8")
+    except NotRegularFileError as err:
+        raise ConfigError(f"--jobs: {err}") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        if isinstance(err, ConfigError):
-            raise
         raise ConfigError(f"--jobs: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
     lines = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not lines:

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
             comm.shutdown()
         return 2
-    except FileExistsError as err:  # found by this rank alone: its output appeared while it was written
+    except FileExistsError as err:  # found by this rank alone: its output appeared, or a stale build lock (comm)
         _say(str(err))
         return _leave(2)
     except OutputError as err:  # found by this rank alone: an output it cannot write (disk full, ...)
@@ -163,6 +163,12 @@ def _run(args, cfg) -> int:
                 record(args.output_dir, dict(
                     job=job.name, line=job.index, status="failed", output=job.relative, seconds=0, error=job.error,
                 ))
+            elif job.unrecorded:
+                log.warning("%s (line %d): %s is complete but the manifest had no line for it (the run that made "
+                            "it stopped before recording it); recorded as done, not made again (remove it to "
+                            "make it again)", job.name, job.index, job.relative)
+                record(args.output_dir, dict(job=job.name, line=job.index, status="done", output=job.relative,
+                                             seconds=0, error=None))
             elif job.done:
                 log.info("%s (line %d): skipped, the manifest marks %s done", job.name, job.index, job.relative)
     runnable = [job for job in jobs if job.config is not None and not job.done]

@@ -46,14 +46,90 @@ def init_process(timeout_s: int) -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
-            verbose=False,
-        )
+        lone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        if device.type == "cpu" and not lone:
+            check_build_lock()
+        with _without_shm_op(device.type == "cpu" and lone):
+            dist.init_distributed(
+                dist_backend="nccl" if device.type == "cuda" else "gloo",
+                timeout=datetime.timedelta(seconds=timeout_s),
+                verbose=False,
+            )
         if device.type == "cpu":
             _unlink_shared_buffers()
     return device
+
+
+_SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce (ShareMemCommBuilder.NAME)
+
+
+class BuildLockError(FileExistsError):
+    """DeepSpeed's CPU comm op cannot load: a run stopped while building it left its lock file
+    (`cli.main` says it in one line and exits 2, as for any file in the way)."""
+
+
+@contextlib.contextmanager
+def _without_shm_op(skip: bool):
+    """A lone CPU process never all-reduces across processes, yet DeepSpeed's CPU backend builds (g++,
+    ~90 s on a fresh machine) and loads its shared-memory op at init, and waits forever on the build's
+    lock if a killed run left it. DeepSpeed builds it only when its op table marks it compatible, so
+    the entry is marked incompatible while a world of one initialises."""
+    if not skip:
+        yield
+        return
+    import deepspeed.ops
+
+    table = deepspeed.ops.__compatible_ops__
+    saved = table.get(_SHM_OP)
+    table[_SHM_OP] = False
+    try:
+        yield
+    finally:
+        if saved is None:
+            table.pop(_SHM_OP, None)
+        else:
+            table[_SHM_OP] = saved
+
+
+def check_build_lock(recheck_s: float = 1.0) -> None:
+    """Raises BuildLockError when the build lock of DeepSpeed's CPU comm op is left by a process that is
+    gone: torch's builder waits (forever, silently) while the lock file exists. A live builder keeps the
+    lock file open, so a lock that no process of its owner holds open, twice a moment apart, is stale."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(_SHM_OP, verbose=False), "lock")
+    for attempt in range(2):
+        try:
+            owner = os.stat(lock).st_uid
+        except FileNotFoundError:
+            return
+        if owner != os.getuid() or _held_open(lock):
+            return  # another user's processes cannot be seen; a live builder is waited for
+        if attempt == 0:
+            time.sleep(recheck_s)  # a builder between closing the lock and removing it
+    raise BuildLockError(f"{lock} was left by a run stopped while it built DeepSpeed's CPU comm op, and every "
+                         "run would wait on it forever; no process holds it now: remove that file and run again")
+
+
+def _held_open(path: str) -> bool:
+    """Whether any process this user can see has `path` open."""
+    target = os.path.realpath(path)
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone, or another user's
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def _unlink_shared_buffers() -> None:

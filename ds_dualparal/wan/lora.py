@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +43,10 @@ _ADAPTER_METADATA = "lora_adapter_metadata"  # diffusers' key in the safetensors
 _DIFFUSERS_PREFIX = "transformer."
 _WAN_PREFIX = "diffusion_model."
 _PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "bias"}
+_MAX_RANK = 2**20  # far above any real LoRA's rank; a larger `r` is a damaged header
+# bytes per value of safetensors' dtype names (an unknown one counts 1, the smallest)
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class LoraError(ConfigError):
@@ -78,6 +83,7 @@ class LoraFile:
         try:
             with safe_open(self.path, framework="pt") as f:
                 shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+                self._check_sizes(shapes, {key: f.get_slice(key).get_dtype() for key in shapes})
                 alphas = {key: f.get_tensor(key) for key in shapes if key.endswith(".alpha")}
                 header = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as err:
@@ -85,9 +91,31 @@ class LoraFile:
                             "LoRAs load only from safetensors") from None
         if not shapes:
             raise LoraError(f"lora {self.name}: holds no tensors")
+        for key, alpha in alphas.items():
+            self._check_alpha(key, alpha)
         self.scaling = self._scaling(header)
         self.targets = self._map(shapes, alphas)
         self.tensors = sum(len(t.parts) for t in self.targets.values())
+
+    def _check_sizes(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+        """Every tensor's data fits in the file: a header may claim any shape, and the name mapping
+        allocates by the shapes (a rank's rows) before any data is read."""
+        size = self.path.stat().st_size
+        for key, shape in shapes.items():
+            count = 1
+            for dim in shape:
+                count *= dim
+            if count * _DTYPE_BYTES.get(dtypes[key], 1) > size:
+                raise LoraError(f"lora {self.name}: {key}: its header claims {'x'.join(map(str, shape))} "
+                                f"{dtypes[key]} values, more than the file's {size} bytes hold (a damaged file?)")
+
+    def _check_alpha(self, key: str, alpha: torch.Tensor) -> None:
+        """An original-Wan `.alpha` must be one finite number above 0: diffusers' converter loops forever
+        on a negative one and makes zero or non-finite weights of the others."""
+        value = alpha.double().reshape(-1) if alpha.numel() == 1 else None
+        if value is None or not (math.isfinite(value.item()) and value.item() > 0):
+            shown = alpha.reshape(-1)[0].item() if alpha.numel() == 1 else f"{alpha.numel()} values"
+            raise LoraError(f"lora {self.name}: {key} is {shown}; a LoRA's alpha must be one finite number above 0")
 
     def _scaling(self, header: dict) -> float:
         """PEFT's lora_alpha / r from diffusers' adapter metadata; 1.0 (alpha = rank) without it."""
@@ -101,9 +129,15 @@ class LoraFile:
                           or meta.get("use_rslora"))
             if not simple or not r:
                 raise ValueError("only a plain r and lora_alpha are supported (no patterns, DoRA or rsLoRA)")
-            self._metadata_rank = int(r)
-            return float(alpha) / float(r)
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= _MAX_RANK:
+                raise ValueError(f"r must be a whole number in [1, {_MAX_RANK}], got {_show(r)}")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(float(alpha)):
+                raise ValueError(f"lora_alpha must be a finite number, got {_show(alpha)}")
+            self._metadata_rank = r
+            return float(alpha) / r
+        except RecursionError:
+            raise LoraError(f"lora {self.name}: adapter metadata not supported (JSON nested too deeply)") from None
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as err:
             raise LoraError(f"lora {self.name}: adapter metadata not supported ({_first_line(err)})") from None
 
     def _map(self, shapes: dict[str, tuple[int, ...]], alphas: dict[str, torch.Tensor]) -> dict[str, _Target]:
@@ -284,6 +318,11 @@ def with_loras(sources: list[WeightSource], configs: list[WanConfig], specs) -> 
 def tensors_read(sources: list[WeightSource]) -> int:
     """LoRA tensors this rank has read so far."""
     return sum(s.tensors_read for s in sources if isinstance(s, LoraWeights))
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _first_line(err: BaseException) -> str:

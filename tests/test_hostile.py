@@ -1,0 +1,123 @@
+"""Hostile input (issue #25): each case ends before any work with one line naming the input, or is
+made harmless; nothing a run writes may delete another of its outputs."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RANDOM_TINY, TINY_CONFIG
+from safetensors.torch import save_file
+
+from ds_dualparal.cli.args import build_parser, check_args, config_from_args
+from ds_dualparal.cli.checks import plan_jobs
+from ds_dualparal.config import ConfigError, load_config
+from ds_dualparal.files import holds, read_regular_file
+from ds_dualparal.pipeline import comm
+from ds_dualparal.wan.lora import LoraError, LoraFile
+
+
+def decide(*argv):
+    args = build_parser().parse_args(["--config", str(TINY_CONFIG), *map(str, argv)])
+    cfg = config_from_args(args)
+    check_args(args, cfg)
+    return plan_jobs(args, cfg)
+
+
+# ---- data loss: a frames folder that is or holds another output
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_frames_folder_holding_the_output_or_latents_is_refused_without_advising_overwrite(tmp_path, overwrite):
+    folder = tmp_path / "O" / "D"
+    folder.mkdir(parents=True)
+    (folder / "earlier.mp4").write_bytes(b"kept")
+    with pytest.raises(ConfigError, match="--save-frames: .*D would hold the --output .*new.mp4") as err:
+        decide("--output", folder / "new.mp4", "--save-frames", folder, *overwrite)
+    assert "pass --overwrite" not in str(err.value)
+    with pytest.raises(ConfigError, match="would hold the --save-latents .*l.safetensors"):
+        decide("--output", tmp_path / "A" / "v.mp4", "--save-latents", tmp_path / "A" / "F" / "l.safetensors",
+               "--save-frames", tmp_path / "A" / "F", *overwrite)
+    with pytest.raises(ConfigError, match="would hold the --checkpoint-dir"):
+        decide("--output", tmp_path / "v.mp4", "--checkpoint-dir", tmp_path / "F" / "ck", "--checkpoint-every", 1, "--save-frames",
+               tmp_path / "F", *overwrite)
+    assert (folder / "earlier.mp4").read_bytes() == b"kept"
+    # beside the outputs, not above them, it is fine
+    assert decide("--output", folder / "new.mp4", "--save-frames", folder / "frames", *overwrite)[0].error is None
+
+
+def test_a_jobs_frames_folder_holding_another_jobs_output_or_the_manifest_fails_that_job(tmp_path):
+    out = tmp_path / "out"
+    (out / "clips").mkdir(parents=True)
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"name": "clips"}\n{"name": "x", "output": "clips/a.mp4"}\n{"name": "y"}\n')
+    clips, x, y = decide("--jobs", jobs_file, "--output-dir", out, "--save-frames", out, "--overwrite")
+    assert clips.config is None and "out/clips would hold line 2's output" in clips.error
+    assert "--overwrite" not in clips.error
+    assert x.error is None and y.error is None
+    # --save-frames above --output-dir: a job named after the output folder would hold the manifest
+    jobs_file.write_text('{"name": "out"}\n')
+    [job] = decide("--jobs", jobs_file, "--output-dir", out, "--save-frames", tmp_path, "--overwrite")
+    assert "would hold the manifest" in job.error
+
+
+def test_holds_is_the_folder_itself_or_below_it(tmp_path):
+    assert holds(tmp_path, tmp_path) and holds(tmp_path, tmp_path / "a" / "b")
+    assert not holds(tmp_path / "a", tmp_path / "ab") and not holds(tmp_path / "a", tmp_path)
+
+
+# ---- hangs: files that never end, a converter that never returns, a stale build lock
+
+
+@pytest.mark.parametrize("make", ["fifo", "device"])
+def test_config_prompts_and_jobs_that_are_not_regular_files_are_refused_at_once(tmp_path, make):
+    if make == "fifo":
+        path = tmp_path / "fifo"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config(path)
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(["--prompts", str(path)])
+    assert err.value.code == 2
+    with pytest.raises(ConfigError, match="--jobs: .* is not a regular file"):
+        decide("--jobs", path, "--output-dir", tmp_path / "out")
+    assert time.monotonic() - started < 10
+
+
+def test_read_regular_file_bounds_the_size(tmp_path):
+    path = tmp_path / "big.json"
+    path.write_bytes(b" " * 2049)
+    assert read_regular_file(path, 4096) == b" " * 2049
+    with pytest.raises(OSError, match="larger than"):
+        read_regular_file(path, 2048)
+
+
+def test_a_lone_cpu_process_does_not_build_the_shared_memory_op():
+    from deepspeed.comm.torch import build_shm_op
+
+    with comm._without_shm_op(True):
+        assert build_shm_op() is None  # would otherwise build with g++ or wait on its lock
+
+
+def test_a_stale_build_lock_is_named_and_a_held_one_is_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    comm.check_build_lock(0.0)  # no lock
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(comm._SHM_OP, verbose=False)) / "lock"
+    lock.touch()
+    with pytest.raises(FileExistsError, match=f"{lock} was left by a run stopped .* remove that file"):
+        comm.check_build_lock(0.0)
+    fd = os.open(lock, os.O_RDONLY)  # a live builder holds it open
+    try:
+        comm.check_build_lock(0.0)
+    finally:
+        os.close(fd)
