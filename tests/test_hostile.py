@@ -121,3 +121,62 @@ def test_a_stale_build_lock_is_named_and_a_held_one_is_waited_for(tmp_path, monk
         comm.check_build_lock(0.0)
     finally:
         os.close(fd)
+
+
+# ---- LoRA files that hung or raised
+
+
+def write_wan_lora(path, alpha=None, rows=4, metadata=None):
+    """One original-Wan LoRA target of the tiny model (width 24), with `alpha` as its `.alpha` tensor."""
+    state = {"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(rows, 24),
+             "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(24, rows)}
+    if alpha is not None:
+        state["diffusion_model.blocks.0.self_attn.q.alpha"] = torch.tensor(alpha)
+    save_file(state, path, metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.0, float("nan"), float("inf")])
+def test_an_alpha_that_is_not_a_finite_number_above_zero_is_refused_before_the_converter(tmp_path, alpha):
+    path = write_wan_lora(tmp_path / "l.safetensors", alpha)
+    started = time.monotonic()
+    with pytest.raises(LoraError, match=r"self_attn\.q\.alpha is .*; a LoRA's alpha must be a finite number above 0"):
+        LoraFile(path)
+    assert time.monotonic() - started < 10
+    assert LoraFile(write_wan_lora(tmp_path / "ok.safetensors", 8.0)).tensors == 2
+
+
+@pytest.mark.parametrize("meta, error", [
+    ({"r": 10**400, "lora_alpha": 4}, "r must be a whole number"),
+    ({"r": 4, "lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+    ({"r": True, "lora_alpha": 4}, "r must be a whole number"),
+])
+def test_adapter_metadata_with_overflowing_or_odd_numbers_is_refused(tmp_path, meta, error):
+    state = {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24),
+             "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(24, 4)}
+    path = tmp_path / "l.safetensors"
+    save_file(state, path, metadata={"lora_adapter_metadata": json.dumps(meta)})
+    with pytest.raises(LoraError, match=f"adapter metadata not supported .*{error}"):
+        LoraFile(path)
+    save_file(state, path, metadata={"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(LoraError, match="adapter metadata not supported"):
+        LoraFile(path)
+
+
+def test_a_rank_or_alpha_shape_beyond_reason_is_refused_before_allocating(tmp_path):
+    with pytest.raises(LoraError, match=r"lora_down.weight: rank 1048577 is more than 1048576"):
+        LoraFile(write_wan_lora(tmp_path / "rank.safetensors", 8.0, rows=2**20 + 1))
+    path = tmp_path / "alpha.safetensors"
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 24),
+               "diffusion_model.blocks.0.self_attn.q.alpha": torch.ones(3)}, path)
+    with pytest.raises(LoraError, match=r"alpha has shape \[3\]; a LoRA's alpha is one number"):
+        LoraFile(path)
+
+
+def test_a_lora_file_whose_name_looks_like_a_scale_is_that_file(tmp_path, monkeypatch):
+    from ds_dualparal.cli.args import parse_lora
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_lora("b:0.5") == {"path": "b", "scale": 0.5}
+    Path("b:0.5").write_bytes(b"")
+    assert parse_lora("b:0.5") == {"path": "b:0.5"}

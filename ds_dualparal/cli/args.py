@@ -8,6 +8,7 @@ by the config's own validation, so a flag and a config field give the same one-l
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -72,8 +73,11 @@ def config_from_args(args):
 
 
 def parse_lora(text: str) -> dict:
-    """`PATH[:SCALE[:EXPERT]]` -> a `loras` entry; a suffix that is neither stays part of the path."""
+    """`PATH[:SCALE[:EXPERT]]` -> a `loras` entry; a suffix that is neither stays part of the path, and so
+    does the whole text when it names an existing file (`b:0.5` is that file, not `b` at scale 0.5)."""
     entry = {"path": text}
+    if os.path.isfile(text):
+        return entry
     head, _, tail = text.rpartition(":")
     if head and tail in ("high_noise", "low_noise", "both"):
         entry.update(path=head, expert=tail)

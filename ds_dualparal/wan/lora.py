@@ -84,22 +84,21 @@ class LoraFile:
             with safe_open(self.path, framework="pt") as f:
                 shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
                 self._check_sizes(shapes, {key: f.get_slice(key).get_dtype() for key in shapes})
-                alphas = {key: f.get_tensor(key) for key in shapes if key.endswith(".alpha")}
+                alphas = {key: self._read_alpha(f, key, shapes[key]) for key in shapes if key.endswith(".alpha")}
                 header = f.metadata() or {}
         except (SafetensorError, OSError, ValueError) as err:
             raise LoraError(f"lora {self.name}: not a safetensors file ({_first_line(err)}); "
                             "LoRAs load only from safetensors") from None
         if not shapes:
             raise LoraError(f"lora {self.name}: holds no tensors")
-        for key, alpha in alphas.items():
-            self._check_alpha(key, alpha)
         self.scaling = self._scaling(header)
         self.targets = self._map(shapes, alphas)
         self.tensors = sum(len(t.parts) for t in self.targets.values())
 
     def _check_sizes(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
-        """Every tensor's data fits in the file: a header may claim any shape, and the name mapping
-        allocates by the shapes (a rank's rows) before any data is read."""
+        """Every tensor's data fits in the file, and every rank (a lora_down's rows) is plausible: a header
+        may claim any shape (a sparse file can back it), and the name mapping allocates a placeholder
+        row per rank before the shapes are checked against the model."""
         size = self.path.stat().st_size
         for key, shape in shapes.items():
             count = 1
@@ -108,14 +107,19 @@ class LoraFile:
             if count * _DTYPE_BYTES.get(dtypes[key], 1) > size:
                 raise LoraError(f"lora {self.name}: {key}: its header claims {'x'.join(map(str, shape))} "
                                 f"{dtypes[key]} values, more than the file's {size} bytes hold (a damaged file?)")
+            if shape and shape[0] > _MAX_RANK and key.endswith((".lora_down.weight", ".lora_A.weight")):
+                raise LoraError(f"lora {self.name}: {key}: rank {shape[0]} is more than {_MAX_RANK} (a damaged file?)")
 
-    def _check_alpha(self, key: str, alpha: torch.Tensor) -> None:
-        """An original-Wan `.alpha` must be one finite number above 0: diffusers' converter loops forever
-        on a negative one and makes zero or non-finite weights of the others."""
-        value = alpha.double().reshape(-1) if alpha.numel() == 1 else None
-        if value is None or not (math.isfinite(value.item()) and value.item() > 0):
-            shown = alpha.reshape(-1)[0].item() if alpha.numel() == 1 else f"{alpha.numel()} values"
-            raise LoraError(f"lora {self.name}: {key} is {shown}; a LoRA's alpha must be one finite number above 0")
+    def _read_alpha(self, f, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """An original-Wan `.alpha`: one finite number above 0. diffusers' converter loops forever on a
+        negative one, and makes zero or non-finite weights of the others."""
+        if len(shape) > 1 or (shape and shape[0] != 1):
+            raise LoraError(f"lora {self.name}: {key} has shape {list(shape)}; a LoRA's alpha is one number")
+        alpha = f.get_tensor(key)
+        value = alpha.double().item()
+        if not (math.isfinite(value) and value > 0):
+            raise LoraError(f"lora {self.name}: {key} is {value}; a LoRA's alpha must be a finite number above 0")
+        return alpha
 
     def _scaling(self, header: dict) -> float:
         """PEFT's lora_alpha / r from diffusers' adapter metadata; 1.0 (alpha = rank) without it."""
