@@ -103,6 +103,7 @@ CPU_ATTENTION_BACKENDS = ("native", "_native_math", "_native_flash")
 MAX_GUIDANCE = 100.0
 MAX_FLOW_SHIFT = 100.0
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000  # Wan samples in 50; UniPC already fails from ~334 (checks.scheduler_problem)
 MAX_COMM_TIMEOUT_S = 7 * 24 * 3600
 MAX_INPUT_FILE_BYTES = 64 * 2**20  # a config or prompts file; larger is a mistake (or /dev/zero)
 
@@ -192,7 +193,7 @@ class DualParalConfig(BaseModel):
         81, "Video frames, 4k+1 (the VAE's temporal compression).", scope="job", latents=True, flag="frames", ge=1
     )
     num_inference_steps: int = setting(
-        50, "Denoising steps per block.", scope="job", latents=True, flag="steps", ge=1
+        50, "Denoising steps per block.", scope="job", latents=True, flag="steps", ge=1, le=MAX_STEPS,
     )
     guidance_scale: float = setting(
         5.0, "Classifier-free guidance scale; CFG is on when > 1.", scope="job", latents=True, flag="guidance",

@@ -207,6 +207,7 @@ def holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
 
 
 NAME_MAX = 255
+PATH_MAX = 4096  # Linux's, with the final NUL
 
 
 def location_problem(path: str | os.PathLike, folder: bool = False) -> str | None:
@@ -216,9 +217,27 @@ def location_problem(path: str | os.PathLike, folder: bool = False) -> str | Non
     if "\0" in text:
         return "must not contain a NUL character"
     path = Path(text)
-    too_long = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    problem = name_length_problem(text)
+    if problem is not None:
+        return problem
+    try:
+        return _location_problem(path, folder)
+    except OSError as err:  # e.g. a loop of links, or a name the file system refuses
+        return f"cannot be used: {err.strerror or err}"
+
+
+def name_length_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` is longer than a file system allows (a name over NAME_MAX, the whole over PATH_MAX)."""
+    text = os.fspath(path)
+    too_long = next((part for part in Path(text).parts if len(os.fsencode(part)) > NAME_MAX), None)
     if too_long is not None:
         return f"has a name longer than {NAME_MAX} bytes ({too_long[:20]}...)"
+    if len(os.fsencode(os.path.abspath(text))) >= PATH_MAX:
+        return f"is longer than the {PATH_MAX - 1} bytes a path may have"
+    return None
+
+
+def _location_problem(path: Path, folder: bool) -> str | None:
     if path.is_dir() and not folder:
         return "is a folder"
     if path.exists() and folder and not path.is_dir():

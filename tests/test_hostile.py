@@ -180,3 +180,63 @@ def test_a_lora_file_whose_name_looks_like_a_scale_is_that_file(tmp_path, monkey
     assert parse_lora("b:0.5") == {"path": "b", "scale": 0.5}
     Path("b:0.5").write_bytes(b"")
     assert parse_lora("b:0.5") == {"path": "b:0.5"}
+
+
+# ---- tracebacks found late: the rotary range, steps, names too long
+
+
+def check(*argv):
+    """plan_jobs then check_work on rank 0's side, with the embedded tiny model."""
+    from ds_dualparal.cli.checks import check_model, check_work
+
+    args = build_parser().parse_args(["--config", str(TINY_CONFIG), *map(str, argv)])
+    cfg = config_from_args(args)
+    check_args(args, cfg)
+    jobs = plan_jobs(args, cfg)
+    check_work(args, jobs, check_model(cfg), "cpu")
+    return jobs
+
+
+def test_windows_and_sizes_past_the_rotary_range_are_refused_up_front(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--width: width 100000 is 6250 rotary positions, past the model's 1024"):
+        check("--output", tmp_path / "v.mp4", "--width", 100000, "--frames", 5)
+    with pytest.raises(ConfigError, match=r"^--frames/--block-size/--context: a window of 1025 latent frames"):
+        check("--output", tmp_path / "v.mp4", "--frames", 4097, "--block-size", 1_000_000, "--context", 0)
+    jobs_file = tmp_path / "jobs.jsonl"
+    jobs_file.write_text('{"name": "wide", "height": 32768}\n{"name": "ok", "frames": 5}\n')
+    wide, ok = check("--jobs", jobs_file, "--output-dir", tmp_path / "out")
+    assert wide.error.startswith("height: height 32768 is 2048 rotary positions") and ok.error is None
+    # the longest that fits: one block of 1024 latent frames
+    assert check("--output", tmp_path / "v.mp4", "--frames", 4093, "--block-size", 10**6, "--context", 0,
+                 "--height", 16, "--width", 16)[0].error is None
+
+
+def test_one_block_is_estimated_at_its_real_size():
+    from ds_dualparal.pipeline.estimate import estimate
+    from ds_dualparal.wan.model import WanConfig
+
+    wan = WanConfig.from_json(RANDOM_TINY / "transformer" / "config.json")
+    cfg = load_config(TINY_CONFIG).dualparal
+    huge = estimate(cfg.with_overrides(block_size=1_000_000), wan)
+    assert huge.blocks == 1 and huge.window_tokens == estimate(cfg.with_overrides(block_size=6, context=0), wan).window_tokens
+    assert huge.cached_tokens == 0
+
+
+def test_steps_are_bounded_before_any_scheduler_is_made(tmp_path):
+    for steps in ("100000000", "1000000000000"):
+        with pytest.raises(ConfigError, match=f"steps: {steps} must be <= 1000"):
+            decide("--output", tmp_path / "v.mp4", "--steps", steps)
+
+
+def test_an_output_name_too_long_for_the_file_system_fails_its_job_only(tmp_path):
+    jobs_file = tmp_path / "jobs.jsonl"
+    deep = "/".join(["b" * 200] * 30) + "/x.mp4"
+    jobs_file.write_text(json.dumps({"name": "a" * 300}) + "\n" + json.dumps({"name": "deep", "output": deep})
+                         + "\n" + '{"name": "ok"}\n')
+    long_name, long_path, ok = decide("--jobs", jobs_file, "--output-dir", tmp_path / "out", "--save-frames",
+                                      tmp_path / "frames")
+    assert "has a name longer than 255 bytes" in long_name.error
+    assert "is longer than the 4095 bytes a path may have" in long_path.error
+    assert ok.error is None
+    with pytest.raises(ConfigError, match="--output: .* is longer than the 4095 bytes"):
+        decide("--output", tmp_path / deep)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import FLAGS, ConfigError
 from ..files import holds, location_problem, same_file_key
 from .jobs import MANIFEST, Job, done_outputs, read_jobs
 
@@ -64,7 +64,7 @@ def plan_jobs(args, cfg) -> list[Job]:
         problem = held.get(job.index) or _frames_link(job, args)
         problem = problem or next((f"{_key(flag)}: {_shown(path)} {problem}" for flag, path in outputs
                         if (problem := location_problem(path, folder=flag == "--save-frames")) is not None), None)
-        existing = [(flag, path) for flag, path in outputs if _exists(path)]
+        existing = [(flag, path) for flag, path in outputs if _exists(path)] if problem is None else []
         if problem is None and existing and not args.overwrite:
             flag, path = existing[0]
             problem = f"{_key(flag)}: {path} already exists; pass --overwrite to replace it"
@@ -205,7 +205,7 @@ def check_model(cfg, device_type: str = "cpu"):
 def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, str]]:
     """Refuses (one line) a job that cannot fit the device; returns what each other job costs, as
     (log level, line) for rank 0 to say once every check has passed."""
-    from ..pipeline.estimate import device_memory, estimate, refusal
+    from ..pipeline.estimate import device_memory, estimate, refusal, rotary_problem
     from ..pipeline.image import image_input, job_problem, read_vae_config, spatial_factor
     from ..wan.modelcheck import read_json
     from ..wan.weights import resolve_model
@@ -236,6 +236,14 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
             if args.jobs is None:
                 raise ConfigError(f"--steps/--scheduler/--flow-shift: {schedules[key]}")
             job.error, job.config = f"num_inference_steps/scheduler/flow_shift: {schedules[key]}", None
+            continue
+        rotary = rotary_problem(cfg, wan, spatial)
+        if rotary is not None:
+            fields, message = rotary
+            if args.jobs is None:
+                flags = {field: flag for flag, field in FLAGS.items()}
+                raise ConfigError("/".join("--" + flags[f].replace("_", "-") for f in fields) + ": " + message)
+            job.error, job.config = "/".join(fields) + ": " + message, None
             continue
         image = mode if cfg.image else None
         work = estimate(job.config, wan, spatial, image.clip_tokens if image else 0,

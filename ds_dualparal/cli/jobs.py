@@ -19,6 +19,7 @@ from ..files import (
     NotRegularFileError,
     append_line,
     is_temporary_name,
+    name_length_problem,
     no_duplicate_keys,
     read_regular_file,
     same_file_key,
@@ -65,6 +66,9 @@ def _inside(output_dir: Path, key: str, relative: str, suffix: str | None = None
         raise ConfigError(f"{key}: {relative!r} must be a relative path inside --output-dir")
     if suffix is not None and path.suffix.lower() != suffix:
         raise ConfigError(f"{key}: {relative!r} must end in {suffix}")
+    too_long = name_length_problem(output_dir / path)
+    if too_long is not None:
+        raise ConfigError(f"{key}: {relative[:40]!r}... {too_long}")
     temporary = next((part for part in path.parts if is_temporary_name(part)), None)
     if temporary is not None:
         raise ConfigError(f"{key}: {relative!r} is named like a temporary file (.<name>.*.partial), "

@@ -46,6 +46,35 @@ class Work:
                 f"~{self.tflop:.3g} TFLOP, at least {self.first_stage_bytes / GiB:.3g} GiB on the first stage")
 
 
+def attention_frames(cfg) -> tuple[int, int]:
+    """(window, cached) latent frames a block-step attends over, at most (an over-estimate for several
+    blocks). One block holds the whole video whatever --block-size says, with no context and no cache."""
+    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    if timeline.num_blocks == 1:
+        return timeline.block_len(0), 0
+    return max(timeline.block_len(0), cfg.block_size) + cfg.context, cfg.context
+
+
+def rotary_problem(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR) -> tuple[tuple[str, ...], str] | None:
+    """The fields at fault and why a job's positions do not fit the model's rotary table (Wan's
+    `rope_max_seq_len` positions per axis, frames window-relative); None if they fit. diffusers'
+    WanRotaryPosEmbed would otherwise fail in the first forward, after the weights load."""
+    window, cached = attention_frames(cfg)
+    p_t, p_h, p_w = wan.patch_size
+    limit = wan.rope_max_seq_len
+    frames = (window + cached) // p_t
+    if frames > limit:
+        return ("num_frames", "block_size", "context"), (
+            f"a window of {window} latent frames (+{cached} cached) is {frames} rotary positions, past the "
+            f"model's {limit}; use a smaller block_size/context (or fewer frames for one block)")
+    for name, pixels, patch in (("height", cfg.height, p_h), ("width", cfg.width, p_w)):
+        positions = pixels // spatial // patch
+        if positions > limit:
+            return (name,), (f"{name} {pixels} is {positions} rotary positions, past the model's {limit}; "
+                             f"at most {limit * patch * spatial} pixels")
+    return None
+
+
 def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_tokens: int = 0,
              clean_first_frame: bool = False) -> Work:
     """`spatial`: the VAE's spatial factor; `image_tokens`: CLIP tokens in every cross-attention;
@@ -54,9 +83,9 @@ def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_t
     _, p_h, p_w = wan.patch_size
     h, w = cfg.height // spatial, cfg.width // spatial
     per_frame = (h // p_h) * (w // p_w)
-    longest = max(timeline.block_len(0), cfg.block_size)
-    window = (longest + cfg.context) * per_frame
-    cached = cfg.context * per_frame
+    window_frames, cached_frames = attention_frames(cfg)
+    window = window_frames * per_frame
+    cached = cached_frames * per_frame
     batch = 2 if cfg.do_classifier_free_guidance else 1
     dtype = DTYPE_BYTES[cfg.dtype]
     condition = wan.in_channels - wan.out_channels if cfg.image else 0
