@@ -3,6 +3,8 @@ made harmless; nothing a run writes may delete another of its outputs."""
 
 import json
 import os
+import re
+import signal
 import stat
 import subprocess
 import sys
@@ -240,3 +242,144 @@ def test_an_output_name_too_long_for_the_file_system_fails_its_job_only(tmp_path
     assert ok.error is None
     with pytest.raises(ConfigError, match="--output: .* is longer than the 4095 bytes"):
         decide("--output", tmp_path / deep)
+
+
+# ---- signals: SIGTERM/SIGHUP as Ctrl-C, a bounded exit, ranks that outlive their launcher
+
+
+def _python(code: str, *argv: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen([sys.executable, "-c", code, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_raise_like_ctrl_c_and_a_stuck_process_still_ends(signum):
+    code = """if True:
+        import signal, sys, time
+        from ds_dualparal.cli import signals
+        signals.install(grace_s=1.0)
+        try:
+            print("ready", flush=True)
+            time.sleep(60)
+        except signals.Terminated as err:
+            print("raised", err, err.signum, isinstance(err, KeyboardInterrupt), flush=True)
+        while True:  # a main thread that never comes back (as one blocked in a collective)
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                pass
+    """
+    process = _python(code)
+    try:
+        assert process.stdout.readline() == "ready\n"
+        process.send_signal(signum)
+        assert process.stdout.readline() == f"raised {signum.name} {int(signum)} True\n"
+        assert process.wait(timeout=30) == 128 + signum  # ended by the deadline, a second after the signal
+    finally:
+        process.kill()
+
+
+def test_a_rank_ends_when_the_launcher_above_it_is_gone():
+    """A fake `deepspeed` (the outer process) starts a fake per-node launcher (its command line names
+    deepspeed.launcher.launch), which starts a 'rank'; SIGKILL to the outer process leaves the others
+    orphaned, and the rank must end by itself."""
+    rank = """if True:
+        import time
+        from ds_dualparal.cli import signals
+        assert signals.launcher_pids() is not None
+        signals.install(grace_s=1.0, watch_s=0.1)
+        try:
+            print("rank ready", flush=True)
+            time.sleep(60)
+        except signals.Terminated:
+            print("rank terminated", flush=True)
+    """
+    launcher = """if True:
+        import os, subprocess, sys, time
+        rank = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+        print(os.getpid(), rank.pid, flush=True)
+        time.sleep(60)
+    """
+    outer = """if True:
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], "deepspeed.launcher.launch"])
+        time.sleep(60)
+    """
+    process = _python(outer, launcher, rank)
+    pids = []
+    try:
+        pids = [int(pid) for pid in process.stdout.readline().split()]
+        rank_pid = pids[1]
+        assert process.stdout.readline() == "rank ready\n"
+        process.kill()
+        process.wait()
+        assert process.stdout.readline() == "rank terminated\n"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(rank_pid):
+            time.sleep(0.1)
+        assert not _alive(rank_pid)
+    finally:
+        process.kill()
+        for pid in pids:  # the fake launcher stays an orphan: it is only a stand-in
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _generate_process(workdir, *argv, code=None):
+    from conftest import GENERATE, subprocess_env
+
+    command = [sys.executable, str(GENERATE), "--config", str(TINY_CONFIG), *map(str, argv)]
+    if code is not None:
+        command = [sys.executable, "-c", code, *map(str, argv)]
+    return subprocess.Popen(command, cwd=workdir, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def test_sigterm_to_a_plain_run_is_one_line_and_leaves_no_temporary(workdir):
+    process = _generate_process(workdir, "--frames", "321", "--output", "v.mp4")
+    text = bytearray()
+    try:
+        while chunk := process.stdout.read1(4096):
+            text.extend(chunk)
+            if re.search(rb"\| +[1-9][0-9]*/[0-9]+ \[[^]\r\n]*block-step", bytes(text)):
+                break
+        process.send_signal(signal.SIGTERM)  # to the process only, as `kill` and `timeout` send it
+        text.extend(process.stdout.read())
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    said = [line for line in text.decode(errors="replace").splitlines() if line.startswith("generate.py:")]
+    assert said == ["generate.py: error: interrupted (SIGTERM); unfinished outputs were removed"]
+    assert b"Traceback" not in text
+    assert list(workdir.iterdir()) == []  # neither the mp4 nor its temporary
+
+
+def test_ctrl_c_after_the_summary_keeps_the_exit_code_of_the_complete_run(workdir):
+    code = """if True:
+        import sys
+        from ds_dualparal.pipeline import comm
+        shutdown = comm.shutdown
+
+        def interrupted_once():
+            comm.shutdown = shutdown
+            raise KeyboardInterrupt
+        comm.shutdown = interrupted_once
+        from ds_dualparal.cli.main import main
+        sys.exit(main(sys.argv[1:]))
+    """
+    process = _generate_process(workdir, "--config", TINY_CONFIG, "--frames", "5", "--steps", "2", "--output",
+                                "v.mp4", code=code)
+    text = process.communicate(timeout=300)[0].decode(errors="replace")
+    assert process.returncode == 0, text[-3000:]
+    assert "interrupted (Ctrl-C) after the summary; every output is complete" in text
+    assert (workdir / "v.mp4").stat().st_size > 0
+    assert "built successfully" not in text  # a lone CPU process does not build DeepSpeed's shm op

@@ -31,13 +31,14 @@ def main(argv=None) -> int:
         level=os.environ.get("DS_DUALPARAL_LOG", "INFO"),
         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
     )
-    from . import interrupt
+    from . import interrupt, signals
 
     interrupt.install()
+    signals.install()
     try:
         args = build_parser().parse_args(argv)
-    except KeyboardInterrupt:
-        return _interrupted()
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
     try:
         cfg = config_from_args(args)
         check_args(args, cfg)
@@ -58,8 +59,12 @@ def main(argv=None) -> int:
     except OutputError as err:  # found by this rank alone: an output it cannot write (disk full, ...)
         _say(str(err))
         return _leave(1)
-    except KeyboardInterrupt:  # Ctrl-C: temporaries are gone (atomic_output), the finished outputs stay
-        return _leave(_interrupted())
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: temporaries are gone (atomic_output), the finished outputs stay
+        if _finished is not None:  # after the summary: every output is complete
+            if os.environ.get("RANK", "0") == "0":
+                _say(f"interrupted ({_signal_name(err)}) after the summary; every output is complete")
+            return _leave(_finished)
+        return _leave(_interrupted(err))
     except Exception as err:  # a fault or a bug: say which rank and what, then fail (the launcher stops the rest)
         first_line = str(err).splitlines()[0] if str(err) else ""
         log.critical("rank %s failed: %s: %s", os.environ.get("RANK", "0"), type(err).__name__, first_line,
@@ -86,10 +91,17 @@ def _leave(code: int) -> int:
     os._exit(code)
 
 
-def _interrupted() -> int:
+def _interrupted(err: KeyboardInterrupt) -> int:
     if os.environ.get("RANK", "0") == "0":
-        _say("interrupted (Ctrl-C); unfinished outputs were removed")
-    return 130
+        _say(f"interrupted ({_signal_name(err)}); unfinished outputs were removed")
+    return 128 + getattr(err, "signum", 2)
+
+
+def _signal_name(err: KeyboardInterrupt) -> str:
+    return str(err) if hasattr(err, "signum") else "Ctrl-C"
+
+
+_finished: int | None = None  # the run's exit code once every job has ended and the summary is out
 
 
 def _say(message: str) -> None:
@@ -199,6 +211,8 @@ def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: i
     for job, text in zip(mine, texts):
         results.append(run_job(generator, job, text, options, checkpoints))
     failed = summarize(generator, results, time.perf_counter() - started)
+    global _finished
+    _finished = 1 if failed or invalid else 0
     comm.shutdown()
-    return 1 if failed or invalid else 0
+    return _finished
 
