@@ -171,9 +171,13 @@ def saved_run(tmp_path, cfg, iterations=(2, 4)):
     size = (cfg.height // 8, cfg.width // 8)  # the latents of `cfg`, as a resumed run checks
     zeros = [torch.zeros(1, 4, tl.block_len(b), *size) for b in range(tl.num_blocks)]
     latents = BlockLatents(plan, zeros, scheduler, "cpu")
+    predictions = {(bs.block, bs.step): torch.zeros_like(zeros[bs.block]) for bs in tl.block_steps()}
     folder = folder_for(tmp_path, cfg)
-    for iteration in iterations:
+    done = 0
+    for iteration in iterations:  # the schedulers' states of a real run (resume checks them step by step)
+        step_through(latents, plan, predictions, done, iteration)
         folder.save(iteration, latents)
+        done = iteration
     return folder, tl
 
 

@@ -383,3 +383,59 @@ def test_ctrl_c_after_the_summary_keeps_the_exit_code_of_the_complete_run(workdi
     assert "interrupted (Ctrl-C) after the summary; every output is complete" in text
     assert (workdir / "v.mp4").stat().st_size > 0
     assert "built successfully" not in text  # a lone CPU process does not build DeepSpeed's shm op
+
+
+# ---- checkpoints: edited scheduler state, deep manifests, links
+
+
+def _rehash(checkpoint: Path) -> None:
+    """What an editor who knows the format does: the manifest's sizes and hashes made to match again."""
+    from ds_dualparal.output.checkpoint import MANIFEST, _digest
+
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"] = {name: _digest(checkpoint / name) for name in manifest["files"]}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda s: s.update(_step_index="x"), "_step_index is 'x', expected 3"),
+    (lambda s: s.update(lower_order_nums=10**30), "lower_order_nums is 1000000000000000000000000000000"),
+    (lambda s: s.update(timestep_list=[900, 750]), r"timestep_list \[0\] is int, expected a tensor"),
+    (lambda s: s.pop("this_order"), "scheduler has .*, expected"),
+    (lambda s: s.update(model_outputs=s["model_outputs"][:1]), "model_outputs is not a list of 2"),
+])
+def test_an_edited_scheduler_state_is_refused_field_by_field_before_work(tmp_path, edit, error):
+    from test_checkpoint import TINY_WAN_PATH, saved_run
+
+    from ds_dualparal.output.checkpoint import STATE, Checkpoints, ResumeError
+
+    cfg = load_config(TINY_CONFIG).dualparal
+    folder, tl = saved_run(tmp_path, cfg)
+    newest = folder.path(4)
+    state = json.loads((newest / STATE).read_text())
+    edit(state["schedulers"]["1"])
+    (newest / STATE).write_text(json.dumps(state))
+    _rehash(newest)
+    with pytest.raises(ResumeError, match=f"iter_000004 is damaged \\(state.json: block 1's .*{error}"):
+        Checkpoints.open(folder.folder, 1, cfg, TINY_WAN_PATH, tl.num_iterations)
+
+
+def test_a_deep_manifest_and_linked_checkpoints_are_refused(tmp_path):
+    from test_checkpoint import TINY_WAN_PATH, saved_run
+
+    from ds_dualparal.output.checkpoint import MANIFEST, Checkpoints, ResumeError
+
+    cfg = load_config(TINY_CONFIG).dualparal
+    folder, tl = saved_run(tmp_path, cfg)
+    (folder.path(4) / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ResumeError, match="iter_000004 is damaged \\(its manifest is nested too deeply\\)"):
+        Checkpoints.open(folder.folder, 1, cfg, TINY_WAN_PATH, tl.num_iterations)
+    elsewhere = tmp_path / "elsewhere"
+    folder.path(4).rename(elsewhere)
+    folder.path(4).symlink_to(elsewhere)
+    with pytest.raises(ResumeError, match="iter_000004 is a symbolic link, not a checkpoint this program wrote"):
+        Checkpoints.open(folder.folder, 1, cfg, TINY_WAN_PATH, tl.num_iterations)
+    link = tmp_path / "link"
+    link.symlink_to(folder.folder)
+    with pytest.raises(ResumeError, match="link is a symbolic link; give the folder itself"):
+        Checkpoints.open(link, 1, cfg, TINY_WAN_PATH, tl.num_iterations)

@@ -24,6 +24,7 @@ number of ranks, which the latents do not depend on, so a run may resume on anot
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -94,7 +95,15 @@ class Checkpoints:
     @classmethod
     def open(cls, folder: Path, every: int, cfg, model_path: Path, num_iterations: int) -> Checkpoints:
         """The folder's newest complete checkpoint, checked against this run (raises ResumeError)."""
-        checkpoints = cls(Path(folder), every, fingerprint_fields(cfg, model_path))
+        folder = Path(folder)
+        if folder.is_symlink():
+            raise ResumeError(f"--checkpoint-dir: {folder} is a symbolic link; give the folder itself "
+                              "(checkpoints are replaced and deleted in it)")
+        checkpoints = cls(folder, every, fingerprint_fields(cfg, model_path))
+        linked = next((p for p in checkpoints._entries() if p.is_symlink()), None)
+        if linked is not None:
+            raise ResumeError(f"--checkpoint-dir: {linked} is a symbolic link, not a checkpoint this program "
+                              "wrote; remove it")
         newest = checkpoints._newest()
         if newest is None:
             return checkpoints
@@ -103,7 +112,10 @@ class Checkpoints:
         if not isinstance(iteration, int) or isinstance(iteration, bool) or not 0 < iteration < num_iterations:
             raise ResumeError(f"--checkpoint-dir: {newest}: iteration {iteration!r} is not in [1, {num_iterations})")
         # the files agree with the manifest and this run, before work starts
-        checkpoints._read(newest, iteration, cfg, model_path=model_path)
+        latents, state, tensors = checkpoints._read(newest, iteration, cfg, model_path=model_path)
+        problem = scheduler_state_problem(state["schedulers"], tensors, latents, cfg, model_path, iteration)
+        if problem is not None:
+            raise ResumeError(f"--checkpoint-dir: {newest} is damaged ({problem}); delete it to start over")
         log.info("resuming from %s: iteration %d of %d", newest, iteration, num_iterations)
         return cls(checkpoints.folder, every, checkpoints.fields, iteration)
 
@@ -114,15 +126,15 @@ class Checkpoints:
     def path(self, iteration: int) -> Path:
         return self.folder / f"iter_{iteration:06d}"
 
-    def _complete(self) -> dict[int, Path]:
+    def _entries(self) -> list[Path]:
+        """The folder's entries named like checkpoints (`iter_<iteration>`)."""
         if not self.folder.is_dir():
-            return {}
-        found = {}
-        for path in self.folder.iterdir():
-            match = _CHECKPOINT.fullmatch(path.name)
-            if match and (path / MANIFEST).is_file():
-                found[int(match.group(1))] = path
-        return found
+            return []
+        return [path for path in self.folder.iterdir() if _CHECKPOINT.fullmatch(path.name)]
+
+    def _complete(self) -> dict[int, Path]:
+        return {int(_CHECKPOINT.fullmatch(path.name).group(1)): path for path in self._entries()
+                if not path.is_symlink() and (path / MANIFEST).is_file()}
 
     def _newest(self) -> Path | None:
         complete = self._complete()
@@ -138,6 +150,9 @@ class Checkpoints:
             for name in (LATENTS, SCHEDULERS, STATE):
                 if _digest(path / name) != files[name]:
                     raise ValueError(f"{name} does not match the manifest")
+        except RecursionError:
+            raise ResumeError(f"--checkpoint-dir: {path} is damaged (its manifest is nested too deeply); "
+                              "delete it to start over") from None
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ResumeError(f"--checkpoint-dir: {path} is damaged ({err}); delete it to start over") from None
         if manifest.get("format") != FORMAT or manifest.get("fingerprint") != self.fingerprint:
@@ -238,6 +253,68 @@ class Checkpoints:
         if self.folder.is_dir():
             for path in self.folder.glob(".iter_*.partial"):
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+_PROBE_SHAPE = (1, 3, 1, 2, 5)  # a latent shape no other scheduler tensor has: marks the latent-shaped ones
+
+
+def scheduler_state_problem(saved: dict, tensors: dict[str, torch.Tensor], latents: list[torch.Tensor], cfg,
+                            model_path: Path, iteration: int) -> str | None:
+    """What is wrong with the saved scheduler states, checked field by field against the scheduler's own
+    state after the same number of steps; None if nothing. A state is set attribute by attribute on a
+    fresh scheduler, so an edited one (with the manifest's hashes recomputed) would otherwise fail in
+    the middle of the generation, or not at all and give other latents.
+
+    Each block `b` in progress has taken `iteration - b` steps. Its attributes must be the reference's
+    names, and each value of the reference's kind: the same int/float/bool/None (counters and indices
+    are fixed by the step count), lists of the same length, and tensors of the reference's dtype and
+    shape (the block's latent shape where the reference's is latent-shaped) with the same values where
+    they do not depend on the latents (timesteps) and finite values where they do."""
+    from ..pipeline.denoise import make_scheduler, scheduler_state
+
+    fresh = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, Path(model_path) / "scheduler")
+    probe = torch.zeros(_PROBE_SHAPE)
+    stepped = copy.deepcopy(fresh)
+    references = {0: copy.deepcopy(scheduler_state(stepped, fresh))}  # copies: step() changes lists in place
+    for step, t in enumerate(fresh.timesteps[: iteration], start=1):
+        probe = stepped.step(torch.zeros_like(probe), t, probe, return_dict=False)[0]
+        references[step] = copy.deepcopy(scheduler_state(stepped, fresh))
+    for block, attributes in saved.items():
+        steps = iteration - int(block)
+        if not 0 < steps < cfg.num_inference_steps:
+            return f"state.json: block {block} is not in progress at iteration {iteration}"
+        reference = references[steps]
+        if set(attributes) != set(reference):
+            return f"state.json: block {block}'s scheduler has {sorted(attributes)}, expected {sorted(reference)}"
+        for name, value in attributes.items():
+            problem = _value_problem(_decode(value, tensors, torch.device("cpu")), reference[name],
+                                     tuple(latents[int(block)].shape))
+            if problem is not None:
+                return f"state.json: block {block}'s {name} {problem}"
+    return None
+
+
+def _value_problem(value: Any, reference: Any, latent_shape: tuple[int, ...]) -> str | None:
+    if isinstance(reference, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
+            return f"is {type(value).__name__}, expected a tensor"
+        latent = tuple(reference.shape) == _PROBE_SHAPE
+        shape = latent_shape if latent else tuple(reference.shape)
+        if value.dtype != reference.dtype or tuple(value.shape) != shape:
+            return f"is {value.dtype} {tuple(value.shape)}, expected {reference.dtype} {shape}"
+        if latent and not bool(torch.isfinite(value).all()):
+            return "holds values that are not finite"
+        if not latent and not torch.equal(value, reference.cpu()):
+            return "differs from the scheduler's own values"
+        return None
+    if isinstance(reference, list):
+        if not isinstance(value, list) or len(value) != len(reference):
+            return f"is not a list of {len(reference)}"
+        return next((f"[{i}] {p}" for i, (v, r) in enumerate(zip(value, reference))
+                     if (p := _value_problem(v, r, latent_shape)) is not None), None)
+    if type(value) is not type(reference) or value != reference:
+        return f"is {value!r}, expected {reference!r}"
+    return None
 
 
 def _encode(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
