@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import math
 import sys
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frames per second, for drift's first and last second; default: the config's")
     parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="outputs/quality.json", help="JSON with every video's results")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
@@ -154,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = location_problem(args.out)
     if problem:
         parser.error(f"--out {args.out} {problem}")
+    if os.path.lexists(args.out) and not args.overwrite:
+        parser.error(f"--out {args.out} already exists; pass --overwrite to replace it")
     try:
         base = load_config(args.config).dualparal
         if args.model is not None:
@@ -329,7 +333,7 @@ def write_json(path: str, args, rows: list[dict], table: list[dict], seconds: fl
         fps=args.fps, threads=args.threads, total_seconds=round(seconds, 1), summary=table, videos=rows,
     )
     text = json.dumps(document, indent=1, allow_nan=False) + "\n"
-    with atomic_output(path, overwrite=True) as partial:
+    with atomic_output(path, overwrite=args.overwrite) as partial:
         partial.write_text(text)
 
 

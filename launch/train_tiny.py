@@ -667,7 +667,34 @@ def parse_args(argv=None):
         parser.error(f"--dit-head-dim must be even for Wan's rotary embedding, got {args.dit_head_dim}")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         parser.error(f"--out {args.out} exists and is not an empty folder; give a new one")
+    _check_up_front(parser, args)
     return args
+
+
+def _check_up_front(parser, args) -> None:
+    """What would otherwise fail only after training (or with a traceback): the place the model goes,
+    the device, the seed and the VAE to start from; and a time limit that leaves no time to train."""
+    from ds_dualparal.files import location_problem
+
+    problem = location_problem(args.out, folder=True)
+    if problem is not None:
+        parser.error(f"--out {args.out} {problem}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; use cpu or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: use cpu or cuda[:N]")
+    if not 0 <= args.seed < 2**32:  # the stages seed torch with --seed + a few; far below torch's 64 bits
+        parser.error(f"--seed must be in [0, {2**32}), got {args.seed}")
+    if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
+        parser.error(f"--vae-from {args.vae_from} holds no vae/config.json (a tiny model folder written by this script)")
+    for name in ("max_minutes", "max_minutes_vae", "max_minutes_dit"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a number of minutes above 0, got {value}")
 
 
 def main(argv=None) -> int:

@@ -439,3 +439,52 @@ def test_a_deep_manifest_and_linked_checkpoints_are_refused(tmp_path):
     link.symlink_to(folder.folder)
     with pytest.raises(ResumeError, match="link is a symbolic link; give the folder itself"):
         Checkpoints.open(link, 1, cfg, TINY_WAN_PATH, tl.num_iterations)
+
+
+# ---- the scripts in launch/ (their argument checks, in process)
+
+
+def _script(name: str):
+    """The script as a module (named `launch_<name>`, apart from any module of the package)."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("launch_" + name.removesuffix(".py"), ROOT / "launch" / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _refused(parse, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_quality_needs_overwrite_to_replace_its_out(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    out.write_text("{}")
+    line = _refused(_script("quality.py").parse_args, ["--out", str(out)], capsys)
+    assert f"--out {out} already exists; pass --overwrite" in line
+    assert out.read_text() == "{}"
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--device", "foo"], "--device 'foo' is not a device"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--seed", str(2**64)], "--seed must be in [0, 4294967296)"),
+    (["--vae-from", "missing"], "--vae-from missing holds no vae/config.json"),
+    (["--max-minutes", "0"], "--max-minutes must be a number of minutes above 0, got 0.0"),
+    (["--out", "file/model"], "--out file/model cannot be made: file is not a folder"),
+])
+def test_train_tiny_refuses_what_would_fail_after_training(tmp_path, monkeypatch, capsys, argv, error):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    argv = ["--out", "model", *argv] if "--out" not in argv else argv
+    assert error in _refused(_script("train_tiny.py").parse_args, ["--smoke", *argv], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
