@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RANDOM_TINY, TINY_CONFIG
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ds_dualparal.cli.args import build_parser, check_args, config_from_args
 from ds_dualparal.cli.checks import plan_jobs
@@ -488,3 +488,48 @@ def test_train_tiny_refuses_what_would_fail_after_training(tmp_path, monkeypatch
     argv = ["--out", "model", *argv] if "--out" not in argv else argv
     assert error in _refused(_script("train_tiny.py").parse_args, ["--smoke", *argv], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ---- non-finite values: refused where they come from, and blamed on what can cause them
+
+
+def test_non_finite_latents_name_the_lora_when_there_is_one():
+    from ds_dualparal.cli.runner import JobFailed, check_finite
+
+    bad = torch.tensor([float("nan")])
+    cfg = load_config(TINY_CONFIG).dualparal
+    with pytest.raises(JobFailed, match=r"\(look at an extreme --guidance or --flow-shift\)$"):
+        check_finite(0, bad, cfg)
+    with pytest.raises(JobFailed, match="--flow-shift or the LoRA's scale or values"):
+        check_finite(0, bad, cfg.with_overrides(loras=[{"path": "l.safetensors"}]))
+
+
+def test_a_lora_tensor_that_is_not_finite_is_refused_as_its_layer_loads(tmp_path):
+    from ds_dualparal.wan.lora import with_loras
+    from ds_dualparal.wan.model import WanConfig, layer_specs
+    from ds_dualparal.wan.weights import FolderWeights
+
+    wan = WanConfig.from_json(RANDOM_TINY / "transformer" / "config.json")
+    path = tmp_path / "nan.safetensors"
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.full((4, wan.inner_dim), float("nan")),
+               "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(wan.inner_dim, 4)}, path)
+    cfg = load_config(None, {"loras": [{"path": str(path)}]}).dualparal
+    [source] = with_loras([FolderWeights(RANDOM_TINY / "transformer", torch.float32, "cpu")], [wan], cfg.loras)
+    with pytest.raises(LoraError, match="lora_A.weight holds values that are not finite"):
+        for spec in layer_specs(wan, source):
+            spec.build()
+
+
+def test_a_checkpoint_with_non_finite_latents_is_refused_before_work(tmp_path):
+    from test_checkpoint import TINY_WAN_PATH, saved_run
+
+    from ds_dualparal.output.checkpoint import LATENTS, Checkpoints, ResumeError
+
+    cfg = load_config(TINY_CONFIG).dualparal
+    folder, tl = saved_run(tmp_path, cfg)
+    latents = load_file(folder.path(4) / LATENTS)
+    latents["block_0000"][0, 0, 0, 0, 0] = float("inf")
+    save_file(latents, folder.path(4) / LATENTS)
+    _rehash(folder.path(4))
+    with pytest.raises(ResumeError, match="its latents hold values that are not finite"):
+        Checkpoints.open(folder.folder, 1, cfg, TINY_WAN_PATH, tl.num_iterations)

@@ -51,15 +51,19 @@ def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True
             raise OutputError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def check_finite(block: int, latents: torch.Tensor) -> None:
-    """Non-finite latents (an overflow, e.g. from an extreme guidance or flow shift) fail the job."""
+def check_finite(block: int, latents: torch.Tensor, cfg=None) -> None:
+    """Non-finite latents (an overflow) fail the job; the message names what of `cfg` can cause it."""
     if not bool(torch.isfinite(latents).all()):
         bad = int((~torch.isfinite(latents)).sum())
+        causes = ["an extreme --guidance or --flow-shift"]
+        if cfg is not None and cfg.loras:
+            causes.append("the LoRA's scale or values")
         raise JobFailed(f"block {block}: {bad} of {latents.numel()} latent values are not finite (NaN or inf); "
-                        "the video would be garbage (lower --guidance or --flow-shift)")
+                        f"the video would be garbage (look at {' or '.join(causes)})")
 
 
-def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step: bool = False) -> tuple[Result, int]:
+def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step: bool = False,
+                       cfg=None) -> tuple[Result, int]:
     """First stage: runs `request` with each finished block decoded and passed to `sinks` beside the
     pipeline (see stream.py); returns once every frame is written, with the number of frames.
 
@@ -77,7 +81,7 @@ def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step:
         if failure:
             return
         try:
-            check_finite(block, latents)
+            check_finite(block, latents, cfg)
             output.submit(block, latents)
         except (OSError, JobFailed) as err:
             if not keep_in_step:
@@ -172,7 +176,7 @@ def run_job(generator, job, text, options: OutputOptions, checkpoints: Checkpoin
                 if not single_stage:
                     generator.generate(request)
                 raise
-            result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage)
+            result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage, cfg=cfg)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
                 save_latents(cfg.save_latents, result.latents, overwrite=options.overwrite)
     except (OSError, JobFailed) as err:  # this job's own outputs or values: the job fails, the run goes on

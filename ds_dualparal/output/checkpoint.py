@@ -183,6 +183,8 @@ class Checkpoints:
                 want = (timeline.block_len(b), *size)
                 if block.ndim != 5 or tuple(block.shape[2:]) != want or block.dtype != torch.float32:
                     raise ValueError(f"block {b} is {block.dtype} {tuple(block.shape)}, expected float32 (1, C, *{want})")
+            if not all(bool(torch.isfinite(block).all()) for block in latents):
+                raise ValueError("its latents hold values that are not finite (NaN or inf)")
             if len({tuple(block.shape[:2]) for block in latents}) != 1:
                 raise ValueError("blocks of different channel counts")
             if saved:

@@ -252,6 +252,10 @@ class LoraWeights(WeightSource):
                     continue
                 tensors = lora.read(target)
                 self.tensors_read += len(tensors)
+                bad = next((part for part, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+                if bad is not None:  # it would make every latent NaN, found only when the first block is out
+                    raise LoraError(f"lora {lora.name}: {target.parts[bad].key} holds values that are not "
+                                    "finite (NaN or inf)")
                 scaling = lora.scaling * scale  # PEFT's scaling, times fuse_lora's lora_scale
                 bias = params.get(name.removeprefix(prefix) + ".bias")
                 _fuse(weight, tensors["up"], tensors["down"], scaling)
