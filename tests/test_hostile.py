@@ -533,3 +533,27 @@ def test_a_checkpoint_with_non_finite_latents_is_refused_before_work(tmp_path):
     _rehash(folder.path(4))
     with pytest.raises(ResumeError, match="its latents hold values that are not finite"):
         Checkpoints.open(folder.folder, 1, cfg, TINY_WAN_PATH, tl.num_iterations)
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--frames", "10000000"], "block-steps to simulate, more than 200000"),
+    (["--block-step-seconds", "inf"], "must be a finite number > 0, got inf"),
+    (["--send-seconds", "nan"], "must be a finite number >= 0, got nan"),
+])
+def test_the_planner_bounds_its_inputs(argv, error, capsys):
+    from ds_dualparal.pipeline import planner
+
+    base = {"--stages": "2", "--frames": "48", "--block-size": "8", "--context": "8", "--steps": "10",
+            "--block-step-seconds": "1"}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    started = time.monotonic()
+    assert error in _refused(planner.main, [x for pair in base.items() for x in pair], capsys)
+    assert time.monotonic() - started < 10
+
+
+def test_first_stage_vae_layers_beyond_the_model_is_refused(tmp_path):
+    from ds_dualparal.cli.checks import check_model
+
+    cfg = load_config(TINY_CONFIG, {"first_stage_vae_layers": 1e308}).dualparal
+    with pytest.raises(ConfigError, match="first_stage_vae_layers: 1e\\+308 is more than the model's"):
+        check_model(cfg)

@@ -194,6 +194,9 @@ def check_model(cfg, device_type: str = "cpu"):
         if not any(pattern.search(name) for name in names):
             raise ConfigError(f"dualparal.partition_method: {method!r} matches none of the layer classes "
                               f"({', '.join(sorted(set(names)))})")
+    if cfg.first_stage_vae_layers > wan.num_layers:  # more would turn the split between stages around
+        raise ConfigError(f"dualparal.first_stage_vae_layers: {cfg.first_stage_vae_layers} is more than the model's "
+                          f"{wan.num_layers} transformer blocks")
     backend = cfg.attention_backend
     if device_type == "cpu" and backend is not None and backend not in CPU_ATTENTION_BACKENDS:
         gpu_only = [b for b in ATTENTION_BACKENDS if b not in CPU_ATTENTION_BACKENDS]

@@ -6,6 +6,7 @@ on. ``python -m ds_dualparal.pipeline.planner --help`` predicts the latency of a
 """
 
 import argparse
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -309,16 +310,19 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
+
+
+MAX_SIMULATED = 200_000  # block-steps x stages: seconds to simulate; far beyond any real configuration
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -348,6 +352,10 @@ def main(argv=None) -> int:
     if args.context > args.block_size:
         parser.error(f"--context must be in [0, --block-size={args.block_size}], got {args.context}")
     timeline = BlockTimeline(args.frames, args.block_size, args.context, args.steps)
+    work = timeline.num_blocks * timeline.num_steps * args.stages
+    if work > MAX_SIMULATED:  # the simulation keeps every instruction of every stage
+        parser.error(f"--frames/--block-size/--steps/--stages: {timeline.num_blocks} blocks x {timeline.num_steps} "
+                     f"steps x {args.stages} stages = {work} block-steps to simulate, more than {MAX_SIMULATED}")
     costs = Costs(layer_seconds=[args.block_step_seconds / args.stages] * args.stages,
                   send_seconds=args.send_seconds, scheduler_seconds=args.scheduler_seconds,
                   tick_seconds=args.tick_seconds)
