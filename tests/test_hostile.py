@@ -557,3 +557,18 @@ def test_first_stage_vae_layers_beyond_the_model_is_refused(tmp_path):
     cfg = load_config(TINY_CONFIG, {"first_stage_vae_layers": 1e308}).dualparal
     with pytest.raises(ConfigError, match="first_stage_vae_layers: 1e\\+308 is more than the model's"):
         check_model(cfg)
+
+
+def test_a_stopped_rank_ends_the_run_near_one_comm_timeout(workdir):
+    """Rank 1 SIGSTOPs itself: rank 0 times out after comm_timeout_s, wakes rank 1 as it leaves, and the
+    launcher's SIGTERM then ends rank 1 at once instead of after its 30 s grace and SIGKILL."""
+    from test_faults import assert_ended, launch_with_fault
+
+    timeout_s = 10
+    config = json.loads(TINY_CONFIG.read_text())
+    config["dualparal"]["comm_timeout_s"] = timeout_s
+    config_file = workdir.parent / "timeout.json"
+    config_file.write_text(json.dumps(config))
+    run = launch_with_fault(workdir, "rank=1,tick=3,action=stop", config_file)
+    assert_ended(run, workdir, at_least_s=timeout_s)
+    assert run.seconds_after_fault < timeout_s + 15, (run.seconds_after_fault, run.log[-4000:])

@@ -85,6 +85,9 @@ def _leave(code: int) -> int:
         # ("terminate called without an active exception", seen after Ctrl-C).
         comm.shutdown()
         return code
+    from . import signals
+
+    signals.continue_siblings()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -92,3 +92,18 @@ def _watch(launcher: int, parent: int, watch_s: float) -> None:
     while os.getppid() == launcher and _parent_of(launcher) == parent:
         time.sleep(watch_s)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def continue_siblings() -> None:
+    """A rank that leaves after a failure wakes the other ranks of its launcher (SIGCONT): a stopped one
+    (SIGSTOP, a debugger) would otherwise take the launcher's SIGTERM only when its 30 s grace ends in
+    SIGKILL. Awake, it fails its own transfer with this rank, or takes the SIGTERM, at once."""
+    launcher = launcher_pids()
+    if launcher is None:
+        return
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid() and _parent_of(int(entry)) == launcher[0]:
+            try:
+                os.kill(int(entry), signal.SIGCONT)
+            except OSError:
+                pass

@@ -101,8 +101,9 @@ FAULT_VARIABLE = "DS_DUALPARAL_FAULT"
 
 @dataclass(frozen=True)
 class InjectedFault:
-    """Test hook: ``DS_DUALPARAL_FAULT="rank=R,tick=T[,action=raise|kill|hang]"`` makes rank R, at the
-    start of tick T of each generation, raise an error (default), SIGKILL itself or stop responding.
+    """Test hook: ``DS_DUALPARAL_FAULT="rank=R,tick=T[,action=raise|kill|hang|stop]"`` makes rank R, at the
+    start of tick T of each generation, raise an error (default), SIGKILL itself, stop responding or
+    SIGSTOP itself.
     The fault tests use it to check that one failing rank ends the whole run; nothing else reads it.
     """
 
@@ -114,17 +115,17 @@ class InjectedFault:
         spec = os.environ.get(FAULT_VARIABLE)
         if not spec:
             return None
-        match = re.fullmatch(r"rank=(\d+),tick=(\d+)(?:,action=(raise|kill|hang))?", spec)
+        match = re.fullmatch(r"rank=(\d+),tick=(\d+)(?:,action=(raise|kill|hang|stop))?", spec)
         if match is None:
-            raise ValueError(f"{FAULT_VARIABLE}={spec!r}: expected rank=R,tick=T[,action=raise|kill|hang]")
+            raise ValueError(f"{FAULT_VARIABLE}={spec!r}: expected rank=R,tick=T[,action=raise|kill|hang|stop]")
         return cls(int(match[2]), match[3] or "raise") if int(match[1]) == rank else None
 
     def at(self, tick: int) -> None:
         if tick != self.tick:
             return
         log.warning("%s: %s at tick %d", FAULT_VARIABLE, self.action, tick)
-        if self.action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.action in ("kill", "stop"):
+            os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
         while self.action == "hang":
             time.sleep(60)
         raise RuntimeError(f"fault injected by {FAULT_VARIABLE} at tick {tick}")
