@@ -36,16 +36,23 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_installed = False
+
+
 def _on_signal(signum, frame):
     raise Terminated(signum)
 
 
 def install(grace_s: float = GRACE_S, watch_s: float = WATCH_S) -> None:
-    """In the main thread, before the work starts."""
+    """In the main thread, before the work starts; once per process (the threads stay)."""
+    global _installed
     if threading.current_thread() is not threading.main_thread():
         return
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _on_signal)
+    if _installed:
+        return
+    _installed = True
     read, write = os.pipe()
     os.set_blocking(write, False)
     signal.set_wakeup_fd(write, warn_on_full_buffer=False)
