@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -101,19 +102,33 @@ class Plan:
     count is then fixed for the rest of the stage, at what fits in `margin` of the remaining budget.
     The learning-rate schedule runs over that count, and the log records it, so rerunning with
     `--*-steps` set to it and no time limit repeats the run. The budget still stops a stage that
-    turns out slower than measured.
+    turns out slower than measured. A stage resumed from a saved state (`restore`) keeps the count
+    and counts the seconds already spent against its budget; `deadline_s` (this process's time) pauses
+    it earlier, to be resumed.
     """
 
-    def __init__(self, steps: int, budget_s: float, *, skip: int = 20, over: int = 100, margin: float = 0.95):
+    def __init__(self, steps: int, budget_s: float, *, skip: int = 20, over: int = 100, margin: float = 0.95,
+                 deadline_s: float = math.inf):
         self.total = steps
         self.budget_s = budget_s
+        self.deadline_s = deadline_s
         self.skip, self.over, self.margin = skip, over, margin
         self.started = time.perf_counter()
+        self.already_s = 0.0  # spent by earlier processes (a resumed stage)
         self.mark = None
         self.measured_rate = None
 
-    def elapsed(self) -> float:
+    def restore(self, record: dict, already_s: float) -> None:
+        """Continue the plan `record()` saved, after `already_s` seconds of this stage in earlier processes."""
+        self.total = record["planned_steps"]
+        self.measured_rate = record["measured_steps_per_s"]
+        self.already_s = already_s
+
+    def session_elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+    def elapsed(self) -> float:
+        return self.already_s + self.session_elapsed()
 
     def update(self, step: int) -> None:
         """Call before step `step` (0-based) runs."""
@@ -132,11 +147,14 @@ class Plan:
 
     def stop(self, step: int) -> str | None:
         """Before step `step` (0-based): None to run it, else why the stage ends there: "planned" (the
-        count fitted to the budget is reached) or "time" (the budget ran out first)."""
+        count fitted to the budget is reached), "time" (the budget ran out first) or "paused" (this
+        process's deadline came first: the stage can be resumed)."""
         self.update(step)
         if step >= self.total:
             return "planned"
-        return "time" if self.out_of_time() else None
+        if self.out_of_time():
+            return "time"
+        return "paused" if self.session_elapsed() >= self.deadline_s else None
 
     def out_of_time(self) -> bool:
         return self.elapsed() >= self.budget_s
@@ -155,9 +173,10 @@ def lr_factor(step: int, progress: float, warmup: int, floor: float = 0.1) -> fl
     return warm * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def set_lr(optimizer, lr: float) -> None:
+def set_lr(optimizer, factor: float) -> None:
+    """Every parameter group's learning rate: its `initial_lr` times `factor`."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = group["initial_lr"] * factor
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -167,33 +186,46 @@ def parameter_count(module: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------- text
 
 
-@torch.no_grad()
-def encode_prompt_table(prompts: list[str], text_encoder, tokenizer, device) -> torch.Tensor:
-    """(len(prompts), TEXT_TOKENS, d_model) fp32 embeddings, equal to WanPipeline's `encode_prompt`.
+class PromptTokens:
+    """The token ids and attention mask of every toy prompt and "" (padded to the longest), on the device."""
+
+    def __init__(self, prompts: list[str], tokenizer, device):
+        inputs = tokenizer(prompts, padding="longest", truncation=True, max_length=TEXT_TOKENS,
+                           add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        self.ids, self.mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+
+
+def embed_prompts(text_encoder, tokens: PromptTokens, index: torch.Tensor) -> torch.Tensor:
+    """(len(index), TEXT_TOKENS, d_model) fp32 embeddings of prompts `index`, as WanPipeline's `encode_prompt`
+    makes them (gradients kept when the encoder trains).
 
     WanPipeline pads to TEXT_TOKENS and then zeroes every embedding past the prompt's length; as the
     padding is masked out of the encoder's attention, padding only to the longest prompt and zeroing the
-    rest gives the same embeddings at a fraction of the cost (checked here against the pipeline's
-    own path on a few prompts).
+    rest gives the same embeddings at a fraction of the cost (`check_prompt_embeddings`). The DiT sees
+    all TEXT_TOKENS of them: its text projection turns the zeros into tokens its cross-attention reads.
     """
+    ids, mask = tokens.ids[index], tokens.mask[index]
+    hidden = text_encoder(ids, mask).last_hidden_state.float() * mask[..., None]
+    return F.pad(hidden, (0, 0, 0, TEXT_TOKENS - hidden.shape[1]))
+
+
+@torch.no_grad()
+def check_prompt_embeddings(prompts: list[str], text_encoder, tokenizer, tokens: PromptTokens, device) -> float:
+    """Largest difference between `embed_prompts` and WanPipeline's own `encode_prompt` on a few prompts;
+    raises when they differ by more than rounding."""
     from diffusers import WanPipeline
 
-    inputs = tokenizer(prompts, padding="longest", truncation=True, max_length=TEXT_TOKENS,
-                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-    hidden = text_encoder(ids, mask).last_hidden_state.float() * mask[..., None]
-    table = F.pad(hidden, (0, 0, 0, TEXT_TOKENS - hidden.shape[1]))
-
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=None, scheduler=None)
-    probe = [0, len(prompts) - 1]
+    probe = [0, len(prompts) // 2, len(prompts) - 1]
     reference, _ = pipe.encode_prompt(
         prompt=[prompts[i] for i in probe], do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS,
         device=torch.device(device), dtype=torch.float32,
     )
-    error = (reference - table[probe]).abs().max().item()
+    ours = embed_prompts(text_encoder, tokens, torch.tensor(probe, device=device))
+    error = (reference - ours).abs().max().item()
     if error > (1e-4 if torch.device(device).type == "cpu" else 1e-2):  # TF32 matmuls on CUDA
         raise RuntimeError(f"prompt embeddings differ from WanPipeline.encode_prompt's by {error}")
-    return table
+    return error
 
 
 # ----------------------------------------------------------------------------------------------- VAE
@@ -261,14 +293,20 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(args.seed + 10)
-    vae = AutoencoderKLWan(**vae_config(args))
-    with torch.no_grad():
-        # Start with a narrow posterior: sampling noise of std ~1 around near-zero means hides the
-        # input from the decoder until the encoder has learnt to shrink it.
-        vae.quant_conv.bias[Z_DIM:] += args.vae_init_logvar
+    if args.vae_init is not None:  # go on training a VAE trained before
+        vae = AutoencoderKLWan.from_pretrained(args.vae_init / "vae")
+    else:
+        vae = AutoencoderKLWan(**vae_config(args))
+        with torch.no_grad():
+            # Start with a narrow posterior: sampling noise of std ~1 around near-zero means hides the
+            # input from the decoder until the encoder has learnt to shrink it.
+            vae.quant_conv.bias[Z_DIM:] += args.vae_init_logvar
     vae = vae.to(device).train()
-    stage = Stage(extra={"params": parameter_count(vae), "config": vae_config(args)})
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    config = {k: v for k, v in vae.config.items() if k in vae_config(args)}
+    stage = Stage(extra={"params": parameter_count(vae), "config": config,
+                         "init": None if args.vae_init is None else str(args.vae_init)})
+    optimizer = torch.optim.AdamW([{"params": list(vae.parameters()), "initial_lr": args.vae_lr}], lr=args.vae_lr,
+                                  betas=(0.9, 0.99), weight_decay=0.0)
     specs_rng = torch.Generator().manual_seed(args.seed + 20)
     noise_rng = torch.Generator(device).manual_seed(args.seed + 21)
     plan = Plan(args.vae_steps, clock.budget(args.max_minutes_vae, reserve_s=args.reserve_minutes * 60.0))
@@ -282,7 +320,7 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
         if stopped_by:
             stage.stopped_by = stopped_by
             break
-        set_lr(optimizer, args.vae_lr * lr_factor(step, plan.progress(step), args.warmup))
+        set_lr(optimizer, lr_factor(step, plan.progress(step), args.warmup))
         specs = toyvideo.sample_specs(args.vae_batch, specs_rng)
         video, alpha = render_clips(specs, args.vae_frames, args, device, return_alpha=True)
         # The object covers a few percent of a frame but carries the prompt's colour, shape and motion.
@@ -335,8 +373,19 @@ def train_vae(args, clock: Clock, device, autocast) -> tuple[torch.nn.Module, St
         recon = decode_unclamped(vae, mean).float().clamp(-1, 1)
     stage.extra["held_out_psnr_db"] = psnr(recon, video)
     stage.extra["posterior_std"] = float(torch.exp(0.5 * logvar.clamp(-30, 20)).mean())
-    logger.info("VAE: %d steps in %.0f s (stopped by %s), held-out PSNR %.2f dB, mean posterior std %.3f",
-                stage.steps, stage.seconds, stage.stopped_by, stage.extra["held_out_psnr_db"],
+    # The DiT's clips are longer than the VAE's: its causal caches must hold up over their whole length
+    # (a VAE trained on 13 frames only falls apart after ~4 latent frames, and the DiT learns that decay).
+    long_psnr = []
+    with torch.no_grad(), autocast():
+        for first in range(0, len(held_out), 8):
+            video = render_clips(held_out[first : first + 8], args.pool_frames, args, device)
+            recon = decode_unclamped(vae, encode_moments(vae, video).float().chunk(2, dim=1)[0]).float().clamp(-1, 1)
+            tail = video.shape[2] // 2  # the second half, where a decaying cache shows
+            long_psnr.append(psnr(recon[:, :, tail:], video[:, :, tail:]))
+    stage.extra["held_out_psnr_long_second_half_db"] = sum(long_psnr) / len(long_psnr)
+    logger.info("VAE: %d steps in %.0f s (stopped by %s), held-out PSNR %.2f dB, second half of %d-frame clips "
+                "%.2f dB, mean posterior std %.3f", stage.steps, stage.seconds, stage.stopped_by,
+                stage.extra["held_out_psnr_db"], args.pool_frames, stage.extra["held_out_psnr_long_second_half_db"],
                 stage.extra["posterior_std"])
     return vae, stage
 
@@ -390,6 +439,20 @@ class LatentPool:
         """Encode the whole pool, normalised with `other`'s statistics."""
         self.mean, self.inv_std = other.mean, other.inv_std
         self._fill(0, self.latents.shape[0])
+
+    def normalise_with(self, mean, std) -> None:
+        """The per-channel statistics later fills normalise with (rounded as `fill_and_normalise` rounds them)."""
+        self.mean = torch.tensor(mean, dtype=torch.float64).float().to(self.device)
+        self.inv_std = (1.0 / torch.tensor(std, dtype=torch.float64)).float().to(self.device)
+
+    def replay(self, specs_seed: int, refreshes: int, count: int) -> None:
+        """Rebuild the pool as it stood after `refreshes` refreshes of `count` clips, from the seed of its
+        specs: a resumed run trains on the clips the uninterrupted run would have."""
+        self.specs_rng.manual_seed(specs_seed)
+        self.next = self.refreshed = 0
+        self._fill(0, self.latents.shape[0])
+        for _ in range(refreshes):
+            self.refresh(count)
 
     def refresh(self, count: int) -> None:
         count = min(count, self.latents.shape[0])
@@ -450,9 +513,9 @@ def frame_sigmas(u: torch.Tensor, length: int, args, generator) -> torch.Tensor:
     return shift_sigma(uf, args.flow_shift)
 
 
-def dit_batch(pool: LatentPool, table: torch.Tensor, empty_index: int, length: int, batch: int, args, generator,
-              *, dropout: bool = True, context_jitter: bool = True):
-    """One training batch: (x_t, timestep, text, target) for crops of `length` latent frames."""
+def dit_batch(pool: LatentPool, empty_index: int, length: int, batch: int, args, generator, *, dropout: bool = True,
+              context_jitter: bool = True):
+    """One training batch: (x_t, timestep, prompt indices, target) for crops of `length` latent frames."""
     device = pool.latents.device
     n, frames = pool.latents.shape[:2]
     clip = torch.randint(0, n, (batch,), generator=generator, device=device)
@@ -472,7 +535,21 @@ def dit_batch(pool: LatentPool, table: torch.Tensor, empty_index: int, length: i
     noise = torch.randn(x0.shape, generator=generator, device=device)
     s = per_frame[:, None, :, None, None]
     x_t = (1.0 - s) * x0 + s * noise
-    return x_t, sigma * 1000.0, table[prompts], noise - x0
+    return x_t, sigma * 1000.0, prompts, noise - x0
+
+
+class TextToVideo(torch.nn.Module):
+    """The DiT and the UMT5 text encoder, trained and averaged (EMA) together: the prompt's words reach
+    the DiT through an encoder that learns to tell them apart."""
+
+    def __init__(self, transformer, text_encoder):
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+
+    def forward(self, x_t, timestep, prompts, tokens: PromptTokens):
+        text = embed_prompts(self.text_encoder, tokens, prompts)
+        return self.transformer(x_t, timestep, text, return_dict=False)[0]
 
 
 @torch.no_grad()
@@ -483,64 +560,173 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 @torch.no_grad()
-def validation_loss(model, val, autocast) -> float:
+def validation_loss(model, val, tokens: PromptTokens, autocast) -> float:
     total = 0.0
-    for x_t, timestep, text, target in val:
+    for x_t, timestep, prompts, target in val:
         with autocast():
-            pred = model(x_t, timestep, text, return_dict=False)[0]
+            pred = model(x_t, timestep, prompts, tokens)
         total += F.mse_loss(pred.float(), target).item()
     return total / len(val)
 
 
-def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: LatentPool, table: torch.Tensor,
-              empty_index: int):
+# --------------------------------------------------------------------------------------------- state
+
+STATE_TENSORS, STATE_META = "state.safetensors", "state.json"
+
+
+class StateWriter:
+    """Saves what resuming the DiT stage needs into --state: the trained and averaged weights, AdamW's
+    moments, the generators, the step and plan, the trained VAE (`vae/`, with its latent statistics) and
+    the log of what ran before. Written under a temporary name and swapped in whole, so a process killed
+    while saving leaves the previous state intact."""
+
+    def __init__(self, path: Path, args, vae, log: dict, clock: Clock, earlier_seconds: float):
+        self.path, self.args, self.vae, self.log = path, args, vae, log
+        self.clock, self.earlier_seconds = clock, earlier_seconds
+
+    def write(self, model, ema, optimizer, step: int, plan: Plan, generators: dict, stage: "Stage") -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        # clone: the text encoder ties its embeddings, and safetensors refuses tensors that share memory
+        for prefix, module in (("model", model), ("ema", ema)):
+            tensors.update({f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items()})
+        optim = optimizer.state_dict()
+        for index, moments in optim["state"].items():
+            tensors.update({f"adam.{index}.{k}": torch.as_tensor(v).detach().clone() for k, v in moments.items()})
+        tensors.update({f"rng.{name}": g.get_state() for name, g in generators.items()})
+        meta = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
+            "step": step,
+            "plan": plan.record(),
+            "dit_seconds": plan.elapsed(),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]],
+            "stage": dataclasses.asdict(stage),
+            "log": {**self.log, "total_seconds": self.earlier_seconds + self.clock.elapsed()},
+        }
+        partial = self.path.parent / f".{self.path.name}.partial-{os.getpid()}"
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        save_file({k: v.cpu() for k, v in tensors.items()}, partial / STATE_TENSORS)
+        self.vae.save_pretrained(partial / "vae")
+        (partial / STATE_META).write_text(json.dumps(meta, indent=1) + "\n")
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+        if self.path.exists():
+            self.path.rename(old)
+        partial.rename(self.path)
+        if old.exists():
+            shutil.rmtree(old)
+        logger.info("state at DiT step %d saved to %s", step, self.path)
+
+
+def restore_state(path: Path, model, ema, optimizer, generators: dict, device) -> dict:
+    """Loads what `StateWriter.write` saved into the modules, optimizer and generators; returns its meta."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / STATE_META).read_text())
+    tensors = load_file(path / STATE_TENSORS, device="cpu")
+    for prefix, module in (("model", model), ("ema", ema)):
+        module.load_state_dict({k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    moments: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, index, name = key.split(".", 2)
+            moments.setdefault(int(index), {})[name] = value if name == "step" else value.to(device)
+    groups = optimizer.state_dict()["param_groups"]
+    for group, saved in zip(groups, meta["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    for name, g in generators.items():
+        g.set_state(tensors[f"rng.{name}"])
+    return meta
+
+
+def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: LatentPool, tokens: PromptTokens,
+              empty_index: int, text_encoder, state: StateWriter, resume: Path | None):
+    """The DiT (and, with --text-lr > 0, the text encoder) by flow matching; returns the EMA TextToVideo,
+    its Stage and whether the stage paused (to be resumed from --state)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(args.seed + 40)
-    config = dit_config(args, table.shape[-1])
-    model = WanTransformer3DModel(**config).to(device).train()
+    config = dit_config(args, text_encoder.config.d_model)
+    train_text = args.text_lr > 0
+    transformer = WanTransformer3DModel(**config)
+    if args.dit_init is not None:  # go on from a model trained before (its VAE may have changed since)
+        from transformers import UMT5EncoderModel
+
+        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(args.dit_init / "transformer").state_dict())
+        text_encoder.load_state_dict(UMT5EncoderModel.from_pretrained(args.dit_init / "text_encoder").state_dict())
+    model = TextToVideo(transformer, text_encoder.requires_grad_(train_text))
+    model = model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    stage = Stage(extra={"params": parameter_count(model), "config": config})
+    stage = Stage(extra={"params": parameter_count(model.transformer), "config": config,
+                         "text_encoder_trained": train_text,
+                         "init": None if args.dit_init is None else str(args.dit_init)})
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in model.transformer.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name or "scale_shift_table" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.dit_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.dit_lr, betas=(0.9, 0.99), fused=device.type == "cuda",
-    )
+    groups = [{"params": decay, "weight_decay": args.dit_weight_decay, "initial_lr": args.dit_lr},
+              {"params": no_decay, "weight_decay": 0.0, "initial_lr": args.dit_lr}]
+    if train_text:
+        groups.append({"params": list(model.text_encoder.parameters()), "weight_decay": 0.0,
+                       "initial_lr": args.text_lr})
+    optimizer = torch.optim.AdamW(groups, lr=args.dit_lr, betas=(0.9, 0.99), fused=device.type == "cuda")
     forward = torch.compile(model, dynamic=True) if args.compile else model
     rng = torch.Generator(device).manual_seed(args.seed + 50)
     crop_rng = torch.Generator().manual_seed(args.seed + 52)  # on the CPU: the crop length needs no device sync
-    # Held-out clips, fixed crops and noise: a low-variance loss to follow (all sigmas, prompts kept).
+    generators = {"batch": rng, "crop": crop_rng}
+    # Held-out clips, fixed crops and noise: low-variance losses to follow (all sigmas, prompts kept), on
+    # crops of the longest length and on whole clips.
     val_rng = torch.Generator(device).manual_seed(args.seed + 51)
-    val_length = min(args.max_crop, pool.latent_frames)
-    val = [dit_batch(held_out, table, empty_index, val_length, args.eval_clips, args, val_rng, dropout=False,
-                     context_jitter=False) for _ in range(2)]
-    # the margin leaves room for the pool refreshes and held-out losses the measured steps may not include
-    plan = Plan(args.dit_steps, clock.budget(args.max_minutes_dit, reserve_s=args.reserve_minutes * 60.0),
-                margin=0.92)
     max_crop = min(args.max_crop, pool.latent_frames)
-    logger.info("DiT: %d parameters, %d steps at most, crops of %d..%d latent frames, %d windows at %d frames, "
-                "%.0f s at most", stage.extra["params"], args.dit_steps, args.min_crop, max_crop, args.dit_batch,
-                max_crop, plan.budget_s)
+    val = {name: [dit_batch(held_out, empty_index, length, args.eval_clips, args, val_rng, dropout=False,
+                            context_jitter=False) for _ in range(2)]
+           for name, length in (("crop", max_crop), ("whole", pool.latent_frames))}
+    # the margin leaves room for the pool refreshes and held-out losses the measured steps may not include
+    # --max-minutes-dit is the stage's time over all processes (resumes included) and fixes the step count;
+    # what this process has left of --max-minutes only pauses it
+    deadline = clock.budget(None, reserve_s=args.reserve_minutes * 60.0)
+    budget = 60.0 * args.max_minutes_dit if args.max_minutes_dit is not None else deadline
+    plan = Plan(args.dit_steps, budget, margin=0.92, deadline_s=deadline)
+    if resume is not None:
+        meta = restore_state(resume, model, ema, optimizer, generators, device)
+        first = meta["step"]
+        plan.restore(meta["plan"], meta["dit_seconds"])
+        stage = Stage(**meta["stage"])
+        every = args.pool_refresh_every
+        pool.replay(args.seed + 60, len(range(every, first, every)) if every else 0, args.pool_refresh_clips)
+        logger.info("resumed at DiT step %d of %d from %s (%.0f s of DiT so far)", first, plan.total, resume,
+                    meta["dit_seconds"])
+    else:
+        first = 0
+    logger.info("DiT: %d parameters (text encoder %s), %d steps at most, crops of %d..%d latent frames and whole "
+                "clips of %d with probability %.2f, %d windows at %d frames, %.0f s at most, this process %.0f s",
+                stage.extra["params"], "trained" if train_text else "frozen", plan.total, args.min_crop, max_crop,
+                pool.latent_frames, args.whole_clip_prob, args.dit_batch, max_crop, plan.budget_s, deadline)
     started = time.perf_counter()
+    last_save = started
     window_start, window_steps = started, 0
     loss_sum = torch.zeros((), device=device)
     lengths = []
-    for step in range(args.dit_steps):
-        stopped_by = plan.stop(step)
+    step = first
+    stage.stopped_by = "steps"
+    for step in range(first, args.dit_steps):
+        stopped_by = plan.stop(step) or ("paused" if step == args.pause_at_step else None)
         if stopped_by:
             stage.stopped_by = stopped_by
             break
-        set_lr(optimizer, args.dit_lr * lr_factor(step, plan.progress(step), args.warmup))
+        set_lr(optimizer, lr_factor(step, plan.progress(step), args.warmup))
         if args.pool_refresh_every and step and step % args.pool_refresh_every == 0:
             pool.refresh(args.pool_refresh_clips)
-        length = int(torch.randint(args.min_crop, max_crop + 1, (1,), generator=crop_rng))
+        whole = float(torch.rand((), generator=crop_rng)) < args.whole_clip_prob
+        length = pool.latent_frames if whole else int(torch.randint(args.min_crop, max_crop + 1, (1,),
+                                                                    generator=crop_rng))
         batch = max(1, args.dit_batch * max_crop // length)
         lengths.append(length)
-        x_t, timestep, text, target = dit_batch(pool, table, empty_index, length, batch, args, rng)
+        x_t, timestep, prompts, target = dit_batch(pool, empty_index, length, batch, args, rng)
         with autocast():
-            pred = forward(x_t, timestep, text, return_dict=False)[0]
+            pred = forward(x_t, timestep, prompts, tokens)
         loss = F.mse_loss(pred.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -557,26 +743,40 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
                        f"lr {optimizer.param_groups[0]['lr']:.2e} {window_steps / (now - window_start):.2f} steps/s "
                        f"elapsed {clock.elapsed():.0f}s")
             if args.eval_every and stage.steps % args.eval_every == 0:
-                message += f" val(ema) {validation_loss(ema, val, autocast):.4f}"
+                message += f" val(ema) {validation_loss(ema, val['crop'], tokens, autocast):.4f}"
             logger.info(message)
             loss_sum.zero_()
             window_start, window_steps = time.perf_counter(), 0
+            if args.save_every_minutes and now - last_save >= 60.0 * args.save_every_minutes:
+                state.write(model, ema, optimizer, stage.steps, plan, generators, stage)
+                last_save = time.perf_counter()
     if window_steps:
         stage.final_loss = (loss_sum / window_steps).item()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    stage.seconds = time.perf_counter() - started
+    stage.seconds = plan.elapsed()
     stage.extra.update(plan.record())
-    stage.extra["val_loss_ema"] = validation_loss(ema, val, autocast)
-    stage.extra["val_loss_model"] = validation_loss(model, val, autocast)
+    if stage.stopped_by == "paused" or args.save_every_minutes:
+        state.write(model, ema, optimizer, stage.steps, plan, generators, stage)
+    for name, batches in val.items():
+        stage.extra[f"val_loss_{name}_ema"] = validation_loss(ema, batches, tokens, autocast)
+        stage.extra[f"val_loss_{name}_model"] = validation_loss(model, batches, tokens, autocast)
     stage.extra["pool_clips_refreshed"] = pool.refreshed
     stage.extra["mean_crop_length"] = sum(lengths) / max(1, len(lengths))
-    logger.info("DiT: %d steps in %.0f s (stopped by %s), held-out loss %.4f (EMA) %.4f (raw)", stage.steps,
-                stage.seconds, stage.stopped_by, stage.extra["val_loss_ema"], stage.extra["val_loss_model"])
+    stage.extra.setdefault("processes", []).append(
+        {"from_step": first, "to_step": stage.steps, "seconds": time.perf_counter() - started})
+    logger.info("DiT: %d steps in %.0f s (stopped by %s), held-out loss %.4f (EMA) %.4f (raw), whole clips %.4f (EMA)",
+                stage.steps, stage.seconds, stage.stopped_by, stage.extra["val_loss_crop_ema"],
+                stage.extra["val_loss_crop_model"], stage.extra["val_loss_whole_ema"])
     return ema, stage
 
 
 # ---------------------------------------------------------------------------------------------- main
+
+# What a resumed run takes from its flags; everything else comes from the state's saved settings.
+RESUME_FLAGS = ("out", "state", "resume", "device", "max_minutes", "reserve_minutes", "save_every_minutes",
+                "pause_at_step", "log_every", "smoke")
+PATH_FLAGS = ("out", "state", "resume", "vae_from", "vae_init", "dit_init")
 
 SMOKE = dict(
     vae_steps=2, vae_batch=1, vae_frames=5, dit_steps=3, dit_batch=2, pool_clips=4, pool_frames=9,
@@ -607,14 +807,26 @@ def parse_args(argv=None):
                         help="bf16 autocast (default: on for CUDA, off on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT (dynamic shapes)")
     parser.add_argument("--shard-size", default="1MB", help="transformer shard size (several shards, like Wan's)")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="where the DiT stage saves what --resume needs (default: --out with .state added)")
+    parser.add_argument("--save-every-minutes", type=float, default=0.0,
+                        help="also save the state this often and when the DiT stage ends (0: only when it pauses)")
+    parser.add_argument("--pause-at-step", type=int, default=None,
+                        help="pause the DiT stage before this step: save the state and the model so far")
+    parser.add_argument("--resume", type=Path, default=None,
+                        help="a --state folder: go on with its DiT stage, with its settings (flags other than "
+                             f"{', '.join('--' + f.replace('_', '-') for f in RESUME_FLAGS)} are taken from it)")
 
     vae = parser.add_argument_group("VAE")
     vae.add_argument("--vae-from", type=Path, default=None,
                      help="take vae/ from this model folder instead of training one (its statistics are redone)")
+    vae.add_argument("--vae-init", type=Path, default=None,
+                     help="start the VAE from this model folder's vae/ and train it --vae-steps more")
     vae.add_argument("--vae-steps", type=int, default=20000)
     vae.add_argument("--max-minutes-vae", type=float, default=None)
-    vae.add_argument("--vae-batch", type=int, default=32, help="clips a step")
-    vae.add_argument("--vae-frames", type=int, default=13, help="frames a clip (4k+1)")
+    vae.add_argument("--vae-batch", type=int, default=6, help="clips a step")
+    vae.add_argument("--vae-frames", type=int, default=81,
+                     help="frames a clip (4k+1); long enough for the causal caches to reach their steady state")
     vae.add_argument("--vae-lr", type=float, default=1e-3)
     vae.add_argument("--vae-init-logvar", type=float, default=-6.0,
                      help="added to the posterior's initial log-variance (0: diffusers' initialisation)")
@@ -626,6 +838,8 @@ def parse_args(argv=None):
     vae.add_argument("--vae-res-blocks", type=int, default=1)
 
     dit = parser.add_argument_group("DiT")
+    dit.add_argument("--dit-init", type=Path, default=None,
+                     help="start the DiT and the text encoder from this model folder's (same sizes)")
     dit.add_argument("--dit-steps", type=int, default=40000)
     dit.add_argument("--max-minutes-dit", type=float, default=None)
     dit.add_argument("--dit-batch", type=int, default=256,
@@ -639,12 +853,16 @@ def parse_args(argv=None):
     dit.add_argument("--dit-freq-dim", type=int, default=256)
     dit.add_argument("--ema", type=float, default=0.999)
     dit.add_argument("--pool-clips", type=int, default=8192, help="clips whose latents the DiT trains on")
-    dit.add_argument("--pool-frames", type=int, default=65, help="frames a pool clip (4k+1)")
+    dit.add_argument("--pool-frames", type=int, default=161, help="frames a pool clip (4k+1)")
     dit.add_argument("--pool-refresh-every", type=int, default=500, help="steps between pool refreshes (0: never)")
     dit.add_argument("--pool-refresh-clips", type=int, default=512)
     dit.add_argument("--encode-batch", type=int, default=128, help="clips rendered and encoded at once")
     dit.add_argument("--min-crop", type=int, default=2, help="shortest crop, latent frames")
     dit.add_argument("--max-crop", type=int, default=13, help="longest crop, latent frames")
+    dit.add_argument("--whole-clip-prob", type=float, default=0.2,
+                     help="probability that a step takes whole pool clips instead of crops (long context)")
+    dit.add_argument("--text-lr", type=float, default=1e-3,
+                     help="learning rate of the text encoder, trained with the DiT (0: frozen)")
     dit.add_argument("--cfg-dropout", type=float, default=0.1)
     dit.add_argument("--flow-shift", type=float, default=3.0)
     dit.add_argument("--sigma-sampling", choices=["uniform", "logit-normal"], default="uniform")
@@ -655,6 +873,22 @@ def parse_args(argv=None):
     if parser.parse_known_args(argv)[0].smoke:
         parser.set_defaults(**SMOKE)  # flags given explicitly still win
     args = parser.parse_args(argv)
+    if args.state is None:
+        args.state = args.out.parent / (args.out.name + ".state")
+    if args.resume is not None:
+        meta = args.resume / STATE_META
+        if not meta.is_file():
+            parser.error(f"--resume {args.resume} holds no {STATE_META}: give a --state folder of an earlier run")
+        saved = json.loads(meta.read_text())["args"]
+        for name, value in saved.items():
+            if name not in RESUME_FLAGS:
+                setattr(args, name, Path(value) if name in PATH_FLAGS and value is not None else value)
+    if args.state.exists():
+        parser.error(f"--state {args.state} exists; give a new folder (a resumed run keeps the one it resumes)")
+    if not 0.0 <= args.whole_clip_prob <= 1.0:
+        parser.error(f"--whole-clip-prob must be in [0, 1], got {args.whole_clip_prob}")
+    if args.text_lr < 0:
+        parser.error(f"--text-lr must be >= 0, got {args.text_lr}")
     for name in ("vae_frames", "pool_frames"):
         if (getattr(args, name) - 1) % TEMPORAL:
             parser.error(f"--{name.replace('_', '-')} must be 4k+1, got {getattr(args, name)}")
@@ -715,34 +949,39 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     logger.info("device %s%s, bf16 autocast %s, seed %d", device,
                 f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "", use_bf16, args.seed)
+    earlier = json.loads((args.resume / STATE_META).read_text())["log"] if args.resume else None
 
-    # 1. text
-    t0 = time.perf_counter()
+    # 1. text: the tiny UMT5 (random, seed S + 3) and the token ids of every toy prompt and ""
     tokenizer = build_tokenizer()
-    text_encoder = build_text_encoder(args.seed + 3).eval().requires_grad_(False)
+    text_encoder = build_text_encoder(args.seed + 3).to(device)
     prompts = toyvideo.all_prompts()
     prompt_index = {p: i for i, p in enumerate(prompts)}
     empty_index = len(prompts)
-    table = encode_prompt_table(prompts + [""], text_encoder.to(device), tokenizer, device)
-    text_encoder.to("cpu")
-    logger.info("text: %d prompts and \"\" encoded to %s in %.1f s", len(prompts), tuple(table.shape),
-                time.perf_counter() - t0)
+    tokens = PromptTokens(prompts + [""], tokenizer, device)
+    check_prompt_embeddings(prompts + [""], text_encoder.eval(), tokenizer, tokens, device)
 
     # 2. VAE
-    if args.vae_from is not None:
-        from diffusers import AutoencoderKLWan
+    from diffusers import AutoencoderKLWan
 
+    if earlier is not None:
+        vae = AutoencoderKLWan.from_pretrained(args.resume / "vae").to(device).eval()
+        vae_stage = Stage(**earlier["vae"])
+    elif args.vae_from is not None:
         vae = AutoencoderKLWan.from_pretrained(args.vae_from / "vae").to(device).eval()
         vae_stage = Stage(stopped_by="loaded", extra={"from": str(args.vae_from), "params": parameter_count(vae)})
     else:
         vae, vae_stage = train_vae(args, clock, device, autocast)
     vae.requires_grad_(False)
 
-    # 3. latents of the DiT's clip pool, and the VAE's latent statistics
+    # 3. latents of the DiT's clip pool, and the VAE's latent statistics (measured once, kept on resume)
     t0 = time.perf_counter()
     pool = LatentPool(args.pool_clips, vae, args, device, autocast, torch.Generator().manual_seed(args.seed + 60),
-                      prompt_index)
-    latents_mean, latents_std = pool.fill_and_normalise()
+                      prompt_index)  # seed + 60: LatentPool.replay rebuilds it from there
+    if earlier is not None:  # the DiT stage rebuilds the pool as it stood at the saved step
+        latents_mean, latents_std = earlier["latents"]["mean"], earlier["latents"]["std"]
+        pool.normalise_with(latents_mean, latents_std)
+    else:
+        latents_mean, latents_std = pool.fill_and_normalise()
     held_out = LatentPool(args.eval_clips, vae, args, device, autocast, torch.Generator().manual_seed(args.seed + 61),
                           prompt_index)
     held_out.fill_like(pool)
@@ -751,17 +990,26 @@ def main(argv=None) -> int:
     logger.info("pool: %d clips of %d frames -> %s latents in %.1f s; latent std per channel %s", args.pool_clips,
                 args.pool_frames, tuple(pool.latents.shape), pool_seconds, [round(s, 3) for s in latents_std])
 
-    # 4. DiT
-    transformer, dit_stage = train_dit(args, clock, device, autocast, pool, held_out, table, empty_index)
+    # 4. DiT (and text encoder)
+    log = {
+        "vae": dataclasses.asdict(vae_stage),
+        "latents": {"mean": latents_mean, "std": latents_std, "pool_seconds": pool_seconds},
+    }
+    state = StateWriter(args.state, args, vae, log, clock, earlier["total_seconds"] if earlier else 0.0)
+    model, dit_stage = train_dit(args, clock, device, autocast, pool, held_out, tokens, empty_index, text_encoder,
+                                 state, args.resume)
+    model = model.to("cpu")  # fp32 throughout: autocast only changed the compute
+    text_error = check_prompt_embeddings(prompts + [""], model.text_encoder, tokenizer,
+                                         PromptTokens(prompts + [""], tokenizer, "cpu"), "cpu")
 
     # 5. the model folder: written beside --out under a temporary name, renamed when complete, so a
     # run that dies while saving leaves no folder at --out that looks like a model
     partial = args.out.parent / f".{args.out.name}.partial-{os.getpid()}"
     save_pipeline(
         partial,
-        transformer=transformer.to("cpu"),  # fp32 throughout: autocast only changed the compute
+        transformer=model.transformer,
         vae=vae.to("cpu"),
-        text_encoder=text_encoder,
+        text_encoder=model.text_encoder,
         tokenizer=tokenizer,
         scheduler=build_scheduler(),
         max_shard_size=args.shard_size,
@@ -772,20 +1020,21 @@ def main(argv=None) -> int:
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "bf16": use_bf16,
-        "vae": dataclasses.asdict(vae_stage),
-        "latents": {"mean": latents_mean, "std": latents_std, "pool_seconds": pool_seconds},
+        **log,
         "dit": dataclasses.asdict(dit_stage),
-        "text_encoder_params": parameter_count(text_encoder),
+        "text_encoder_params": parameter_count(model.text_encoder),
+        "text_embedding_error_vs_wanpipeline": text_error,
         "safetensors_bytes": files,
         "total_safetensors_bytes": sum(files.values()),
-        "total_seconds": clock.elapsed(),
+        "total_seconds": clock.elapsed() + (earlier["total_seconds"] if earlier else 0.0),
     }
     (partial / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
     if args.out.exists():  # the empty folder the arguments were checked against
         args.out.rmdir()
     partial.rename(args.out)
-    logger.info("wrote %s (%.1f MB of weights) in %.0f s", args.out, log["total_safetensors_bytes"] / 1e6,
-                log["total_seconds"])
+    logger.info("wrote %s (%.1f MB of weights) in %.0f s%s", args.out, log["total_safetensors_bytes"] / 1e6,
+                log["total_seconds"], "; paused: --resume " + str(args.state) + " goes on"
+                if dit_stage.stopped_by == "paused" else "")
     return 0
 
 
