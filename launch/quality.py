@@ -48,7 +48,14 @@ PROMPTS = (
 )
 DEFAULT_SETTINGS = "2:1,4:0,4:2,8:4"  # block size:context, latent frames; 4:0 is DualParal without context
 NOISE_MODES = ("coordinated", "independent")
-METRICS = ("adherence", "seam_ratio", "motion_jump_ratio", "drift")  # the table's, in its order
+METRICS = ("adherence", "seam_ratio", "motion_jump_ratio", "drift")  # logged per video
+# The table's columns, in order: (metric, header).
+COLUMNS = (
+    ("adherence", "adherence"), ("adherence_first", "1st s"), ("adherence_middle", "mid s"),
+    ("adherence_last", "last s"), ("shape_match", "shape"), ("motion_match", "motion"),
+    ("background_match", "background"), ("seam_ratio", "seam ratio"), ("motion_jump_ratio", "motion-jump ratio"),
+    ("drift", "drift"),
+)
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frames of the WanPipeline baseline (4k+1; 0: no baseline); default: --frames")
     parser.add_argument("--fps", type=_positive, default=None,
                         help="frames per second, for drift's first and last second; default: the config's")
-    parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads per process")
+    parser.add_argument("--workers", type=_positive, default=1, help="processes that generate videos at once")
     parser.add_argument("--out", default="outputs/quality.json", help="JSON with every video's results")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
@@ -256,39 +264,65 @@ def load_vae(folder: Path, dtype: str):
     return AutoencoderKLWan.from_pretrained(folder / "vae", dtype=DTYPES[dtype], use_safetensors=True).eval()
 
 
-def run(args) -> list[dict]:
-    """Generates, decodes and scores every job; one JSON-ready dict per (video, table row)."""
+_VAE = {}  # per process: the model's VAE, loaded once
+
+
+def score_job(job: Job, folder: Path, vae_dtype: str, fps: int, settings: list[Setting], threads: int) -> list[dict]:
+    """Generates, decodes and scores one job; one JSON-ready dict per table row it belongs to."""
     import torch
 
     from ds_dualparal.toy import quality
 
-    torch.set_num_threads(args.threads)
-    quiet_libraries()
-    vae = load_vae(args.folder, args.vae_dtype)
+    torch.set_num_threads(threads)
+    if folder not in _VAE:
+        quiet_libraries()
+        _VAE[folder] = load_vae(folder, vae_dtype)
+    cfg = job.cfg
+    colour, shape, motion, background = PROMPTS[job.prompt_index]
+    started = time.perf_counter()
+    latents = dualparal_latents(cfg) if job.method == "dualparal" else baseline_latents(cfg, folder)
+    seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    frames = decode(_VAE[folder], latents)
+    decode_seconds = time.perf_counter() - started
+    video = dict(method=job.method, prompt=cfg.prompt, colour=colour, shape=shape, motion=motion,
+                 background=background, seed=cfg.seed, frames=len(frames), steps=cfg.num_inference_steps,
+                 fps=fps, seconds=round(seconds, 3), decode_seconds=round(decode_seconds, 3))
+    # the baseline is scored at the block boundaries of every setting; a DualParal video at its own
+    scored_as = [job.setting] if job.setting is not None else settings
     rows = []
-    for n, job in enumerate(args.jobs, 1):
-        cfg = job.cfg
-        colour, shape, motion, background = PROMPTS[job.prompt_index]
-        started = time.perf_counter()
-        latents = dualparal_latents(cfg) if job.method == "dualparal" else baseline_latents(cfg, args.folder)
-        seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        frames = decode(vae, latents)
-        decode_seconds = time.perf_counter() - started
-        video = dict(method=job.method, prompt=cfg.prompt, colour=colour, shape=shape, motion=motion,
-                     background=background, seed=cfg.seed, frames=len(frames), steps=cfg.num_inference_steps,
-                     fps=args.fps, seconds=round(seconds, 3), decode_seconds=round(decode_seconds, 3))
-        # the baseline is scored at the block boundaries of every setting; a DualParal video at its own
-        scored_as = [job.setting] if job.setting is not None else args.settings
-        for setting in scored_as:
-            boundaries = quality.block_boundaries(len(frames), setting.block_size, setting.context)
-            scores = quality.score_video(frames, colour, boundaries, args.fps, shape)
-            row = job.row if job.setting is not None else f"baseline (at {setting.label}'s boundaries)"
-            rows.append(dict(row=row, **video, block_size=setting.block_size, context=setting.context,
-                             noise=cfg.noise if job.method == "dualparal" else None, boundaries=boundaries, **scores))
-        shown = " ".join(f"{m} {_fmt(rows[-1][m])}" for m in METRICS)
-        log.info("video %d/%d: %s, %r seed %d: %.1fs (+%.1fs decode); %s", n, len(args.jobs), job.row, cfg.prompt,
-                 cfg.seed, seconds, decode_seconds, shown)
+    for setting in scored_as:
+        boundaries = quality.block_boundaries(len(frames), setting.block_size, setting.context)
+        scores = quality.score_video(frames, colour, boundaries, fps, shape, motion, background)
+        row = job.row if job.setting is not None else f"baseline (at {setting.label}'s boundaries)"
+        rows.append(dict(row=row, **video, block_size=setting.block_size, context=setting.context,
+                         noise=cfg.noise if job.method == "dualparal" else None, boundaries=boundaries, **scores))
+    return rows
+
+
+def run(args) -> list[dict]:
+    """Every job of the sweep, on `args.workers` processes; the rows in job order."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    work = [(job, args.folder, args.vae_dtype, args.fps, args.settings, args.threads) for job in args.jobs]
+    rows = []
+
+    def report(n, job, mine):
+        rows.extend(mine)
+        shown = " ".join(f"{m} {_fmt(mine[-1][m])}" for m in METRICS)
+        log.info("video %d/%d: %s, %r seed %d: %.1fs (+%.1fs decode); %s", n, len(args.jobs), job.row,
+                 job.cfg.prompt, job.cfg.seed, mine[-1]["seconds"], mine[-1]["decode_seconds"], shown)
+
+    if args.workers == 1:
+        for n, item in enumerate(work, 1):
+            report(n, item[0], score_job(*item))
+        return rows
+    import multiprocessing
+
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(score_job, *item) for item in work]
+        for n, (item, future) in enumerate(zip(work, futures), 1):
+            report(n, item[0], future.result())
     return rows
 
 
@@ -296,30 +330,71 @@ def _fmt(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _values(values) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def _mean(values) -> float | None:
-    values = [v for v in values if v is not None and not math.isnan(v)]
+    values = _values(values)
     return sum(values) / len(values) if values else None
 
 
+def _standard_error(values) -> float | None:
+    """The standard error of the mean (sample standard deviation / sqrt(n)); None under two values."""
+    values = _values(values)
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
 def summary(rows: list[dict]) -> list[dict]:
-    """Per table row (in first-seen order): the mean of each metric and of seconds over its videos."""
+    """Per table row (in first-seen order): the mean and standard error (`{metric}_se`) of each metric over
+    its videos, and the mean seconds."""
     order = list(dict.fromkeys(r["row"] for r in rows))
     table = []
     for name in order:
         mine = [r for r in rows if r["row"] == name]
-        entry = {"row": name, "videos": len(mine)}
-        for key in (*METRICS, "seconds"):
-            entry[key] = _mean(r[key] for r in mine)
+        entry = {"row": name, "videos": len(mine), "block_size": mine[0]["block_size"],
+                 "context": mine[0]["context"], "noise": mine[0]["noise"]}
+        for key, _ in COLUMNS:
+            entry[key] = _mean(r.get(key) for r in mine)
+            entry[key + "_se"] = _standard_error(r.get(key) for r in mine)
+        entry["seconds"] = _mean(r["seconds"] for r in mine)
         table.append(entry)
     return table
 
 
+def separation(a: dict, b: dict, metric: str) -> float | None:
+    """(mean of a - mean of b) in standard errors of the difference (summary entries); None without them."""
+    if a[metric] is None or b[metric] is None or not a[metric + "_se"] or not b[metric + "_se"]:
+        return None
+    return (a[metric] - b[metric]) / math.sqrt(a[metric + "_se"] ** 2 + b[metric + "_se"] ** 2)
+
+
+def seam_separations(table: list[dict]) -> list[dict]:
+    """Each DualParal row without context against each with context of the same noise mode: how many
+    standard errors apart their seam ratios are (positive: the no-context seams are stronger)."""
+    dualparal = [e for e in table if e["noise"] is not None]
+    return [{"without": a["row"], "with": b["row"], "seam_ratio_z": separation(a, b, "seam_ratio")}
+            for a in dualparal if a["context"] == 0
+            for b in dualparal if b["context"] > 0 and b["noise"] == a["noise"]]
+
+
+def _cell(entry: dict, metric: str) -> str:
+    se = entry[metric + "_se"]
+    return _fmt(entry[metric]) + ("" if se is None else f" ±{se:.2f}")
+
+
 def markdown(table: list[dict]) -> str:
-    lines = ["| method / setting | videos | adherence | seam ratio | motion-jump ratio | drift | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    """The table (mean ±standard error over videos) and the seam separations."""
+    lines = ["| method / setting | videos | " + " | ".join(h for _, h in COLUMNS) + " | seconds |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for e in table:
-        cells = [e["row"], str(e["videos"]), *(_fmt(e[m]) for m in METRICS), _fmt(e["seconds"], 1)]
+        cells = [e["row"], str(e["videos"]), *(_cell(e, m) for m, _ in COLUMNS), _fmt(e["seconds"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
+    for s in seam_separations(table):
+        lines.append(f"\nseam ratio, {s['without']} vs {s['with']}: {_fmt(s['seam_ratio_z'], 1)} standard errors apart")
     return "\n".join(lines)
 
 
@@ -330,7 +405,8 @@ def write_json(path: str, args, rows: list[dict], table: list[dict], seconds: fl
         model=str(args.folder), config=args.config, frames=args.frames, steps=args.steps,
         seeds=args.seeds, prompts=list(dict.fromkeys(r["prompt"] for r in rows)),
         settings=[s.label for s in args.settings], noise=args.noise, baseline_frames=args.baseline_frames,
-        fps=args.fps, threads=args.threads, total_seconds=round(seconds, 1), summary=table, videos=rows,
+        fps=args.fps, threads=args.threads, workers=args.workers, total_seconds=round(seconds, 1), summary=table,
+        seam_separations=seam_separations(table), videos=rows,
     )
     text = json.dumps(document, indent=1, allow_nan=False) + "\n"
     with atomic_output(path, overwrite=args.overwrite) as partial:

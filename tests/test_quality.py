@@ -285,6 +285,62 @@ def test_score_video_has_every_metric():
         quality.score_video(toy_video(), "orange", BOUNDARIES, FPS)
 
 
+# --- background, motion, along the video -----------------------------------------------------------------
+
+
+def rendered(specs, frames=17):
+    """Toy clips of `specs` as uint8 (F, H, W, 3) videos, as toyvideo renders them for training."""
+    import torch
+
+    from ds_dualparal.toy import toyvideo
+
+    video = toyvideo.render_batch(specs, frames, SIZE, SIZE, "cpu")
+    return [((v.permute(0, 2, 3, 1).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy() for v in video]
+
+
+def test_background_texture_names_the_rendered_texture_and_motion_the_rendered_motion():
+    import torch
+
+    from ds_dualparal.toy import toyvideo
+
+    specs = []
+    for i, background in enumerate(toyvideo.BACKGROUNDS):
+        for j, motion in enumerate(toyvideo.MOTIONS):
+            specs += toyvideo.sample_specs(3, torch.Generator().manual_seed(10 * i + j), background=background,
+                                           motion=motion)
+    videos = rendered(specs)
+    textures = [quality.background_texture(v) for v in videos]
+    motions = [quality.object_motion(quality.track_object(v, s.colour)) for s, v in zip(specs, videos)]
+    assert textures == [s.background for s in specs]
+    assert motions == [s.motion for s in specs]
+
+
+def test_a_flat_or_blurred_away_background_is_not_a_pattern():
+    flat = np.full((5, SIZE, SIZE, 3), 120, np.uint8)
+    assert quality.background_texture(flat) == "cloudy"  # no pattern: nothing periodic
+    stripes = toy_video(frames=9)  # stripes 4 px wide, the object moving over them
+    assert quality.background_texture(stripes) == "striped"
+
+
+def test_seconds_windows():
+    assert quality.seconds_windows(161, 8) == {"first": slice(0, 8), "middle": slice(76, 84),
+                                               "last": slice(153, 161)}
+    assert quality.seconds_windows(21, 8) == {"first": slice(0, 7), "middle": slice(7, 14), "last": slice(14, 21)}
+    with pytest.raises(ValueError, match="fps"):
+        quality.seconds_windows(21, 0)
+
+
+def test_along_the_video_finds_where_the_object_is_lost():
+    video = toy_video(hidden=range(60, FRAMES))  # the object vanishes for the last 21 frames
+    along = quality.along_video(video, "red", FPS, "circle", "moves sideways", "striped")
+    assert along["adherence_first"] == along["adherence_middle"] == 1.0 and along["adherence_last"] == 0.0
+    assert along["motion_first"] == 1.0 and along["motion_last"] is None
+    assert along["background_first"] == along["background_last"] == 1.0 and along["shape_first"] == 1.0
+    scores = quality.score_video(video, "red", BOUNDARIES, FPS, "circle", "moves up and down", "dotted")
+    assert scores["motion_match"] == 0.0 and scores["object_motion"] == "moves sideways"
+    assert scores["background_match"] == 0.0 and scores["background_texture"] == "striped"
+
+
 # --- the runner ------------------------------------------------------------------------------------------
 
 
@@ -349,3 +405,21 @@ def test_the_sweep_plan(tmp_path):
     assert len({j.cfg.prompt for j in jobs}) == 3
     none = runner().parse_args(["--baseline-frames", "0", "--prompts", "1", "--seeds", "0"] + out)
     assert [j.method for j in none.jobs] == ["dualparal"] * 8
+
+
+def test_the_summary_gives_standard_errors_and_seam_separations():
+    module = runner()
+
+    def row(name, context, seam):
+        return {"row": name, "block_size": 4, "context": context, "noise": "coordinated", "seam_ratio": seam,
+                "seconds": 1.0}
+
+    rows = [row("no context", 0, v) for v in (2.0, 2.2, 2.4)] + [row("context", 2, v) for v in (1.0, 1.1, 1.2)]
+    table = module.summary(rows)
+    assert [e["row"] for e in table] == ["no context", "context"]
+    assert table[0]["seam_ratio"] == pytest.approx(2.2) and table[0]["seam_ratio_se"] == pytest.approx(0.2 / 3**0.5)
+    assert table[0]["adherence"] is None and table[0]["adherence_se"] is None
+    (separation,) = module.seam_separations(table)
+    z = (2.2 - 1.1) / ((0.2**2 + 0.1**2) / 3) ** 0.5
+    assert separation == {"without": "no context", "with": "context", "seam_ratio_z": pytest.approx(z)}
+    assert "±0.12" in module.markdown(table) and "standard errors apart" in module.markdown(table)

@@ -43,14 +43,16 @@ over (so blocks 1… are whole), and latent frame k ≥ 1 decodes to video frame
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import TEMPORAL_FACTOR
 from ..pipeline.timeline import BlockTimeline
-from .toyvideo import BACKGROUND_MAX_SATURATION, COLOURS, OBJECT_MIN_SATURATION, SHAPES
+from .toyvideo import BACKGROUND_MAX_SATURATION, COLOURS, MOTIONS, OBJECT_MIN_SATURATION, SHAPES
 
 SATURATION_THRESHOLD = (BACKGROUND_MAX_SATURATION + OBJECT_MIN_SATURATION) / 2
 MIN_VALUE = 0.3  # HSV value below which a pixel's hue is noise (every palette colour has value >= 0.76)
@@ -65,6 +67,17 @@ JUMP_EPSILON = 0.05  # pixels
 SHAPE_FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
 
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+# Background texture (`background_texture`): the toy textures repeat 3.8-7.1 times a frame side (stripes and
+# dots; checkers' first harmonic lies further out), the cloudy waves 1-3 times.
+CLOUDY_CYCLES = 3.4  # cycles per frame side below which spectral energy counts as cloudy
+CLOUDY_SHARE = 0.5  # share of the background's spectral energy below CLOUDY_CYCLES that makes it cloudy
+STRIPE_CONCENTRATION = 0.6  # share of the periodic energy within STRIPE_ANGLE of one orientation: stripes
+STRIPE_ANGLE = 12.0  # degrees
+DOT_MINORITY = 0.38  # the minority tone covers less than this share of the background: dots (else checkers)
+# Motion (`object_motion`): how far the object's centroid travels across a window, pixels (5th to 95th
+# percentile of its coordinates) and the ratio of the shorter axis to the longer below which it moves along one.
+STILL_TRAVEL = 3.0
+ONE_AXIS_RATIO = 0.35
 
 
 def _check_video(frames: np.ndarray) -> np.ndarray:
@@ -294,7 +307,111 @@ def drift(frames: np.ndarray, fps: int) -> float:
     return float(0.5 * np.abs(first - last).sum())
 
 
-def score_video(frames: np.ndarray, colour: str, boundaries: list[int], fps: int, shape: str | None = None) -> dict:
+def background_image(frames: np.ndarray) -> np.ndarray:
+    """(H, W) float grey levels of the static background: per pixel the median over the frames where it is no
+    object pixel (`colour_labels`); a pixel that is an object pixel in every frame takes the overall median."""
+    video = _check_video(frames)
+    grey = video.astype(np.float32).mean(axis=-1)
+    grey[colour_labels(video) >= 0] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # pixels that are object pixels throughout: filled below
+        image = np.nanmedian(grey, axis=0)
+    fill = np.nanmedian(image) if np.isfinite(image).any() else 0.0
+    return np.where(np.isfinite(image), image, fill)
+
+
+def background_texture(frames: np.ndarray) -> str:
+    """The toy background (a word of toyvideo.BACKGROUNDS) that the frames' static background looks like.
+
+    From the background's power spectrum (Hann window, mean removed), in cycles per frame side: mostly
+    below CLOUDY_CYCLES is "cloudy"; else, if most of the periodic energy lies along one orientation,
+    "striped"; else a grid: "dotted" when its minority tone (above or below the middle of the 5th and
+    95th percentile levels) covers less than DOT_MINORITY of the frame, "checkered" when the two tones
+    are about even.
+    """
+    image = background_image(frames)
+    height, width = image.shape
+    window = np.outer(np.hanning(height), np.hanning(width))
+    power = np.abs(np.fft.fft2((image - image.mean()) * window)) ** 2
+    side = min(height, width)
+    fy = np.fft.fftfreq(height) * side  # cycles per shorter side
+    fx = np.fft.fftfreq(width) * side
+    fy, fx = np.meshgrid(fy, fx, indexing="ij")
+    radius = np.hypot(fx, fy)
+    usable = (radius >= 1.0) & (radius <= side / 4)
+    total = power[usable].sum()
+    if total <= 0:
+        return "cloudy"  # a flat background: no pattern at all
+    if power[usable & (radius < CLOUDY_CYCLES)].sum() / total >= CLOUDY_SHARE:
+        return "cloudy"
+    periodic = usable & (radius >= CLOUDY_CYCLES)
+    angle = np.degrees(np.arctan2(fy, fx))[periodic] % 180.0
+    energy = power[periodic]
+    # the dominant orientation, then the share of energy within STRIPE_ANGLE of it (angles mod 180)
+    candidates = np.arange(0.0, 180.0, 2.0)
+    near = np.abs((angle[None] - candidates[:, None] + 90.0) % 180.0 - 90.0) <= STRIPE_ANGLE
+    concentration = (near * energy[None]).sum(axis=1).max() / energy.sum()
+    if concentration >= STRIPE_CONCENTRATION:
+        return "striped"
+    low, high = np.percentile(image, [5, 95])
+    bright = (image > (low + high) / 2).mean()
+    return "dotted" if min(bright, 1.0 - bright) < DOT_MINORITY else "checkered"
+
+
+def object_motion(track: ObjectTrack, frames: slice | None = None) -> str | None:
+    """How the tracked object moves over `frames` (all by default), as a word of toyvideo.MOTIONS: "turns"
+    for an object that stays within STILL_TRAVEL pixels (a turning shape stays put), "moves sideways" or
+    "moves up and down" when the travel along the other axis is under ONE_AXIS_RATIO of it, else "bounces".
+    None with fewer than two frames that have the object."""
+    centroid = track.centroid if frames is None else track.centroid[frames]
+    centroid = centroid[~np.isnan(centroid).any(axis=1)]
+    if len(centroid) < 2:
+        return None
+    travel_y, travel_x = np.percentile(centroid, 95, axis=0) - np.percentile(centroid, 5, axis=0)
+    if max(travel_x, travel_y) < STILL_TRAVEL:
+        return MOTIONS[3]
+    if travel_y < ONE_AXIS_RATIO * travel_x:
+        return MOTIONS[0]
+    if travel_x < ONE_AXIS_RATIO * travel_y:
+        return MOTIONS[1]
+    return MOTIONS[2]
+
+
+def seconds_windows(num_frames: int, fps: int) -> dict[str, slice]:
+    """The first, middle and last second of a video (`fps` frames each; a third of a video shorter than
+    three seconds)."""
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    length = max(1, min(fps, num_frames // 3))
+    middle = (num_frames - length) // 2
+    return {"first": slice(0, length), "middle": slice(middle, middle + length),
+            "last": slice(num_frames - length, num_frames)}
+
+
+def along_video(frames: np.ndarray, colour: str, fps: int, shape: str | None = None, motion: str | None = None,
+                background: str | None = None, track: ObjectTrack | None = None) -> dict:
+    """Adherence, and for each word given whether it is followed, in the first, middle and last second
+    (`seconds_windows`): `adherence_first` ... (fraction of the window's frames), `shape_first` (the
+    window's shape_match), `motion_first` and `background_first` (1.0 when the window's motion or
+    background is the named one, else 0.0). Drift along the video is the fall from first to last."""
+    frames = _check_video(frames)
+    track = track_object(frames, colour) if track is None else track
+    result = {}
+    for name, window in seconds_windows(len(frames), fps).items():
+        result[f"adherence_{name}"] = float(track.present[window].mean())
+        if shape is not None:
+            part = ObjectTrack(*(getattr(track, f.name)[window] for f in dataclasses.fields(ObjectTrack)))
+            result[f"shape_{name}"] = adherence(frames[window], colour, shape, part)["shape_match"]
+        if motion is not None:
+            seen = object_motion(track, window)
+            result[f"motion_{name}"] = None if seen is None else float(seen == motion)
+        if background is not None:
+            result[f"background_{name}"] = float(background_texture(frames[window]) == background)
+    return result
+
+
+def score_video(frames: np.ndarray, colour: str, boundaries: list[int], fps: int, shape: str | None = None,
+                motion: str | None = None, background: str | None = None) -> dict:
     """Every metric of one video (module docstring) as a dict of floats (None where undefined):
     adherence, fill_ratio, shape_match (with `shape`), seam_ratio, seam_ratio_all_pairs, motion_jump_ratio,
     motion_jump_ratio_all_pairs, drift, and object_frames (frames with a plausible object of the named
@@ -310,4 +427,12 @@ def score_video(frames: np.ndarray, colour: str, boundaries: list[int], fps: int
         result["seam_ratio" + suffix] = seam_ratio(frames, boundaries, pairs)
         result["motion_jump_ratio" + suffix] = motion_jump_ratio(frames, colour, boundaries, pairs, track)
     result["drift"] = drift(frames, fps)
+    if motion is not None:
+        seen = object_motion(track)
+        result["object_motion"] = seen
+        result["motion_match"] = None if seen is None else float(seen == motion)
+    if background is not None:
+        result["background_texture"] = background_texture(frames)
+        result["background_match"] = float(result["background_texture"] == background)
+    result.update(along_video(frames, colour, fps, shape, motion, background, track))
     return result
