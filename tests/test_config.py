@@ -43,6 +43,7 @@ def test_every_shipped_config_is_listed_and_loads():
     names = {p.name for p in SHIPPED}
     assert names == {
         "tiny.json",
+        "tiny-long.json",
         "wan2.1-t2v-1.3b-480p.json",
         "wan2.1-t2v-14b-720p.json",
         "wan2.2-t2v-a14b-720p.json",
@@ -63,6 +64,13 @@ def test_tiny_config_is_the_cpu_demo():
     assert (cfg.num_inference_steps, cfg.block_size, cfg.context) == (4, 2, 1)
     assert (cfg.dtype, cfg.guidance_scale, cfg.seed, cfg.fps) == ("float32", 5.0, 0, 8)
     assert cfg.output == "outputs/tiny.mp4"
+
+
+def test_tiny_long_config_is_the_tiny_demo_at_641_frames():
+    tiny = load_config(CONFIG_DIR / "tiny.json").dualparal
+    long = load_config(CONFIG_DIR / "tiny-long.json").dualparal
+    assert (long.num_frames, long.latent_frames, long.output) == (641, 161, "outputs/tiny-long.mp4")
+    assert long.with_overrides(num_frames=21, output=tiny.output) == tiny
 
 
 def test_anchor_config_matches_design():
