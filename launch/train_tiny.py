@@ -756,6 +756,8 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
         torch.cuda.synchronize()
     stage.seconds = plan.elapsed()
     stage.extra.update(plan.record())
+    stage.extra.setdefault("processes", []).append(
+        {"from_step": first, "to_step": stage.steps, "seconds": time.perf_counter() - started})
     if stage.stopped_by == "paused" or args.save_every_minutes:
         state.write(model, ema, optimizer, stage.steps, plan, generators, stage)
     for name, batches in val.items():
@@ -763,8 +765,6 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
         stage.extra[f"val_loss_{name}_model"] = validation_loss(model, batches, tokens, autocast)
     stage.extra["pool_clips_refreshed"] = pool.refreshed
     stage.extra["mean_crop_length"] = sum(lengths) / max(1, len(lengths))
-    stage.extra.setdefault("processes", []).append(
-        {"from_step": first, "to_step": stage.steps, "seconds": time.perf_counter() - started})
     logger.info("DiT: %d steps in %.0f s (stopped by %s), held-out loss %.4f (EMA) %.4f (raw), whole clips %.4f (EMA)",
                 stage.steps, stage.seconds, stage.stopped_by, stage.extra["val_loss_crop_ema"],
                 stage.extra["val_loss_crop_model"], stage.extra["val_loss_whole_ema"])
