@@ -13,7 +13,9 @@ the same way (`video.StreamingDecoder`, `video.to_uint8_frames`). The baseline h
 at the block boundaries each DualParal setting would have (one table row per setting), which shows what
 the seam and motion ratios read on a video without seams.
 
-Prints one markdown table (means over prompts x seeds) and writes every row of every video, with all
+`--workers N` generates N videos at once (processes; `--threads` torch threads each). Prints one markdown
+table (mean ± standard error over prompts x seeds, and how many standard errors apart the seam ratios
+without and with context are) and writes every row of every video, with all
 metrics, to `--out` (JSON, written atomically). `seconds` is the wall time from settings to latents on
 this machine (model load, text encoding and denoising; the VAE decode is `decode_seconds`, apart).
 

@@ -32,6 +32,19 @@ Pure numpy (no torch). A video is a uint8 array (F, H, W, 3), RGB. Four numbers 
   last second of the video. 0 = the same colours at the end as at the start; 1 = no colour in common
   (every colour moved by a bin spacing or more, ~36 levels of 255, or changed altogether).
 
+Whether the other words of the prompt are followed, and adherence along the video:
+
+- **background** (`background_texture`, `background_match`): the static background (per pixel the median
+  over the frames, object pixels left out) is classified from its power spectrum as cloudy (energy below
+  `CLOUDY_CYCLES` cycles a side), striped (the periodic energy along one orientation), dotted or
+  checkered (a grid: the minority tone's share); 1.0 when it is the named one. Every rendered toy
+  clip of `tests/test_quality.py` is classified right.
+- **motion** (`object_motion`, `motion_match`): the tracked centroid's travel (5th to 95th percentile)
+  along x and y: still ("turns"), along one axis, or both ("bounces").
+- **along the video** (`along_video`): adherence, shape, motion and background in the first, middle and
+  last second (`seconds_windows`), e.g. `adherence_first` and `adherence_last`: a model that loses the
+  prompt's colour after a second reads 0.9 then 0.0.
+
 Ratios add a small constant to both means (`SEAM_EPSILON` levels, `JUMP_EPSILON` pixels), so a perfectly
 still video or object gives 1.0 rather than 0/0. A shape that turns in place has no motion to compare: its
 motion-jump ratio divides the centroid's jitter by jitter and means little. A metric that cannot be
