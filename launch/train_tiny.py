@@ -6,18 +6,21 @@
 Three stages, all seeded by --seed, write one diffusers WanPipeline folder to --out (what
 `WanPipeline.from_pretrained` and `launch/generate.py --model` load) plus `training_log.json`:
 
-1. Text. The tiny random UMT5 encoder of `ds_dualparal.toy.tiny` (frozen, the one `write_tiny_wan(seed=S)`
-   writes, seed S + 3) encodes every toy prompt (5 colours x 3 shapes x 4 motions x 4 backgrounds = 240)
-   and "" once, as WanPipeline does: 512 tokens, embeddings past the prompt's length zeroed.
+1. Text. The tiny UMT5 encoder of `ds_dualparal.toy.tiny` (the random one `write_tiny_wan(seed=S)` writes,
+   seed S + 3) encodes every toy prompt (5 colours x 3 shapes x 4 motions x 4 backgrounds = 240) and ""
+   as WanPipeline does: 512 tokens, embeddings past the prompt's length zeroed. With --text-lr > 0 it
+   trains with the DiT (step 3) and is saved as the folder's text_encoder/; 0 keeps it frozen.
 2. VAE. A small `AutoencoderKLWan` (z_dim 16, 8x space, 4x time like Wan 2.1) learns to reconstruct
-   freshly rendered clips of --vae-frames frames (L1 + MSE + a small KL term, posterior sampled). Its
+   freshly rendered clips of --vae-frames frames (L1 + MSE + a small KL term, posterior sampled), long
+   enough for its causal caches to reach their steady state (docs/tiny-model.md). Its
    per-channel latent mean and std, measured on the DiT's clip pool, go into the VAE config as
    `latents_mean` / `latents_std`, as WanPipeline and this engine normalise latents.
 3. DiT. A small `WanTransformer3DModel` learns Wan's flow matching on the normalised latents of a pool
    of --pool-frames clips, encoded once (posterior mean) and partly refreshed as it trains: sigma drawn
    uniformly and shifted by --flow-shift like Wan's scheduler, x_t = (1 - sigma) x0 + sigma noise,
    timestep = 1000 sigma, target noise - x0 (diffusers' `flow_prediction`). Each step takes random
-   temporal crops of one length in [--min-crop, --max-crop] latent frames from anywhere in the clips,
+   temporal crops of one length in [--min-crop, --max-crop] latent frames from anywhere in the clips
+   (or, with probability --whole-clip-prob, whole clips: the long context of a whole-sequence run),
    as DualParal runs the DiT on windows from the middle of a video with rotary positions from 0; the
    batch grows for short crops so a step holds about as many tokens. With probability --context-jitter
    a crop's first frames (the window's context, one step cleaner in DualParal) get a lower noise level
@@ -29,6 +32,10 @@ time budget (--max-minutes-vae / --max-minutes-dit, and --max-minutes for the wh
 a hundred steps the measured rate fixes the count (see `Plan`), and the learning rate follows a warm-up
 then a cosine to 10% over it. The training log records the counts and rates; rerunning with those
 counts and no time limits repeats the run (up to the GPU's non-deterministic kernels).
+
+The DiT stage can be split over processes (one GPU call lasts at most 10 minutes): it saves its state to
+--state when --max-minutes ends it early (and at --pause-at-step, every --save-every-minutes), and
+`--resume STATE --out NEW` goes on to the same weights as an uninterrupted run (see `StateWriter`).
 """
 
 from __future__ import annotations
