@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import RANDOM_TINY
 from diffusers import WanTransformer3DModel
 
+from ds_dualparal.pipeline.estimate import feature_cache_bytes
 from ds_dualparal.wan.model import (
     AttentionWindow,
     Conditioner,
@@ -135,6 +136,21 @@ def test_block_layer_reads_and_writes_the_feature_cache(wan, stage_model):
         with_cache = run(0, read_cache=True)
     assert len(cache) == 0
     assert not torch.allclose(plain, with_cache)
+
+
+def test_the_estimate_counts_the_feature_cache_as_stored(wan, stage_model):
+    conditioner, layers = stage_model
+    cache = FeatureCache()
+    temb, proj, text = conditioner.embed(torch.tensor([900.0]), torch.randn(1, 512, 32))
+    state = WindowState(
+        block=1, grid=(2, 2, 2), own_frames=1, guidance=None, temb=temb, timestep_proj=proj, text=text,
+        rope=conditioner.rotary(2, 2, 2, "cpu"), cache=cache, hidden=torch.randn(1, 8, wan.inner_dim), capture=(4, 8),
+    )
+    with torch.no_grad():
+        layers[1](state)
+    stored = cache.pop(0, 1)
+    per_layer = stored.numel() * stored.element_size()
+    assert wan.num_layers * per_layer == feature_cache_bytes(wan, cached_tokens=4, batch=1, dtype_bytes=4)
 
 
 def test_stage_reads_only_its_own_tensors(wan):

@@ -82,7 +82,8 @@ class WanConfig:
 
 
 class FeatureCache:
-    """Per-stage store of the next block's keys/values, layer by layer.
+    """Per-stage store of the next block's context frames' attention input, layer by layer (their keys
+    and values are projected from it when read).
 
     Block b+1 writes them during its forward; block b, run next in the same iteration on this
     stage, reads them. They never leave the stage.
