@@ -214,7 +214,7 @@ def test_fast_block_equals_the_plain_block(wan, stage_model):
     float32 rounding; the fused weights are views, not a second copy."""
     conditioner, _ = stage_model
     weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
-    plain, fast = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, fast=True)
+    plain, fast = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, compile=True)
     attn = fast.attn1
     assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[wan.inner_dim:].data_ptr()
     torch.manual_seed(6)

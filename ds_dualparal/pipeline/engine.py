@@ -131,28 +131,28 @@ class InjectedFault:
         raise RuntimeError(f"fault injected by {FAULT_VARIABLE} at tick {tick}")
 
 
-def balanced_parts(layer_weights: list[float], stages: int, first_stage_extra: float) -> list[int]:
+def balanced_parts(layer_weights: list[float], stages: int, first_stage_vae_layers: float) -> list[int]:
     """Stage boundaries over the layers (DeepSpeed's balanced partition), the first stage carrying
-    `first_stage_extra` more weight (its decoding) than its layers."""
+    `first_stage_vae_layers` more weight (its decoding) than its layers."""
     weights = list(layer_weights)
-    weights[0] += first_stage_extra
+    weights[0] += first_stage_vae_layers
     return [int(p) for p in partition_balanced(weights=weights, num_parts=stages)]
 
 
 class StagePipeline(PipelineModule):
     """DeepSpeed's `PipelineModule`; a 'type:<regex>' partition also counts the first stage's extra work."""
 
-    def __init__(self, *args, first_stage_extra: float = 0.0, **kwargs):
-        self.first_stage_extra = first_stage_extra
+    def __init__(self, *args, first_stage_vae_layers: float = 0.0, **kwargs):
+        self.first_stage_vae_layers = first_stage_vae_layers
         super().__init__(*args, **kwargs)
 
     def _partition_layers(self, method="uniform"):
-        if not self.first_stage_extra or not method.lower().startswith("type:"):
+        if not self.first_stage_vae_layers or not method.lower().startswith("type:"):
             return super()._partition_layers(method)
         weights = [0.0] * len(self._layer_specs)
         for index in self._find_layer_type(method.split(":")[1]):
             weights[index] = 1.0
-        self.parts = balanced_parts(weights, self.num_stages, self.first_stage_extra)
+        self.parts = balanced_parts(weights, self.num_stages, self.first_stage_vae_layers)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
@@ -169,20 +169,20 @@ class DualParalEngine:
         device: torch.device,
         dtype: torch.dtype,
         attention_backend: str | None = None,
-        fast: bool = False,
-        first_stage_extra: float = 0.0,
+        compile: bool = False,
+        first_stage_vae_layers: float = 0.0,
     ):
         self.comm = PipeComm(topology)
-        if fast:  # one compiled graph per window shape; a run sees a handful (cache on/off, capture, block 0)
+        if compile:  # one compiled graph per window shape; a run sees a handful (cache on/off, capture, block 0)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.device = device
         self.config = expert_configs[0]
         self.modules = [
             StagePipeline(
-                layers=layer_specs(cfg, weights, attention_backend, fast),
+                layers=layer_specs(cfg, weights, attention_backend, compile),
                 topology=topology,
                 partition_method=partition_method,
-                first_stage_extra=first_stage_extra,
+                first_stage_vae_layers=first_stage_vae_layers,
             ).eval()
             for cfg, weights in zip(expert_configs, expert_weights)
         ]

@@ -98,10 +98,10 @@ class Generator:
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
         started = time.perf_counter()
-        self.fast = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.engine = DualParalEngine(
             self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype,
-            cfg.attention_backend, self.fast, cfg.first_stage_vae_layers,
+            cfg.attention_backend, self.compile, cfg.first_stage_vae_layers,
         )
         bases = [getattr(w, "base", w) for w in weights]  # under a LoRA's LoraWeights
         read = sum(w.safetensors.tensors_read for w in bases if isinstance(w, FolderWeights))
