@@ -87,7 +87,7 @@ def worker(args) -> int:
         image="random" if args.image else None,
     )
     started = time.perf_counter()
-    generator = Generator(base, random_weights=[wan])
+    generator = Generator(base, comm.init_process(base.comm_timeout_s), random_weights=[wan])
     load_seconds = time.perf_counter() - started
     device = generator.device
     rank0 = generator.rank == 0

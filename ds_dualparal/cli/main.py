@@ -152,14 +152,14 @@ def _decide(args, cfg):
     return comm.share_object((jobs, checkpoints))
 
 
-def _load(cfg):
+def _load(cfg, device):
     """This rank's stage; a rank that cannot load it (e.g. a shard missing on its node) stops them all."""
     from ..pipeline.generation import Generator
     from ..wan.weights import ModelError
 
     generator = error = None
     try:
-        generator = Generator(cfg)
+        generator = Generator(cfg, device)
     except (ConfigError, ModelError) as err:
         error = str(err)
     _agree(error)
@@ -169,7 +169,7 @@ def _load(cfg):
 def _run(args, cfg) -> int:
     from ..pipeline import comm
 
-    comm.init_process(cfg.comm_timeout_s)
+    device = comm.init_process(cfg.comm_timeout_s)
     jobs, checkpoints = _decide(args, cfg)
     if comm.world()[0] == 0:
         for job in jobs:
@@ -192,7 +192,7 @@ def _run(args, cfg) -> int:
         log.info("nothing to run")
         comm.shutdown()
         return 1 if invalid else 0
-    return _generate(_load(cfg), args, runnable, checkpoints, invalid)
+    return _generate(_load(cfg, device), args, runnable, checkpoints, invalid)
 
 
 def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: int = 0) -> int:

@@ -1,4 +1,4 @@
-"""The pipelined DualParal engine: one `PipelineModule` stage per rank, driven by `DualParalSchedule`.
+"""The pipelined DualParal engine: one stage of the model's layers per rank, driven by `DualParalSchedule`.
 
 The schedule decides what runs when; this engine only carries its instructions out, through an
 instruction map that refuses anything it does not know. Send and receive instructions only queue
@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import ProcessTopology
-from deepspeed.runtime.utils import partition_balanced
 
 from ..config import TEXT_TOKENS
 from ..wan.model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
@@ -35,6 +33,7 @@ from . import schedule as sched
 from .comm import PipeComm, Transfers
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
 from .image import ImageCondition
+from .partition import stage_bounds
 from .timeline import BlockStep
 
 if TYPE_CHECKING:
@@ -131,30 +130,20 @@ class InjectedFault:
         raise RuntimeError(f"fault injected by {FAULT_VARIABLE} at tick {tick}")
 
 
-def balanced_parts(layer_weights: list[float], stages: int, first_stage_vae_layers: float) -> list[int]:
-    """Stage boundaries over the layers (DeepSpeed's balanced partition), the first stage carrying
-    `first_stage_vae_layers` more weight (its decoding) than its layers."""
-    weights = list(layer_weights)
-    weights[0] += first_stage_vae_layers
-    return [int(p) for p in partition_balanced(weights=weights, num_parts=stages)]
+class StageLayers(torch.nn.Module):
+    """This rank's slice of one expert: the layers between its stage's bounds, built from their
+    `LayerSpec`s (only these are built, so a rank reads only its own tensors), run in order."""
 
+    def __init__(self, specs: list, bounds: list[int], stage: int, device: torch.device):
+        super().__init__()
+        self.parts = bounds
+        self.layers = torch.nn.ModuleList(spec.build() for spec in specs[bounds[stage]:bounds[stage + 1]])
+        self.to(device)
 
-class StagePipeline(PipelineModule):
-    """DeepSpeed's `PipelineModule`; a 'type:<regex>' partition also counts the first stage's extra work."""
-
-    def __init__(self, *args, first_stage_vae_layers: float = 0.0, **kwargs):
-        self.first_stage_vae_layers = first_stage_vae_layers
-        super().__init__(*args, **kwargs)
-
-    def _partition_layers(self, method="uniform"):
-        if not self.first_stage_vae_layers or not method.lower().startswith("type:"):
-            return super()._partition_layers(method)
-        weights = [0.0] * len(self._layer_specs)
-        for index in self._find_layer_type(method.split(":")[1]):
-            weights[index] = 1.0
-        self.parts = balanced_parts(weights, self.num_stages, self.first_stage_vae_layers)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+    def forward(self, state):
+        for layer in self.layers:
+            state = layer(state)
+        return state
 
 
 class DualParalEngine:
@@ -171,21 +160,20 @@ class DualParalEngine:
         attention_backend: str | None = None,
         compile: bool = False,
         first_stage_vae_layers: float = 0.0,
+        *,
+        comm_timeout_s: int,
     ):
-        self.comm = PipeComm(topology)
+        self.comm = PipeComm(topology, comm_timeout_s)
         if compile:  # one compiled graph per window shape; a run sees a handful (cache on/off, capture, block 0)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.device = device
         self.config = expert_configs[0]
-        self.modules = [
-            StagePipeline(
-                layers=layer_specs(cfg, weights, attention_backend, compile),
-                topology=topology,
-                partition_method=partition_method,
-                first_stage_vae_layers=first_stage_vae_layers,
-            ).eval()
-            for cfg, weights in zip(expert_configs, expert_weights)
-        ]
+        self.modules = []
+        for cfg, weights in zip(expert_configs, expert_weights):
+            specs = layer_specs(cfg, weights, attention_backend, compile)
+            bounds = stage_bounds([spec.typename.__name__ for spec in specs], partition_method,
+                                  self.comm.num_stages, first_stage_vae_layers)
+            self.modules.append(StageLayers(specs, bounds, self.stage, device).eval())
         self.conditioners = [Conditioner(cfg, w).to(device) for cfg, w in zip(expert_configs, expert_weights)]
         self.dtype = dtype
 
