@@ -20,7 +20,6 @@ import os
 import re
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -33,6 +32,7 @@ from . import schedule as sched
 from .comm import PipeComm, Transfers
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
 from .image import ImageCondition
+from .overlap import DeferredUpdates
 from .partition import stage_bounds
 from .timeline import BlockStep
 
@@ -245,7 +245,8 @@ class _Run:
         self.latents = None
         if engine.is_first:
             resume = request.checkpointing.resume
-            assert (resume is None) == (request.checkpointing.start == 0), "a resumed run starts from a checkpoint's state"
+            if (resume is None) != (request.checkpointing.start == 0):
+                raise ValueError("a resumed run starts from a checkpoint's state: give both or neither")
             if resume is None:
                 self.latents = BlockLatents(plan, request.noise, request.scheduler, engine.device, condition=image)
             else:
@@ -257,7 +258,7 @@ class _Run:
         self.recvs: list[tuple[torch.Tensor, int, object]] = []
         self.arrivals: dict[tuple[int, int], Transfers] = {}  # received, not yet waited for
         self.in_flight: list[Transfers] = []  # posted batches, until done
-        self.updates: deque[tuple[int, int]] = deque()  # first stage: returned predictions not yet applied
+        self.updates = DeferredUpdates(request.overlap)  # first stage: scheduler steps not yet applied
 
     def execute(self, instruction) -> None:
         handler = self._INSTRUCTION_MAP.get(type(instruction))
@@ -341,14 +342,14 @@ class _Run:
 
     def scheduler_step(self, instruction) -> None:
         key = (instruction.block, instruction.step)
-        self.updates.append(key)
-        if key not in self.predictions or not self.request.overlap:  # one stage (it never left), or lockstep
-            self._apply_updates()
+        self._apply(self.updates.schedule(key, returned=key in self.predictions))
 
     def _apply_updates(self, needed: list[tuple[int, int]] | None = None) -> None:
         """Applies the pending scheduler steps in order: all of them, or until those `needed` are."""
-        while self.updates and (needed is None or any(key in self.updates for key in needed)):
-            key = self.updates.popleft()
+        self._apply(self.updates.due(needed))
+
+    def _apply(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
             if key in self.predictions:
                 self._arrived(key)
                 pred = self.predictions.pop(key)
@@ -375,8 +376,10 @@ class _Run:
         for batch in self.in_flight:
             batch.wait()
         self.in_flight = []
-        assert not self.states and not self.predictions and not self.arrivals, "schedule left work undone"
-        assert len(self.build.cache) == 0, "feature cache left unconsumed"
+        if self.states or self.predictions or self.arrivals or len(self.updates):
+            raise RuntimeError("the schedule left work undone")
+        if len(self.build.cache):
+            raise RuntimeError("the schedule left the feature cache unconsumed")
 
     _INSTRUCTION_MAP = {
         sched.LoadWindow: load_window,
