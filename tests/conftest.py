@@ -1,16 +1,21 @@
 """Shared test helpers: one torch thread, and `launch/generate.py` run as users run it.
 
-`run_generate` starts one plain process, `run_deepspeed` the same script under DeepSpeed's launcher
+`run_main` runs `launch/generate.py`'s main in this process, for runs refused before the process group
+starts (the cheap way to test a mistake); `run_generate` starts one plain process, `run_deepspeed`
+the same script under DeepSpeed's launcher
 (`python -m deepspeed.launcher.runner`, since the `deepspeed` script may not be on PATH), each with
-a fresh master port. Both return `Run(returncode, stdout, stderr)` and work in a `tmp_path` folder,
+a fresh master port. All three return `Run(returncode, stdout, stderr)` and work in a `tmp_path` folder,
 so outputs never land in the repository.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,6 +80,30 @@ def run(command: list[str], cwd: Path, timeout: float, env: dict[str, str] | Non
 def run_generate(*args, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> Run:
     """`python launch/generate.py ARGS` in `cwd`, with `env` added to the environment."""
     return run([sys.executable, str(GENERATE), *map(str, args)], cwd, timeout, env)
+
+
+def run_main(*args, cwd: Path) -> Run:
+    """`launch/generate.py ARGS` in this process, for runs that end in a pre-flight refusal: the exit
+    code and what it printed (log records stay with pytest). It must not start the process group
+    (that is global to the process): a plain process finds every such mistake before it."""
+    from ds_dualparal.cli.main import main
+    from ds_dualparal.pipeline import comm
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd(), signal.getsignal(signal.SIGINT), sys.unraisablehook
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit:  # argparse: --help, or a flag it cannot parse
+                code = exit.code
+    finally:
+        os.chdir(previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+        sys.unraisablehook = previous[2]
+    assert not comm.is_started(), "run_main started the process group: use run_generate for real runs"
+    return Run(code, out.getvalue(), err.getvalue())
 
 
 def deepspeed_command(num_ranks: int, *args) -> list[str]:

@@ -161,6 +161,12 @@ class CommError(RuntimeError):
     """A transfer failed: a peer rank died, hung past the timeout, or the network broke."""
 
 
+def launched_world() -> tuple[int, int]:
+    """(rank, world size) the launcher gave this process ((0, 1) for a plain process), known before
+    the process group starts."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_started() -> bool:
     """Whether this process has joined the process group (`init_process`)."""
     return dist.is_initialized()
