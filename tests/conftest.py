@@ -106,10 +106,10 @@ def run_main(*args, cwd: Path) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
-def deepspeed_command(num_ranks: int, *args) -> list[str]:
+def deepspeed_command(num_ranks: int, *args, script: Path = GENERATE) -> list[str]:
     return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-        "--master_port", str(free_port()), str(GENERATE), *map(str, args),
+        "--master_port", str(free_port()), str(script), *map(str, args),
     ]
 
 

@@ -209,19 +209,19 @@ def test_chunked_feed_forward_equals_the_whole(monkeypatch):
     torch.testing.assert_close(ff(x), whole)
 
 
-def test_fast_block_equals_the_plain_block(wan, stage_model):
+def test_compiled_block_equals_the_plain_block(wan, stage_model):
     """Fused q/k/v and torch.compile (the CUDA default): same block output and cached input, within
     float32 rounding; the fused weights are views, not a second copy."""
     conditioner, _ = stage_model
     weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
-    plain, fast = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, compile=True)
-    attn = fast.attn1
+    plain, compiled = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, compile=True)
+    attn = compiled.attn1
     assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[wan.inner_dim:].data_ptr()
     torch.manual_seed(6)
     temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
     hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
     outputs = []
-    for layer in (plain, fast):
+    for layer in (plain, compiled):
         cache = FeatureCache()
         cache.put(1, 1, cached)
         state = WindowState(
