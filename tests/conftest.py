@@ -114,7 +114,12 @@ def deepspeed_command(num_ranks: int, *args, script: Path = GENERATE) -> list[st
 
 
 def run_deepspeed(num_ranks: int, *args, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> Run:
-    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU)."""
+    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU).
+
+    One rank runs as a plain process: the same one-rank process group, without the launcher's start-up.
+    """
+    if num_ranks == 1:
+        return run_generate(*args, cwd=cwd, timeout=timeout, env=env)
     return run(deepspeed_command(num_ranks, *args), cwd, timeout, env)
 
 
