@@ -234,3 +234,19 @@ def test_compiled_block_equals_the_plain_block(wan, stage_model):
     (want, want_captured), (got, got_captured) = outputs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_captured, want_captured, rtol=1e-5, atol=1e-5)
+
+
+def test_the_private_names_the_model_relies_on_still_exist(wan):
+    """No public API for these; an upgrade that renames them must fail here, not silently."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    # cross-attention's backend: diffusers' own set_attention_backend writes what set_attention_backend sets
+    weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
+    layer = WanBlockLayer(wan, 0, weights)
+    assert layer.attn2.processor._attention_backend is None
+    layer.attn2.set_attention_backend("_native_math")  # diffusers' public setter writes the attribute ours writes
+    assert layer.attn2.processor._attention_backend == AttentionBackendName("_native_math")
+    layer.set_attention_backend(None)
+    assert layer.attn2.processor._attention_backend is None
+    # the engine raises torch.compile's per-function recompile limit for its window shapes
+    assert isinstance(torch._dynamo.config.recompile_limit, int)
