@@ -2,9 +2,9 @@
 
 The run, in order: parse the flags and the config (`args`), decide the jobs and check the model on
 every rank (`checks`; no rank needs another for that, so a plain process finds a mistake before any
-distributed start-up), start the process group and agree on the checks' outcome, load this rank's stage, encode the prompts and run the
-jobs (`runner`). Every mistake a user can make (flag, config field, jobs line, model folder, existing
-output) ends the run with one line naming it and exit code 2.
+distributed start-up), start the process group and agree on the checks' outcome, load this rank's
+stage, encode the prompts and run the jobs (`runner`). Every mistake a user can make (flag, config
+field, jobs line, model folder, existing output) ends the run with one line naming it and exit code 2.
 """
 
 from __future__ import annotations

@@ -223,9 +223,9 @@ class PipeComm:
         return self.stage == 0
 
     def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> Transfers:
-        """Starts the tick's batch of sends (tensor, to stage) and receives (buffer, from stage) and returns at once; `wait()` on the result before using a received
-        buffer (on CUDA the host is never held: the current stream waits). The sent tensors are kept
-        until the batch is waited for."""
+        """Starts the tick's batch of sends (tensor, to stage) and receives (buffer, from stage) and
+        returns at once; `wait()` on the result before using a received buffer (on CUDA the host is
+        never held: the current stream waits). The sent tensors are kept until the batch is waited for."""
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.stage_ranks[p], self._group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, b, self.stage_ranks[p], self._group) for b, p in recvs]
         peers = sorted({self.stage_ranks[p] for _, p in sends + recvs})
