@@ -90,7 +90,8 @@ def run_main(*args, cwd: Path) -> Run:
     from ds_dualparal.pipeline import comm
 
     out, err = io.StringIO(), io.StringIO()
-    previous = os.getcwd(), signal.getsignal(signal.SIGINT), sys.unraisablehook
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # main installs its own handlers
+    previous = os.getcwd(), [signal.getsignal(s) for s in handled], sys.unraisablehook
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -100,7 +101,8 @@ def run_main(*args, cwd: Path) -> Run:
                 code = exit.code
     finally:
         os.chdir(previous[0])
-        signal.signal(signal.SIGINT, previous[1])
+        for signum, handler in zip(handled, previous[1]):
+            signal.signal(signum, handler)
         sys.unraisablehook = previous[2]
     assert not comm.is_started(), "run_main started the process group: use run_generate for real runs"
     return Run(code, out.getvalue(), err.getvalue())
