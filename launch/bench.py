@@ -87,7 +87,7 @@ def worker(args) -> int:
         image="random" if args.image else None,
     )
     started = time.perf_counter()
-    generator = Generator(base, random_weights=[wan])
+    generator = Generator(base, comm.init_process(base.comm_timeout_s), random_weights=[wan])
     load_seconds = time.perf_counter() - started
     device = generator.device
     rank0 = generator.rank == 0
@@ -153,7 +153,7 @@ def worker(args) -> int:
             seconds_per_step=seconds / tl.num_steps, peak_gib=[s["peak"] / 2**30 for s in stats],
             mfu=flops / seconds / (PEAK_TFLOPS * 1e12 * stages), tflop=flops / 1e12,
             bubble=1.0 - sum(s["busy"] for s in stats[:stages]) / (stages * seconds) if cuda else None,
-            bytes_sent=sum(s["sent"] for s in stats), load_seconds=load_seconds, fast=generator.fast,
+            bytes_sent=sum(s["sent"] for s in stats), load_seconds=load_seconds, compile=generator.compile,
             partition=[int(p) for p in generator.engine.modules[0].parts], latents_sha256=digest,
             planner_s=planner_s, ticks=ticks,
             tick_overhead_s=(seconds - planner_s) / ticks if cuda else None,

@@ -1,16 +1,21 @@
 """Shared test helpers: one torch thread, and `launch/generate.py` run as users run it.
 
-`run_generate` starts one plain process, `run_deepspeed` the same script under DeepSpeed's launcher
+`run_main` runs `launch/generate.py`'s main in this process, for runs refused before the process group
+starts (the cheap way to test a mistake); `run_generate` starts one plain process, `run_deepspeed`
+the same script under DeepSpeed's launcher
 (`python -m deepspeed.launcher.runner`, since the `deepspeed` script may not be on PATH), each with
-a fresh master port. Both return `Run(returncode, stdout, stderr)` and work in a `tmp_path` folder,
+a fresh master port. All three return `Run(returncode, stdout, stderr)` and work in a `tmp_path` folder,
 so outputs never land in the repository.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,15 +82,46 @@ def run_generate(*args, cwd: Path, timeout: float = 180, env: dict[str, str] | N
     return run([sys.executable, str(GENERATE), *map(str, args)], cwd, timeout, env)
 
 
-def deepspeed_command(num_ranks: int, *args) -> list[str]:
+def run_main(*args, cwd: Path) -> Run:
+    """`launch/generate.py ARGS` in this process, for runs that end in a pre-flight refusal: the exit
+    code and what it printed (log records stay with pytest). It must not start the process group
+    (that is global to the process): a plain process finds every such mistake before it."""
+    from ds_dualparal.cli.main import main
+    from ds_dualparal.pipeline import comm
+
+    out, err = io.StringIO(), io.StringIO()
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # main installs its own handlers
+    previous = os.getcwd(), [signal.getsignal(s) for s in handled], sys.unraisablehook
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit:  # argparse: --help, or a flag it cannot parse
+                code = exit.code
+    finally:
+        os.chdir(previous[0])
+        for signum, handler in zip(handled, previous[1]):
+            signal.signal(signum, handler)
+        sys.unraisablehook = previous[2]
+    assert not comm.is_started(), "run_main started the process group: use run_generate for real runs"
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def deepspeed_command(num_ranks: int, *args, script: Path = GENERATE) -> list[str]:
     return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
-        "--master_port", str(free_port()), str(GENERATE), *map(str, args),
+        "--master_port", str(free_port()), str(script), *map(str, args),
     ]
 
 
 def run_deepspeed(num_ranks: int, *args, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> Run:
-    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU)."""
+    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU).
+
+    One rank runs as a plain process: the same one-rank process group, without the launcher's start-up.
+    """
+    if num_ranks == 1:
+        return run_generate(*args, cwd=cwd, timeout=timeout, env=env)
     return run(deepspeed_command(num_ranks, *args), cwd, timeout, env)
 
 

@@ -8,7 +8,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, run_deepspeed, run_generate
+from conftest import TINY_CONFIG, run_deepspeed, run_generate, run_main
 from safetensors.torch import load_file
 
 from ds_dualparal.cli.args import build_parser, check_args, config_from_args
@@ -17,6 +17,7 @@ from ds_dualparal.output.checkpoint import Checkpoints, ResumeError, fingerprint
 from ds_dualparal.pipeline.denoise import (
     BlockLatents,
     GenerationPlan,
+    SchedulerStateError,
     make_scheduler,
     scheduler_state,
 )
@@ -161,7 +162,7 @@ def test_a_scheduler_attribute_the_checkpoint_would_miss_is_caught():
     changed = make_scheduler("unipc", 3.0, 2, TINY_WAN_PATH / "scheduler")
     assert scheduler_state(changed, scheduler)["lower_order_nums"] == 0
     changed.sigmas = changed.sigmas * 2
-    with pytest.raises(AssertionError, match="sigmas"):
+    with pytest.raises(SchedulerStateError, match="sigmas"):
         scheduler_state(changed, scheduler)
 
 
@@ -262,8 +263,8 @@ def test_checkpoint_flags_that_do_not_go_together(argv, error):
 
 
 def test_checkpoints_with_jobs_stop_the_run_with_one_line(workdir):
-    result = run_generate("--config", TINY_CONFIG, "--jobs", "j.jsonl", "--output-dir", "out",
-                          "--checkpoint-dir", "ck", "--checkpoint-every", 2, cwd=workdir)
+    result = run_main("--config", TINY_CONFIG, "--jobs", "j.jsonl", "--output-dir", "out",
+                      "--checkpoint-dir", "ck", "--checkpoint-every", 2, cwd=workdir)
     assert result.returncode == 2, result.explain()
     assert result.stderr.splitlines() == [
         "generate.py: error: --checkpoint-dir: checkpoints are for a single video, not for --jobs "
@@ -328,7 +329,7 @@ def test_resume_gives_the_uninterrupted_latents_and_every_frame(interrupted, tmp
 
 def test_resume_with_another_prompt_is_refused_with_one_line(interrupted, tmp_path):
     cwd = shutil.copytree(interrupted, tmp_path / "run")
-    result = run_generate(*ARGS, "--prompt", "a dog", cwd=cwd)
+    result = run_main(*ARGS, "--prompt", "a dog", cwd=cwd)
     assert result.returncode == 2, result.explain()
     assert result.stderr.splitlines() == [
         "generate.py: error: --checkpoint-dir: ck/iter_000004 is a checkpoint of another run (different prompt); "

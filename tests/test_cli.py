@@ -4,7 +4,7 @@ import shutil
 
 import imageio.v3 as iio
 import pytest
-from conftest import TINY_CONFIG, run_deepspeed, run_generate
+from conftest import TINY_CONFIG, run_deepspeed, run_generate, run_main
 from safetensors.torch import load_file
 
 from ds_dualparal.cli.args import build_parser, config_from_args
@@ -36,7 +36,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(workdir):
     # 5 frames = 2 latent frames: one block, one step; the cheapest real generation.
     args = ("--config", TINY_CONFIG, "--output", "video.mp4", "--frames", 5, "--steps", 1)
 
-    refused = run_generate(*args, cwd=workdir)
+    refused = run_main(*args, cwd=workdir)
     assert refused.returncode == 2, refused.explain()
     assert _one_line(refused.stderr) == "generate.py: error: --output: video.mp4 already exists; pass --overwrite to replace it"
     assert output.read_bytes() == b"not a video"
@@ -105,7 +105,7 @@ BAD_INPUTS = {
 def test_bad_flag_is_one_line_and_exit_2(workdir, broken_models, flags, words):
     flags = [f.format(**broken_models) for f in flags]
     words = [w.format(**broken_models) for w in words]
-    result = run_generate("--config", TINY_CONFIG, "--output", "out.mp4", *flags, cwd=workdir)
+    result = run_main("--config", TINY_CONFIG, "--output", "out.mp4", *flags, cwd=workdir)
     assert result.returncode == 2, result.explain()
     line = _one_line(result.stderr)
     assert line.startswith("generate.py: error:")
@@ -125,7 +125,7 @@ def test_config_file_mistakes(workdir):
     configs.mkdir()
     for name, (text, words) in cases.items():
         path = configs / name if text is None else _write(configs, name, text)
-        result = run_generate("--config", path, "--output", "out.mp4", cwd=workdir)
+        result = run_main("--config", path, "--output", "out.mp4", cwd=workdir)
         assert result.returncode == 2, result.explain()
         line = _one_line(result.stderr)
         for word in words:
@@ -144,7 +144,7 @@ def test_every_setting_flag_comes_from_its_field():
 
 
 def test_help_documents_every_flag(workdir):
-    result = run_generate("--help", cwd=workdir)
+    result = run_main("--help", cwd=workdir)
     assert result.returncode == 0, result.explain()
     flags = (
         "--config --model --prompt --negative-prompt --frames --height --width --steps --guidance --block-size "

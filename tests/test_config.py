@@ -75,6 +75,7 @@ def test_tiny_long_config_is_the_tiny_demo_at_641_frames():
 
 def test_anchor_config_matches_design():
     cfg = load_config(CONFIG_DIR / "anchor-1.3b-480p.json").dualparal
+    assert cfg.model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # not the tiny model at 480x832
     assert (cfg.height, cfg.width, cfg.latent_frames, cfg.num_inference_steps) == (480, 832, 48, 10)
     assert (cfg.block_size, cfg.context, cfg.dtype) == (8, 8, "bfloat16")
     assert cfg.do_classifier_free_guidance

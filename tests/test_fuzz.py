@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_CONFIG, run_generate
+from conftest import ROOT, TINY_CONFIG, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,7 +156,7 @@ def test_a_model_whose_transformer_is_pickled_is_refused_with_one_line(workdir, 
     for path in (model / "transformer").glob("diffusion_pytorch_model*"):
         path.unlink()
     _pickled_weights(model / "transformer", marker)
-    result = run_generate("--config", TINY_CONFIG, "--output", "out.mp4", "--model", model, cwd=workdir)
+    result = run_main("--config", TINY_CONFIG, "--output", "out.mp4", "--model", model, cwd=workdir)
     assert result.returncode == 2, result.explain()
     assert "Traceback" not in result.stderr
     [line] = result.stderr.splitlines()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import RANDOM_TINY, run_deepspeed, run_generate
+from conftest import RANDOM_TINY, run_deepspeed, run_generate, run_main
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -195,12 +195,12 @@ def refused(run, start: str) -> None:
 def test_bad_input_is_refused_before_weights_load(models, images, tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     common = ["--frames", "9", "--steps", "1", "--output", "v.mp4"]
-    refused(run_generate("--model", models["i2v"], "--image", "notes.png", "--height", 32, "--width", 48, *common,
-                         cwd=tmp_path), "--image: notes.png: not an image")
-    refused(run_generate("--model", RANDOM_TINY, "--image", images[0], "--height", 32, "--width", 48, *common,
-                         cwd=tmp_path), "--image: the model is text-to-video only")
-    refused(run_generate("--model", models["ti2v"], "--image", images[0], "--height", 48, "--width", 96, *common,
-                         cwd=tmp_path), "--height: 48 is not a multiple of 32 (this model's VAE compresses 16x")
+    refused(run_main("--model", models["i2v"], "--image", "notes.png", "--height", 32, "--width", 48, *common,
+                     cwd=tmp_path), "--image: notes.png: not an image")
+    refused(run_main("--model", RANDOM_TINY, "--image", images[0], "--height", 32, "--width", 48, *common,
+                     cwd=tmp_path), "--image: the model is text-to-video only")
+    refused(run_main("--model", models["ti2v"], "--image", images[0], "--height", 48, "--width", 96, *common,
+                     cwd=tmp_path), "--height: 48 is not a multiple of 32 (this model's VAE compresses 16x")
     assert not list(tmp_path.glob("*.mp4"))
 
 

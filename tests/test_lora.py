@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import RANDOM_TINY, TINY_CONFIG, run_deepspeed, run_generate
+from conftest import RANDOM_TINY, TINY_CONFIG, run_deepspeed, run_main
 from diffusers import WanPipeline
 from safetensors.torch import load_file, save_file
 
@@ -215,7 +215,7 @@ def test_loras_that_do_not_fit_are_one_line_errors_naming_the_file(tmp_path):
 def test_generate_refuses_a_bad_lora_with_exit_code_2(workdir):
     cases = {path.stem: message for path, message in _bad_loras(workdir)}
     for name in ("other_size", "pickle"):
-        run = run_generate("--config", TINY_CONFIG, "--model", TINY_WAN_PATH, "--lora", f"{name}.safetensors:0.5", "--output", "v.mp4", cwd=workdir)
+        run = run_main("--config", TINY_CONFIG, "--model", TINY_WAN_PATH, "--lora", f"{name}.safetensors:0.5", "--output", "v.mp4", cwd=workdir)
         assert run.returncode == 2, run.explain()
         [line] = run.stderr.strip().splitlines()[-1:]
         assert line.startswith(f"generate.py: error: lora {name}.safetensors: ") and re.search(cases[name], line), run.explain()

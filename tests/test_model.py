@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import RANDOM_TINY
 from diffusers import WanTransformer3DModel
 
+from ds_dualparal.pipeline.estimate import feature_cache_bytes
 from ds_dualparal.wan.model import (
     AttentionWindow,
     Conditioner,
@@ -137,6 +138,21 @@ def test_block_layer_reads_and_writes_the_feature_cache(wan, stage_model):
     assert not torch.allclose(plain, with_cache)
 
 
+def test_the_estimate_counts_the_feature_cache_as_stored(wan, stage_model):
+    conditioner, layers = stage_model
+    cache = FeatureCache()
+    temb, proj, text = conditioner.embed(torch.tensor([900.0]), torch.randn(1, 512, 32))
+    state = WindowState(
+        block=1, grid=(2, 2, 2), own_frames=1, guidance=None, temb=temb, timestep_proj=proj, text=text,
+        rope=conditioner.rotary(2, 2, 2, "cpu"), cache=cache, hidden=torch.randn(1, 8, wan.inner_dim), capture=(4, 8),
+    )
+    with torch.no_grad():
+        layers[1](state)
+    stored = cache.pop(0, 1)
+    per_layer = stored.numel() * stored.element_size()
+    assert wan.num_layers * per_layer == feature_cache_bytes(wan, cached_tokens=4, batch=1, dtype_bytes=4)
+
+
 def test_stage_reads_only_its_own_tensors(wan):
     total = len(SafetensorsFolder(TRANSFORMER).keys())
     counts = []
@@ -193,19 +209,19 @@ def test_chunked_feed_forward_equals_the_whole(monkeypatch):
     torch.testing.assert_close(ff(x), whole)
 
 
-def test_fast_block_equals_the_plain_block(wan, stage_model):
+def test_compiled_block_equals_the_plain_block(wan, stage_model):
     """Fused q/k/v and torch.compile (the CUDA default): same block output and cached input, within
     float32 rounding; the fused weights are views, not a second copy."""
     conditioner, _ = stage_model
     weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
-    plain, fast = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, fast=True)
-    attn = fast.attn1
+    plain, compiled = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, compile=True)
+    attn = compiled.attn1
     assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[wan.inner_dim:].data_ptr()
     torch.manual_seed(6)
     temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
     hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
     outputs = []
-    for layer in (plain, fast):
+    for layer in (plain, compiled):
         cache = FeatureCache()
         cache.put(1, 1, cached)
         state = WindowState(
@@ -218,3 +234,19 @@ def test_fast_block_equals_the_plain_block(wan, stage_model):
     (want, want_captured), (got, got_captured) = outputs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_captured, want_captured, rtol=1e-5, atol=1e-5)
+
+
+def test_the_private_names_the_model_relies_on_still_exist(wan):
+    """No public API for these; an upgrade that renames them must fail here, not silently."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    # cross-attention's backend: diffusers' own set_attention_backend writes what set_attention_backend sets
+    weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
+    layer = WanBlockLayer(wan, 0, weights)
+    assert layer.attn2.processor._attention_backend is None
+    layer.attn2.set_attention_backend("_native_math")  # diffusers' public setter writes the attribute ours writes
+    assert layer.attn2.processor._attention_backend == AttentionBackendName("_native_math")
+    layer.set_attention_backend(None)
+    assert layer.attn2.processor._attention_backend is None
+    # the engine raises torch.compile's per-function recompile limit for its window shapes
+    assert isinstance(torch._dynamo.config.recompile_limit, int)

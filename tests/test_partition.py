@@ -1,8 +1,9 @@
 """Stage 0 decodes the finished blocks beside its layers: the partition gives it fewer blocks."""
 
-from deepspeed.runtime.utils import partition_balanced
+import pytest
+from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
-from ds_dualparal.pipeline.engine import balanced_parts
+from ds_dualparal.pipeline.partition import balanced_parts, stage_bounds
 
 # embedding, 30 blocks, head: what 'type:WanBlockLayer' weighs
 LAYERS = [0.0] + [1.0] * 30 + [0.0]
@@ -12,10 +13,25 @@ def test_no_extra_work_is_deepspeeds_own_partition():
     assert balanced_parts(LAYERS, 2, 0.0) == [int(p) for p in partition_balanced(LAYERS, 2)] == [0, 16, 32]
 
 
-def test_first_stage_extra_work_moves_blocks_to_the_other_stages():
+def test_first_stage_vae_layers_move_blocks_to_the_other_stages():
     assert balanced_parts(LAYERS, 2, 2.4) == [0, 15, 32]  # embedding + 14 blocks | 16 blocks + head
     parts = balanced_parts(LAYERS, 4, 3.0)
     blocks = [parts[s + 1] - parts[s] for s in range(4)]
     blocks[0] -= 1  # the embedding
     assert blocks[0] < min(blocks[1:]) and sum(blocks) == 31  # 30 blocks and the head
 
+
+
+NAMES = ["WanEmbedLayer"] + ["WanBlockLayer"] * 5 + ["WanHeadLayer"]
+
+
+def test_stage_bounds_are_deepspeeds_partitions():
+    assert stage_bounds(NAMES, "uniform", 3) == [int(p) for p in partition_uniform(len(NAMES), 3)]
+    blocks = [0.0] + [1.0] * 5 + [0.0]
+    assert stage_bounds(NAMES, "type:WanBlockLayer", 2) == [int(p) for p in partition_balanced(blocks, 2)]
+    even = stage_bounds(NAMES, "type:WanBlockLayer", 2)
+    assert stage_bounds(NAMES, "type:wanblock", 2) == even  # as DeepSpeed: any case
+    assert stage_bounds(NAMES, "type:block|head", 2) == [int(p) for p in partition_balanced(blocks[:-1] + [1.0], 2)]
+    assert stage_bounds(NAMES, "type:WanBlockLayer", 2, first_stage_vae_layers=2.0)[1] < even[1]
+    with pytest.raises(ValueError, match="matches none of the layers"):
+        stage_bounds(NAMES, "type:NoSuchLayer", 2)

@@ -247,16 +247,20 @@ def test_a_storyline_on_1_2_4_stages_is_the_reference_bit_for_bit(tmp_path, four
 
 
 def test_two_replicas_run_jobs_with_their_own_schedules(tmp_path, tiny):
+    """dp = 2 x pp = 2 on 4 ranks: each replica runs its own jobs (schedules and a plain prompt), all
+    equal to the reference."""
     lines = [
         {"name": "a", "prompts": [seg(0, FOX), seg(13, LAKE)], "prompt_transition": 1, "save_latents": "a.safetensors"},
         {"name": "b", "frames": 37, "seed": 2, "prompts": STORY, "save_latents": "b.safetensors"},
+        {"name": "c", "prompt": "a blue bird", "seed": 1, "save_latents": "c.safetensors"},
     ]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = run_deepspeed(4, "--config", TINY_CONFIG, "--stages", 2, "--jobs", jobs, "--output-dir", "out",
                            cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.explain()
-    assert "replica 1/2" in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    assert "replica 0/2" in log and "replica 1/2" in log
     for line in lines:
         overrides = {k: v for k, v in line.items() if k not in ("name", "save_latents", "frames")}
         want = reference_latents(tiny.with_overrides(num_frames=line.get("frames", 21), **overrides))

@@ -3,7 +3,7 @@ predictions for those stage counts (the GPU runs of issues 7 and 8 need machines
 
 import pytest
 import torch
-from conftest import ROOT, run_deepspeed
+from conftest import TINY_CONFIG, run_deepspeed
 from safetensors.torch import load_file
 
 from ds_dualparal.config import load_config
@@ -12,19 +12,17 @@ from ds_dualparal.pipeline.planner import Costs, simulate
 from ds_dualparal.pipeline.timeline import BlockTimeline
 from ds_dualparal.toy.tiny import write_tiny_wan
 
-TINY = ROOT / "ds_configs" / "tiny.json"
-
 
 @pytest.mark.parametrize("stages", [4, 8])
 def test_many_stages_match_the_reference(tmp_path, stages):
     model = write_tiny_wan(tmp_path / "model", num_layers=stages)  # at least one block per stage
     result = run_deepspeed(
-        stages, "--config", TINY, "--model", model, "--output", "v.mp4", "--save-latents", "l.safetensors",
+        stages, "--config", TINY_CONFIG, "--model", model, "--output", "v.mp4", "--save-latents", "l.safetensors",
         cwd=tmp_path, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"stage {stages - 1}/{stages}" in result.stdout + result.stderr
-    want = reference_latents(load_config(TINY, {"model": str(model)}).dualparal)
+    want = reference_latents(load_config(TINY_CONFIG, {"model": str(model)}).dualparal)
     assert torch.equal(load_file(tmp_path / "l.safetensors")["latents"], want)
 
 

@@ -8,7 +8,13 @@ import pytest
 from deepspeed.runtime.pipe.schedule import PipeInstruction, PipeSchedule
 
 from ds_dualparal.pipeline import planner
-from ds_dualparal.pipeline.planner import Costs, DeadlockError, main, simulate
+from ds_dualparal.pipeline.planner import (
+    Costs,
+    DeadlockError,
+    ScheduleError,
+    main,
+    simulate,
+)
 from ds_dualparal.pipeline.schedule import (
     DualParalSchedule,
     EmitBlock,
@@ -270,7 +276,7 @@ def test_simulator_reports_out_of_order_messages(monkeypatch):
         a, b = [n for n, cmd in enumerate(stream) if isinstance(cmd, RecvActivation)][:2]
         stream[a], stream[b] = stream[b], stream[a]
     tamper(monkeypatch, swap_first_receives)
-    with pytest.raises(AssertionError, match=re.escape("RecvActivation(block=1, step=0)") + ".*"
+    with pytest.raises(ScheduleError, match=re.escape("RecvActivation(block=1, step=0)") + ".*"
                        + re.escape("SendActivation(block=0, step=0)")):
         simulate(make_timeline(2, 2), 2, unit_costs(2))
 
@@ -293,7 +299,7 @@ def test_simulator_reports_a_window_loaded_before_its_dependency(monkeypatch):
         stream[recv:load + 1] = stream[load:load + 1] + stream[recv:load]
     tamper(monkeypatch, load_early)
     message = "LoadWindow(block=1, step=0) before SchedulerStep(block=0, step=0)"
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(ScheduleError, match=re.escape(message)):
         simulate(make_timeline(2, 2), 2, unit_costs(2))
 
 
@@ -306,7 +312,7 @@ def test_simulator_reports_an_update_before_the_next_block_read_the_old_frames(m
         stream[3:9] = stream[6:9] + stream[3:6]
     tamper(monkeypatch, update_early)
     message = "SchedulerStep(block=0, step=1) before LoadWindow(block=1, step=0)"
-    with pytest.raises(AssertionError, match=re.escape(message)):
+    with pytest.raises(ScheduleError, match=re.escape(message)):
         simulate(make_timeline(2, 3), 1, unit_costs(1))
 
 
@@ -352,7 +358,8 @@ def test_planner_cli_requires_arguments():
     assert info.value.code == 2
 
 
-@pytest.mark.parametrize("module", ["pipeline/timeline.py", "pipeline/schedule.py", "pipeline/planner.py"])
+@pytest.mark.parametrize("module", ["pipeline/timeline.py", "pipeline/schedule.py", "pipeline/planner.py",
+                                    "pipeline/overlap.py"])
 def test_module_imports_no_torch(module):
     source = (PACKAGE / module).read_text()
     assert not re.search(r"^\s*(import torch|from torch)\b", source, re.MULTILINE)

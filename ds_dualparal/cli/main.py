@@ -1,9 +1,10 @@
 """`launch/generate.py`: one entry for a plain process, `deepspeed --num_gpus N` and `--hostfile` runs.
 
-The run, in order: parse the flags and the config (`args`), start the process group, decide the jobs
-and check the model on every rank (`checks`), load this rank's stage, encode the prompts and run the
-jobs (`runner`). Every mistake a user can make (flag, config field, jobs line, model folder, existing
-output) ends the run with one line naming it and exit code 2.
+The run, in order: parse the flags and the config (`args`), decide the jobs and check the model on
+every rank (`checks`; no rank needs another for that, so a plain process finds a mistake before any
+distributed start-up), start the process group and agree on the checks' outcome, load this rank's
+stage, encode the prompts and run the jobs (`runner`). Every mistake a user can make (flag, config
+field, jobs line, model folder, existing output) ends the run with one line naming it and exit code 2.
 """
 
 from __future__ import annotations
@@ -122,18 +123,17 @@ def _agree(error: str | None) -> None:
         raise _AgreedError(errors[first] if first == 0 else f"rank {first}: {errors[first]}")
 
 
-def _decide(args, cfg):
+def _decide(args, cfg, rank: int, world_size: int):
     """Rank 0 reads the jobs file, manifest, outputs and checkpoints for everyone; every rank checks its
-    model folder. Returns the jobs and the checkpoint folder (None without --checkpoint-dir)."""
+    model folder. Needs no other rank, so it runs before the process group starts. Returns this rank's
+    error (None if none), the jobs, the checkpoint folder (None without --checkpoint-dir) and the costs."""
     import torch
 
     from ..output.checkpoint import ResumeError
-    from ..pipeline import comm
     from ..wan.weights import ModelError
 
     error = jobs = checkpoints = None
     costs = []
-    rank, world_size = comm.world()
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         cfg.pipeline_topology(world_size)
@@ -146,20 +146,17 @@ def _decide(args, cfg):
             checkpoints = open_checkpoints(args, cfg)
     except (ConfigError, ModelError, ResumeError) as err:
         error = str(err)
-    _agree(error)
-    for level, line in costs:
-        log.log(level, "%s", line)
-    return comm.share_object((jobs, checkpoints))
+    return error, jobs, checkpoints, costs
 
 
-def _load(cfg):
+def _load(cfg, device):
     """This rank's stage; a rank that cannot load it (e.g. a shard missing on its node) stops them all."""
     from ..pipeline.generation import Generator
     from ..wan.weights import ModelError
 
     generator = error = None
     try:
-        generator = Generator(cfg)
+        generator = Generator(cfg, device)
     except (ConfigError, ModelError) as err:
         error = str(err)
     _agree(error)
@@ -169,9 +166,16 @@ def _load(cfg):
 def _run(args, cfg) -> int:
     from ..pipeline import comm
 
-    comm.init_process(cfg.comm_timeout_s)
-    jobs, checkpoints = _decide(args, cfg)
-    if comm.world()[0] == 0:
+    rank, world_size = comm.launched_world()
+    error, jobs, checkpoints, costs = _decide(args, cfg, rank, world_size)
+    if error is not None and world_size == 1:  # no rank to agree with: say it before any start-up
+        raise _AgreedError(error)
+    device = comm.init_process(cfg.comm_timeout_s)
+    _agree(error)
+    for level, line in costs:
+        log.log(level, "%s", line)
+    jobs, checkpoints = comm.share_object((jobs, checkpoints))
+    if rank == 0:
         for job in jobs:
             if job.error is not None:
                 log.error("%s (line %d): %s", job.name, job.index, job.error)
@@ -192,7 +196,7 @@ def _run(args, cfg) -> int:
         log.info("nothing to run")
         comm.shutdown()
         return 1 if invalid else 0
-    return _generate(_load(cfg), args, runnable, checkpoints, invalid)
+    return _generate(_load(cfg, device), args, runnable, checkpoints, invalid)
 
 
 def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: int = 0) -> int:

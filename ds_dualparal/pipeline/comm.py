@@ -29,6 +29,15 @@ from ..files import free_port
 
 log = logging.getLogger(__name__)
 
+# DeepSpeed's CPU comm op names its shared-memory buffers so (ops/csrc/cpu/comm/shm.cpp, no Python
+# API); tests/test_comm.py pins the format against the installed DeepSpeed's source.
+SHARED_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shared_buffer_name(uid: int, master_addr: str, master_port: str, rank: int) -> str:
+    """The /dev/shm name of `rank`'s all-reduce buffer in DeepSpeed's CPU comm op."""
+    return f"{SHARED_BUFFER_PREFIX}_{uid}_{master_addr}_{master_port}_{rank}"
+
 
 def init_process(timeout_s: int) -> torch.device:
     """Joins (or, run as a plain single process, makes) the DeepSpeed process group.
@@ -140,26 +149,27 @@ def _unlink_shared_buffers() -> None:
     """
     if dist.get_world_size() > 1:
         dist.barrier()
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
-                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+    name = shared_buffer_name(os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
+                              dist.get_rank())
     try:
         os.unlink(os.path.join("/dev/shm", name))
     except FileNotFoundError:  # not on this platform, or the ranks span nodes (no shared buffers)
         pass
 
 
-def _default_timeout() -> datetime.timedelta:
-    """The timeout `init_process` gave the default group.
-
-    torch's `new_group` does not inherit it (it falls back to 30 min for gloo, 10 for NCCL) and has
-    no public getter, so it is read back from the default group's backend options.
-    """
-    group = torch.distributed.distributed_c10d._get_default_group()
-    return group._get_backend(group._device_types[0]).options._timeout
-
-
 class CommError(RuntimeError):
     """A transfer failed: a peer rank died, hung past the timeout, or the network broke."""
+
+
+def launched_world() -> tuple[int, int]:
+    """(rank, world size) the launcher gave this process ((0, 1) for a plain process), known before
+    the process group starts."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_started() -> bool:
+    """Whether this process has joined the process group (`init_process`)."""
+    return dist.is_initialized()
 
 
 def world() -> tuple[int, int]:
@@ -189,8 +199,7 @@ def barrier() -> None:
 class PipeComm:
     """Transfers within this rank's pipeline replica."""
 
-    def __init__(self, topology):
-        self.topology = topology
+    def __init__(self, topology, timeout_s: int):
         self.rank = dist.get_rank()
         coord = topology.get_coord(self.rank)
         self.stage, self.replica = coord.pipe, coord.data
@@ -198,7 +207,9 @@ class PipeComm:
         self.num_replicas = topology.get_dim("data")
         self.stage_ranks = [topology.get_rank(pipe=p, data=self.replica) for p in range(self.num_stages)]
         self._group = None
-        timeout = _default_timeout()
+        # torch's new_group does not inherit the default group's timeout (it falls back to 30 min for
+        # gloo, 10 for NCCL), so the groups get `timeout_s`, the one `init_process` was given.
+        timeout = datetime.timedelta(seconds=timeout_s)
         # new_group is collective: every rank creates every replica's group, in the same order.
         # torch's own, for the timeout: deepspeed.comm.new_group takes only the ranks.
         for replica in range(self.num_replicas):
@@ -211,21 +222,10 @@ class PipeComm:
     def is_first(self) -> bool:
         return self.stage == 0
 
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.num_stages - 1
-
-    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> None:
-        """Sends (tensor, to stage) and receives (buffer, from stage) of one tick, as one batch.
-
-        Returns once the received buffers may be used (on CUDA: the current stream waits for them).
-        """
-        self.post(sends, recvs).wait()
-
     def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> Transfers:
-        """Starts the tick's batch and returns at once; `wait()` on the result before using a received
-        buffer (on CUDA the host is never held: the current stream waits). The sent tensors are kept
-        until the batch is waited for."""
+        """Starts the tick's batch of sends (tensor, to stage) and receives (buffer, from stage) and
+        returns at once; `wait()` on the result before using a received buffer (on CUDA the host is
+        never held: the current stream waits). The sent tensors are kept until the batch is waited for."""
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.stage_ranks[p], self._group) for t, p in sends]
         ops += [dist.P2POp(dist.irecv, b, self.stage_ranks[p], self._group) for b, p in recvs]
         peers = sorted({self.stage_ranks[p] for _, p in sends + recvs})

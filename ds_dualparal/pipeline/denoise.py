@@ -185,11 +185,15 @@ SCHEDULER_STATE = (
 )
 
 
+class SchedulerStateError(RuntimeError):
+    """A scheduler changed an attribute that SCHEDULER_STATE (so a checkpoint) does not hold."""
+
+
 def scheduler_state(scheduler, fresh) -> dict:
-    """The attributes of SCHEDULER_STATE that `scheduler` has; asserts nothing else drifted from `fresh`."""
+    """The attributes of SCHEDULER_STATE that `scheduler` has; raises if anything else drifted from `fresh`."""
     for name, value in vars(scheduler).items():
-        if name not in SCHEDULER_STATE:
-            assert _same(value, getattr(fresh, name, None)), f"scheduler attribute {name} changed, not in SCHEDULER_STATE"
+        if name not in SCHEDULER_STATE and not _same(value, getattr(fresh, name, None)):
+            raise SchedulerStateError(f"scheduler attribute {name} changed, not in SCHEDULER_STATE")
     return {name: getattr(scheduler, name) for name in SCHEDULER_STATE if hasattr(scheduler, name)}
 
 

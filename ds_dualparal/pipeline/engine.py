@@ -1,4 +1,4 @@
-"""The pipelined DualParal engine: one `PipelineModule` stage per rank, driven by `DualParalSchedule`.
+"""The pipelined DualParal engine: one stage of the model's layers per rank, driven by `DualParalSchedule`.
 
 The schedule decides what runs when; this engine only carries its instructions out, through an
 instruction map that refuses anything it does not know. Send and receive instructions only queue
@@ -20,14 +20,11 @@ import os
 import re
 import signal
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import ProcessTopology
-from deepspeed.runtime.utils import partition_balanced
 
 from ..config import TEXT_TOKENS
 from ..wan.model import Conditioner, WanBlockLayer, WanConfig, WeightSource, layer_specs
@@ -35,6 +32,8 @@ from . import schedule as sched
 from .comm import PipeComm, Transfers
 from .denoise import BlockLatents, GenerationPlan, WindowBuilder, batched_window
 from .image import ImageCondition
+from .overlap import DeferredUpdates
+from .partition import stage_bounds
 from .timeline import BlockStep
 
 if TYPE_CHECKING:
@@ -131,30 +130,20 @@ class InjectedFault:
         raise RuntimeError(f"fault injected by {FAULT_VARIABLE} at tick {tick}")
 
 
-def balanced_parts(layer_weights: list[float], stages: int, first_stage_extra: float) -> list[int]:
-    """Stage boundaries over the layers (DeepSpeed's balanced partition), the first stage carrying
-    `first_stage_extra` more weight (its decoding) than its layers."""
-    weights = list(layer_weights)
-    weights[0] += first_stage_extra
-    return [int(p) for p in partition_balanced(weights=weights, num_parts=stages)]
+class StageLayers(torch.nn.Module):
+    """This rank's slice of one expert: the layers between its stage's bounds, built from their
+    `LayerSpec`s (only these are built, so a rank reads only its own tensors), run in order."""
 
+    def __init__(self, specs: list, bounds: list[int], stage: int, device: torch.device):
+        super().__init__()
+        self.parts = bounds
+        self.layers = torch.nn.ModuleList(spec.build() for spec in specs[bounds[stage]:bounds[stage + 1]])
+        self.to(device)
 
-class StagePipeline(PipelineModule):
-    """DeepSpeed's `PipelineModule`; a 'type:<regex>' partition also counts the first stage's extra work."""
-
-    def __init__(self, *args, first_stage_extra: float = 0.0, **kwargs):
-        self.first_stage_extra = first_stage_extra
-        super().__init__(*args, **kwargs)
-
-    def _partition_layers(self, method="uniform"):
-        if not self.first_stage_extra or not method.lower().startswith("type:"):
-            return super()._partition_layers(method)
-        weights = [0.0] * len(self._layer_specs)
-        for index in self._find_layer_type(method.split(":")[1]):
-            weights[index] = 1.0
-        self.parts = balanced_parts(weights, self.num_stages, self.first_stage_extra)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+    def forward(self, state):
+        for layer in self.layers:
+            state = layer(state)
+        return state
 
 
 class DualParalEngine:
@@ -169,23 +158,22 @@ class DualParalEngine:
         device: torch.device,
         dtype: torch.dtype,
         attention_backend: str | None = None,
-        fast: bool = False,
-        first_stage_extra: float = 0.0,
+        compile: bool = False,
+        first_stage_vae_layers: float = 0.0,
+        *,
+        comm_timeout_s: int,
     ):
-        self.comm = PipeComm(topology)
-        if fast:  # one compiled graph per window shape; a run sees a handful (cache on/off, capture, block 0)
+        self.comm = PipeComm(topology, comm_timeout_s)
+        if compile:  # one compiled graph per window shape; a run sees a handful (cache on/off, capture, block 0)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.device = device
         self.config = expert_configs[0]
-        self.modules = [
-            StagePipeline(
-                layers=layer_specs(cfg, weights, attention_backend, fast),
-                topology=topology,
-                partition_method=partition_method,
-                first_stage_extra=first_stage_extra,
-            ).eval()
-            for cfg, weights in zip(expert_configs, expert_weights)
-        ]
+        self.modules = []
+        for cfg, weights in zip(expert_configs, expert_weights):
+            specs = layer_specs(cfg, weights, attention_backend, compile)
+            bounds = stage_bounds([spec.typename.__name__ for spec in specs], partition_method,
+                                  self.comm.num_stages, first_stage_vae_layers)
+            self.modules.append(StageLayers(specs, bounds, self.stage, device).eval())
         self.conditioners = [Conditioner(cfg, w).to(device) for cfg, w in zip(expert_configs, expert_weights)]
         self.dtype = dtype
 
@@ -257,7 +245,8 @@ class _Run:
         self.latents = None
         if engine.is_first:
             resume = request.checkpointing.resume
-            assert (resume is None) == (request.checkpointing.start == 0), "a resumed run starts from a checkpoint's state"
+            if (resume is None) != (request.checkpointing.start == 0):
+                raise ValueError("a resumed run starts from a checkpoint's state: give both or neither")
             if resume is None:
                 self.latents = BlockLatents(plan, request.noise, request.scheduler, engine.device, condition=image)
             else:
@@ -269,7 +258,7 @@ class _Run:
         self.recvs: list[tuple[torch.Tensor, int, object]] = []
         self.arrivals: dict[tuple[int, int], Transfers] = {}  # received, not yet waited for
         self.in_flight: list[Transfers] = []  # posted batches, until done
-        self.updates: deque[tuple[int, int]] = deque()  # first stage: returned predictions not yet applied
+        self.updates = DeferredUpdates(request.overlap)  # first stage: scheduler steps not yet applied
 
     def execute(self, instruction) -> None:
         handler = self._INSTRUCTION_MAP.get(type(instruction))
@@ -353,14 +342,14 @@ class _Run:
 
     def scheduler_step(self, instruction) -> None:
         key = (instruction.block, instruction.step)
-        self.updates.append(key)
-        if key not in self.predictions or not self.request.overlap:  # one stage (it never left), or lockstep
-            self._apply_updates()
+        self._apply(self.updates.schedule(key, returned=key in self.predictions))
 
     def _apply_updates(self, needed: list[tuple[int, int]] | None = None) -> None:
         """Applies the pending scheduler steps in order: all of them, or until those `needed` are."""
-        while self.updates and (needed is None or any(key in self.updates for key in needed)):
-            key = self.updates.popleft()
+        self._apply(self.updates.due(needed))
+
+    def _apply(self, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
             if key in self.predictions:
                 self._arrived(key)
                 pred = self.predictions.pop(key)
@@ -387,8 +376,10 @@ class _Run:
         for batch in self.in_flight:
             batch.wait()
         self.in_flight = []
-        assert not self.states and not self.predictions and not self.arrivals, "schedule left work undone"
-        assert len(self.build.cache) == 0, "feature cache left unconsumed"
+        if self.states or self.predictions or self.arrivals or len(self.updates):
+            raise RuntimeError("the schedule left work undone")
+        if len(self.build.cache):
+            raise RuntimeError("the schedule left the feature cache unconsumed")
 
     _INSTRUCTION_MAP = {
         sched.LoadWindow: load_window,

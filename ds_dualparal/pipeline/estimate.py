@@ -6,7 +6,8 @@ Deliberately simple and a lower bound (weights and framework overhead are not co
   image-to-video model, the job's mask and condition latents: the transformer's extra input channels);
 - one block-step's activations: the window's tokens (plus the cached tokens of the next block) times
   the model width, ~16 tensors of that size alive at once, in the run's dtype, twice with CFG;
-- the feature cache: keys and values of the next block's context frames, per transformer block;
+- the feature cache: the attention input of the next block's context frames, per transformer block
+  (keys and values are projected from it when read);
 - a clean first frame (Wan2.2-TI2V with an image): block 0's per-token modulation, (tokens, 6, width)
   in the run's dtype and again in fp32 inside each layer.
 """
@@ -75,6 +76,11 @@ def rotary_problem(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR) -
     return None
 
 
+def feature_cache_bytes(wan: WanConfig, cached_tokens: int, batch: int, dtype_bytes: int) -> int:
+    """Bytes of one block's feature cache over all layers: one attention input per layer, not K and V."""
+    return wan.num_layers * batch * cached_tokens * wan.inner_dim * dtype_bytes
+
+
 def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_tokens: int = 0,
              clean_first_frame: bool = False) -> Work:
     """`spatial`: the VAE's spatial factor; `image_tokens`: CLIP tokens in every cross-attention;
@@ -91,7 +97,7 @@ def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_t
     condition = wan.in_channels - wan.out_channels if cfg.image else 0
     latents = (2 * wan.out_channels + condition) * cfg.latent_frames * h * w * 4
     activations = LIVE_TENSORS * batch * (window + cached) * wan.inner_dim * dtype
-    cache = 2 * wan.num_layers * batch * cached * wan.inner_dim * dtype
+    cache = feature_cache_bytes(wan, cached, batch, dtype)
     if clean_first_frame:
         activations += batch * timeline.block_len(0) * per_frame * 6 * wan.inner_dim * (dtype + 4)
     flop = timeline.num_blocks * timeline.num_steps * block_step_flops(wan, window, cached, batch, image_tokens)

@@ -71,11 +71,17 @@ class Result:
 
 
 class Generator:
-    """This rank's stage of the DualParal pipeline (plus text encoder and VAE on a first stage)."""
+    """This rank's stage of the DualParal pipeline (plus text encoder and VAE on a first stage).
 
-    def __init__(self, cfg: DualParalConfig, random_weights: list[WanConfig] | None = None):
+    The process must already have joined the process group: `device` is what `comm.init_process`
+    returned (starting it is the caller's decision, not a side effect of loading a model).
+    """
+
+    def __init__(self, cfg: DualParalConfig, device: torch.device, random_weights: list[WanConfig] | None = None):
+        if not comm.is_started():
+            raise RuntimeError("Generator needs the process group: call pipeline.comm.init_process first")
         self.cfg = cfg
-        self.device = comm.init_process(cfg.comm_timeout_s)
+        self.device = device
         self.rank, world_size = comm.world()
         stages, replicas = cfg.pipeline_topology(world_size)
         # pipe is the fastest axis: a replica's stages are consecutive ranks, i.e. on one node
@@ -98,10 +104,10 @@ class Generator:
         self.wan = expert_configs[0]
         self.num_experts = len(expert_configs)
         started = time.perf_counter()
-        self.fast = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
         self.engine = DualParalEngine(
             self.topology, expert_configs, weights, cfg.partition_method, self.device, self.dtype,
-            cfg.attention_backend, self.fast, cfg.first_stage_vae_layers,
+            cfg.attention_backend, self.compile, cfg.first_stage_vae_layers, comm_timeout_s=cfg.comm_timeout_s,
         )
         bases = [getattr(w, "base", w) for w in weights]  # under a LoRA's LoraWeights
         read = sum(w.safetensors.tensors_read for w in bases if isinstance(w, FolderWeights))

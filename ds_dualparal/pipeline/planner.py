@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..report import stdout_report
+from .overlap import DeferredUpdates
 from .schedule import (
     EmitBlock,
     ForwardLayers,
@@ -52,7 +53,12 @@ class SimResult:
     log: list[list[tuple]] = field(repr=False)
 
 
-class DeadlockError(RuntimeError):
+class ScheduleError(RuntimeError):
+    """The streams break the dataflow the engine relies on (a message unmatched or out of order, an
+    instruction on the wrong stage or before its input, an update out of order)."""
+
+
+class DeadlockError(ScheduleError):
     """No stage can make progress; ``stuck`` maps each unfinished stage to its blocked instruction."""
 
     def __init__(self, stuck: dict):
@@ -88,7 +94,7 @@ class _Simulation:
         self.overlap = overlap
         # overlap: stage 0's returned predictions, (block, step) -> arrival, applied only when needed
         self.arrivals: dict[tuple[int, int], float] = {}
-        self.pending: deque[tuple[int, int]] = deque()
+        self.pending = DeferredUpdates(overlap)
         self.reference_frames = timeline.block_size + timeline.context
         self.state = [_Stage(stream) for stream in stage_streams(timeline, stages)]
         self.channels: dict[tuple[int, int, str], deque] = {}
@@ -121,7 +127,7 @@ class _Simulation:
         self._apply_pending(self.state[0])
         leftover = {key: list(queue) for key, queue in self.channels.items() if queue}
         if leftover:
-            raise AssertionError(f"messages sent but never received: {leftover}")
+            raise ScheduleError(f"messages sent but never received: {leftover}")
         total = max(st.clock for st in self.state)
         busy = [st.busy for st in self.state]
         bubble = 1.0 - sum(busy) / (self.stages * total) if total > 0 else 0.0
@@ -131,7 +137,7 @@ class _Simulation:
     def _execute(self, p: int, st: _Stage, cmd) -> bool:
         handler = self._handlers.get(type(cmd))
         if handler is None:
-            raise AssertionError(f"stage {p}: unknown instruction {cmd!r}")
+            raise ScheduleError(f"stage {p}: unknown instruction {cmd!r}")
         return handler(p, st, cmd)
 
     def _advance(self, st: _Stage, cmd, seconds: float, busy: bool) -> None:
@@ -144,24 +150,29 @@ class _Simulation:
         """``(source, destination, kind)`` of the message that ``cmd`` on stage ``p`` sends or receives."""
         last = self.stages - 1
         if isinstance(cmd, SendActivation):
-            assert p < last, f"stage {p}: {cmd!r} on the last stage"
+            if p >= last:
+                raise ScheduleError(f"stage {p}: {cmd!r} on the last stage")
             return p, p + 1, "activation"
         if isinstance(cmd, RecvActivation):
-            assert p > 0, f"stage {p}: {cmd!r} on stage 0"
+            if p == 0:
+                raise ScheduleError(f"stage {p}: {cmd!r} on stage 0")
             return p - 1, p, "activation"
         if isinstance(cmd, SendPrediction):
-            assert p == last > 0, f"stage {p}: {cmd!r} outside the last stage of a pipeline"
+            if not p == last > 0:
+                raise ScheduleError(f"stage {p}: {cmd!r} outside the last stage of a pipeline")
             return last, 0, "prediction"
-        assert isinstance(cmd, RecvPrediction) and p == 0 < last, f"stage {p}: {cmd!r} outside stage 0 of a pipeline"
+        if not (isinstance(cmd, RecvPrediction) and p == 0 < last):
+            raise ScheduleError(f"stage {p}: {cmd!r} outside stage 0 of a pipeline")
         return last, 0, "prediction"
 
     def _run_load_window(self, p, st, cmd) -> bool:
         b, s = cmd.block, cmd.step
-        assert p == 0, f"stage {p}: {cmd!r} outside stage 0"
+        if p != 0:
+            raise ScheduleError(f"stage {p}: {cmd!r} outside stage 0")
         self._apply_pending(st, [(db, di - db) for db, di in self.timeline.dependencies(b, b + s)])
         for db, di in self.timeline.dependencies(b, b + s):
             if (db, di - db) not in self.applied:
-                raise AssertionError(f"{cmd!r} before SchedulerStep(block={db}, step={di - db}) it depends on")
+                raise ScheduleError(f"{cmd!r} before SchedulerStep(block={db}, step={di - db}) it depends on")
         self.loaded.add((b, s))
         st.inputs.add((b, s))
         self._advance(st, cmd, 0.0, busy=False)
@@ -169,7 +180,8 @@ class _Simulation:
 
     def _run_forward_layers(self, p, st, cmd) -> bool:
         key = (cmd.block, cmd.step)
-        assert key in st.inputs, f"stage {p}: {cmd!r} without its input"
+        if key not in st.inputs:
+            raise ScheduleError(f"stage {p}: {cmd!r} without its input")
         st.inputs.remove(key)
         if p == 0 and self.stages == 1:
             self.predictions.add(key)
@@ -183,7 +195,8 @@ class _Simulation:
 
     def _run_send(self, p, st, cmd) -> bool:
         key = (cmd.block, cmd.step)
-        assert key in st.outputs, f"stage {p}: {cmd!r} before ForwardLayers"
+        if key not in st.outputs:
+            raise ScheduleError(f"stage {p}: {cmd!r} before ForwardLayers")
         st.outputs.remove(key)
         self._advance(st, cmd, 0.0, busy=False)
         arrival = st.clock + self.costs.send_seconds
@@ -196,7 +209,7 @@ class _Simulation:
             return False
         key, arrival, sent = queue.popleft()
         if key != (cmd.block, cmd.step):
-            raise AssertionError(f"stage {p}: {cmd!r} received the message of {sent!r}")
+            raise ScheduleError(f"stage {p}: {cmd!r} received the message of {sent!r}")
         self.matched += 1
         if isinstance(cmd, RecvPrediction):
             self.predictions.add(key)
@@ -210,40 +223,47 @@ class _Simulation:
         return True
 
     def _run_scheduler_step(self, p, st, cmd) -> bool:
-        assert p == 0, f"stage {p}: {cmd!r} outside stage 0"
-        if self.overlap and (cmd.block, cmd.step) in self.arrivals:
-            self.pending.append((cmd.block, cmd.step))
-            return True
-        self._apply(st, cmd)
+        if p != 0:
+            raise ScheduleError(f"stage {p}: {cmd!r} outside stage 0")
+        key = (cmd.block, cmd.step)
+        self._apply_keys(st, self.pending.schedule(key, returned=key in self.arrivals))
         return True
 
     def _apply_pending(self, st: _Stage, needed: list[tuple[int, int]] | None = None) -> None:
         """Overlap: applies stage 0's deferred updates in order, all or until `needed` are, each once
         its prediction has arrived (as the engine does before a window, an emit and at the end)."""
-        while self.pending and (needed is None or any(key in self.pending for key in needed)):
-            key = self.pending.popleft()
-            self._advance(st, "wait", max(0.0, self.arrivals.pop(key) - st.clock), busy=False)
+        self._apply_keys(st, self.pending.due(needed))
+
+    def _apply_keys(self, st: _Stage, keys: list[tuple[int, int]]) -> None:
+        for key in keys:
+            if key in self.arrivals:
+                self._advance(st, "wait", max(0.0, self.arrivals.pop(key) - st.clock), busy=False)
             self._apply(st, SchedulerStep(*key))
 
     def _apply(self, st: _Stage, cmd) -> None:
         b, s = cmd.block, cmd.step
-        assert (b, s) in self.predictions, f"{cmd!r} without its prediction"
-        assert s == 0 or (b, s - 1) in self.applied, f"{cmd!r} out of step order"
+        if (b, s) not in self.predictions:
+            raise ScheduleError(f"{cmd!r} without its prediction")
+        if s > 0 and (b, s - 1) not in self.applied:
+            raise ScheduleError(f"{cmd!r} out of step order")
         self.predictions.remove((b, s))
         # Block b+1 reads block b's context frames as they stood before this update.
         i, nxt = b + s, b + 1
         if self.timeline.context > 0 and nxt < self.timeline.num_blocks and 0 <= i - nxt < self.timeline.num_steps:
             if (nxt, i - nxt) not in self.loaded:
-                raise AssertionError(f"{cmd!r} before LoadWindow(block={nxt}, step={i - nxt}) read the old frames")
+                raise ScheduleError(f"{cmd!r} before LoadWindow(block={nxt}, step={i - nxt}) read the old frames")
         self.applied.add((b, s))
         self._advance(st, cmd, self.costs.scheduler_seconds, busy=True)
 
     def _run_emit_block(self, p, st, cmd) -> bool:
-        assert p == 0, f"stage {p}: {cmd!r} outside stage 0"
+        if p != 0:
+            raise ScheduleError(f"stage {p}: {cmd!r} outside stage 0")
         self._apply_pending(st)
         last_step = self.timeline.num_steps - 1
-        assert (cmd.block, last_step) in self.applied, f"{cmd!r} before its final SchedulerStep"
-        assert cmd.block not in self.emitted, f"{cmd!r} emitted twice"
+        if (cmd.block, last_step) not in self.applied:
+            raise ScheduleError(f"{cmd!r} before its final SchedulerStep")
+        if cmd.block in self.emitted:
+            raise ScheduleError(f"{cmd!r} emitted twice")
         self.emitted.add(cmd.block)
         self._advance(st, cmd, 0.0, busy=False)
         return True

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from ..config import TEXT_TOKENS
 from .model import WanConfig
-
-TEXT_TOKENS = 512
 
 
 def block_step_flops(wan: WanConfig, window_tokens: int, cached_tokens: int, batch: int, image_tokens: int = 0) -> float:

@@ -82,7 +82,8 @@ class WanConfig:
 
 
 class FeatureCache:
-    """Per-stage store of the next block's keys/values, layer by layer.
+    """Per-stage store of the next block's context frames' attention input, layer by layer (their keys
+    and values are projected from it when read).
 
     Block b+1 writes them during its forward; block b, run next in the same iteration on this
     stage, reads them. They never leave the stage.
@@ -128,7 +129,7 @@ def fuse_qkv(attn) -> None:
 
     `to_qkv` (what diffusers' `_get_qkv_projections` uses once `fused_projections` is set) holds the
     weights; `to_q`, `to_k`, `to_v` become views of its rows, so the feature cache can still project
-    keys and values alone. Only for the fast path: a wider matmul may round differently.
+    keys and values alone. Only for the compiled path (`compile`): a wider matmul may round differently.
     """
     parts = (attn.to_q, attn.to_k, attn.to_v)
     with torch.device("meta"):
@@ -256,12 +257,12 @@ class ChunkedFeedForward(FeedForward):
 class WanBlockLayer(WanTransformerBlock):
     """One Wan transformer block, run by diffusers' own forward with the windowed self-attention.
 
-    `fast=True` (the CUDA default) fuses the q/k/v projections and runs the block through
+    `compile=True` (the `compile` setting; its default on CUDA) fuses the q/k/v projections and runs the block through
     `torch.compile`: one compiled graph per window shape, shared by every layer of the stage.
     """
 
     def __init__(self, config: WanConfig, index: int, weights: WeightSource, backend: str | None = None,
-                 fast: bool = False):
+                 compile: bool = False):
         with torch.device("meta"):
             super().__init__(
                 config.inner_dim,
@@ -278,7 +279,7 @@ class WanBlockLayer(WanTransformerBlock):
         self.set_attention_backend(backend)
         _materialized(self, weights, f"blocks.{index}.")
         self._compute = self._block
-        if fast:
+        if compile:
             fuse_qkv(self.attn1)
             self._compute = torch.compile(self._block, dynamic=False)
 
@@ -376,10 +377,10 @@ class Conditioner(nn.Module):
 
 
 def layer_specs(config: WanConfig, weights: WeightSource, backend: str | None = None,
-                fast: bool = False) -> list[LayerSpec]:
+                compile: bool = False) -> list[LayerSpec]:
     """The DiT as a flat list of lazily built layers: embedding, one per block, head."""
     return (
         [LayerSpec(WanEmbedLayer, config, weights)]
-        + [LayerSpec(WanBlockLayer, config, i, weights, backend, fast) for i in range(config.num_layers)]
+        + [LayerSpec(WanBlockLayer, config, i, weights, backend, compile) for i in range(config.num_layers)]
         + [LayerSpec(WanHeadLayer, config, weights)]
     )
