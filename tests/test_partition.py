@@ -35,3 +35,19 @@ def test_stage_bounds_are_deepspeeds_partitions():
     assert stage_bounds(NAMES, "type:WanBlockLayer", 2, first_stage_vae_layers=2.0)[1] < even[1]
     with pytest.raises(ValueError, match="matches none of the layers"):
         stage_bounds(NAMES, "type:NoSuchLayer", 2)
+
+
+def test_pipeline_module_hooks_the_engine_relies_on():
+    """`engine.StagePipeline` passes its bounds through PipelineModule's private partition hook: this
+    fails on a DeepSpeed whose PipelineModule no longer calls it, or builds layers without `_set_bounds`'s
+    range (the 2-rank run in test_stage_variants checks the bounds and the latents end to end)."""
+    import inspect
+
+    from deepspeed.pipe import PipelineModule
+
+    init = inspect.getsource(PipelineModule.__init__)
+    assert "self.stage_id = self._topo.get_coord(self.global_rank).pipe" in init
+    assert init.index("self.stage_id =") < init.index("self._partition_layers(method=partition_method)")
+    assert list(inspect.signature(PipelineModule._set_bounds).parameters) == ["self", "start", "stop"]
+    build = inspect.getsource(PipelineModule._build)
+    assert "specs = self._layer_specs" in build and "specs[self._local_start:self._local_stop]" in build

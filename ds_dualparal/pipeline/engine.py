@@ -1,4 +1,4 @@
-"""The pipelined DualParal engine: one stage of the model's layers per rank, driven by `DualParalSchedule`.
+"""The pipelined DualParal engine: one `PipelineModule` stage per rank, driven by `DualParalSchedule`.
 
 The schedule decides what runs when; this engine only carries its instructions out, through an
 instruction map that refuses anything it does not know. Send and receive instructions only queue
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import ProcessTopology
 
 from ..config import TEXT_TOKENS
@@ -130,20 +131,24 @@ class InjectedFault:
         raise RuntimeError(f"fault injected by {FAULT_VARIABLE} at tick {tick}")
 
 
-class StageLayers(torch.nn.Module):
-    """This rank's slice of one expert: the layers between its stage's bounds, built from their
-    `LayerSpec`s (only these are built, so a rank reads only its own tensors), run in order."""
+class StagePipeline(PipelineModule):
+    """This rank's slice of one expert: DeepSpeed's `PipelineModule` over the expert's `LayerSpec`s (only
+    this stage's are built, so a rank reads only its own tensors), split at `bounds`.
 
-    def __init__(self, specs: list, bounds: list[int], stage: int, device: torch.device):
-        super().__init__()
-        self.parts = bounds
-        self.layers = torch.nn.ModuleList(spec.build() for spec in specs[bounds[stage]:bounds[stage + 1]])
-        self.to(device)
+    The bounds come from `partition.stage_bounds` (DeepSpeed's own partition functions), which can also
+    give the first stage less work for the decoding it does beside its layers; DeepSpeed has no public
+    way to pass them in, so `_partition_layers` is overridden — the contract it relies on (the hook is
+    called once from `__init__`, `_set_bounds` takes the stage's layer range, `parts` holds the bounds,
+    `forward` runs the built layers in order) is pinned by tests/test_partition.py.
+    """
 
-    def forward(self, state):
-        for layer in self.layers:
-            state = layer(state)
-        return state
+    def __init__(self, specs: list, topology: ProcessTopology, bounds: list[int]):
+        self._bounds = bounds
+        super().__init__(layers=specs, topology=topology, partition_method="uniform")
+
+    def _partition_layers(self, method="uniform"):
+        self.parts = list(self._bounds)
+        self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
 
 
 class DualParalEngine:
@@ -173,7 +178,7 @@ class DualParalEngine:
             specs = layer_specs(cfg, weights, attention_backend, compile)
             bounds = stage_bounds([spec.typename.__name__ for spec in specs], partition_method,
                                   self.comm.num_stages, first_stage_vae_layers)
-            self.modules.append(StageLayers(specs, bounds, self.stage, device).eval())
+            self.modules.append(StagePipeline(specs, topology, bounds).to(device).eval())
         self.conditioners = [Conditioner(cfg, w).to(device) for cfg, w in zip(expert_configs, expert_weights)]
         self.dtype = dtype
 

@@ -1,8 +1,7 @@
 """Which layers each pipeline stage holds: DeepSpeed's partition functions over the model's layer list.
 
-Computed here from the `LayerSpec`s' class names, so that no rank builds DeepSpeed's
-`PipelineModule` (and with it a process grid per expert that nothing uses) to learn its bounds. The
-split is DeepSpeed's: `partition_uniform` for 'uniform', `partition_balanced` over a weight of 1 per
+Computed here from the `LayerSpec`s' class names, before any `PipelineModule` is built, so that the
+first stage can be given less work than its share (`first_stage_vae_layers`). The split is DeepSpeed's: `partition_uniform` for 'uniform', `partition_balanced` over a weight of 1 per
 layer whose class name the regex of 'type:<regex>' finds (case-insensitive), as its `PipelineModule`
 does; the first stage may carry extra weight for the decoding it does beside its layers.
 """
