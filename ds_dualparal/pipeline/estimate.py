@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from ..wan.flops import block_step_flops
 from ..wan.model import WanConfig
+from .clip import job_timeline
 from .image import DEFAULT_SPATIAL_FACTOR
-from .timeline import BlockTimeline
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LIVE_TENSORS = 16
@@ -79,7 +79,7 @@ def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_t
              clean_first_frame: bool = False) -> Work:
     """`spatial`: the VAE's spatial factor; `image_tokens`: CLIP tokens in every cross-attention;
     `clean_first_frame`: block 0 has per-token timesteps."""
-    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    timeline = job_timeline(cfg)
     _, p_h, p_w = wan.patch_size
     h, w = cfg.height // spatial, cfg.width // spatial
     per_frame = (h // p_h) * (w // p_w)
