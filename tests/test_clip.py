@@ -172,6 +172,18 @@ def test_a_video_clip_of_another_length_keeps_its_last_4k_plus_1_frames(clip, tm
     assert clip_problem(cfg, 16) is None and job_timeline(cfg).prefix == CLIP_LATENT
 
 
+def test_a_lora_applies_to_the_new_blocks_and_leaves_the_clip(clip, tmp_path):
+    from conftest import RANDOM_TINY
+    from test_lora import TINY_WAN, write_lora
+
+    lora = write_lora(tmp_path / "style.safetensors", TINY_WAN, "diffusers")
+    plain = reference_latents(continued(dict(model=str(RANDOM_TINY)), clip / "tiny.safetensors"))
+    styled = reference_latents(continued(dict(model=str(RANDOM_TINY), loras=[{"path": str(lora), "scale": 2.0}]),
+                                         clip / "tiny.safetensors"))
+    assert torch.equal(styled[:, :, :CLIP_LATENT], plain[:, :, :CLIP_LATENT])
+    assert not torch.equal(styled[:, :, CLIP_LATENT:], plain[:, :, CLIP_LATENT:])
+
+
 # ---- checkpoints, jobs
 
 
