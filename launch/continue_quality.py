@@ -3,7 +3,7 @@ seams inside one video, on the toy world's prompts, scored with `ds_dualparal/to
 single process.
 
     python launch/continue_quality.py                       # the embedded tiny model, 41 + 40 frames
-    python launch/continue_quality.py --clip-frames 21 --frames 61 --seeds 0 --out outputs/q.json
+    python launch/continue_quality.py --clip-frames 41 --frames 81 --steps 10 --seeds 0   # BENCHMARKS.md's
 
 For each prompt and seed: the tiny model's own video of `--clip-frames` frames is the clip; it is
 continued to `--frames` frames from its latents and from its mp4 (x264, as `generate.py` writes it,
@@ -35,7 +35,7 @@ log = logging.getLogger("continue_quality")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 
-from quality import PROMPTS, _fmt, _int_list, _mean, _positive, _video_frames, load_vae, quiet_libraries  # noqa: E402
+from quality import PROMPTS, load_vae, quiet_libraries  # noqa: E402
 
 ROWS = (
     ("one video", "block boundaries"),
@@ -44,6 +44,40 @@ ROWS = (
     ("continued latents", "new block boundaries"),
     ("continued mp4", "the join"),
 )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
+def _video_frames(text: str) -> int:
+    value = _positive(text)
+    if (value - 1) % 4:
+        raise argparse.ArgumentTypeError(f"{value} is not 4k+1 (nearest: {value - (value - 1) % 4} or "
+                                         f"{value - (value - 1) % 4 + 4})")
+    return value
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip-frames", type=_video_frames, default=41, help="video frames of the clip (4k+1)")
     parser.add_argument("--frames", type=_video_frames, default=81, help="video frames of the whole video (4k+1)")
     parser.add_argument("--steps", type=_positive, default=20, help="denoising steps per block")
-    parser.add_argument("--seeds", type=_int_list, default=[0, 1], help="comma-separated seeds")
+    parser.add_argument("--seeds", type=_seeds, default=[0, 1], help="comma-separated seeds")
     parser.add_argument("--prompts", type=_positive, default=len(PROMPTS), help="how many of the toy prompts")
     parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="outputs/continue_quality.json", help="JSON with every video's scores")
