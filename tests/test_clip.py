@@ -23,6 +23,7 @@ from ds_dualparal.pipeline.clip import (
     clip_problem,
     encode_video,
     job_timeline,
+    latents_metadata,
 )
 from ds_dualparal.pipeline.generation import reference_latents
 from ds_dualparal.pipeline.planner import Costs, simulate
@@ -99,6 +100,14 @@ def continued(cfg_overrides, clip_path):
 @pytest.fixture(scope="module")
 def continued_reference(clip):
     return reference_latents(continued({}, clip / "tiny.safetensors"))
+
+
+def test_saved_latents_name_the_vae_that_gives_them_meaning(clip):
+    from safetensors import safe_open
+
+    with safe_open(str(clip / "tiny.safetensors"), "pt") as f:
+        assert f.metadata() == latents_metadata(TINY_WAN_PATH)
+    assert clip_problem(continued({}, clip / "tiny.safetensors"), 16) is None
 
 
 def test_the_clip_is_the_result_s_first_latent_frames_bit_for_bit(clip, continued_reference):
@@ -255,6 +264,7 @@ def good_latents(clip):
     ("dtype", "latents of dtype F64; allowed: float32, bfloat16, float16"),
     ("nan", "1 of 6144 latent values are not finite"),
     ("too_long", "holds 41 video frames (11 latent); --frames (41) counts the whole video, clip included: give at least 45"),
+    ("other_vae", "was saved by a model with another VAE, whose latents mean other pixels"),
     ("video_size", "frames of 64x64; --width/--height are 32x32 (a clip of another size)"),
     ("not_a_video", "cannot read it as a video"),
 ])
@@ -279,6 +289,11 @@ def test_a_bad_clip_is_named_with_what_is_allowed(tmp_path, clip, good_latents, 
         path = _bad_latents(tmp_path, "x.safetensors", {"latents": bad})
     elif case == "too_long":
         path = _bad_latents(tmp_path, "x.safetensors", {"latents": torch.cat([good_latents, good_latents[:, :, :5]], 2)})
+    elif case == "other_vae":  # the random tiny model's VAE has the same shapes as the embedded model's
+        from conftest import RANDOM_TINY
+
+        path = tmp_path / "x.safetensors"
+        save_file({"latents": good_latents}, str(path), metadata=latents_metadata(RANDOM_TINY))
     elif case == "video_size":
         path, overrides = clip / "tiny.mp4", dict(height=32, width=32)
     else:

@@ -20,7 +20,7 @@ from ..output.checkpoint import Checkpoints
 from ..output.stream import BlockOutput, FrameSink
 from ..output.video import Mp4Writer, StreamingDecoder, save_frames
 from ..pipeline import comm
-from ..pipeline.clip import Clip, load_clip
+from ..pipeline.clip import Clip, latents_metadata, load_clip
 from ..pipeline.engine import Checkpointing
 from ..pipeline.generation import Result
 from . import interrupt
@@ -43,11 +43,13 @@ class JobFailed(Exception):
     the run and the other stages go on."""
 
 
-def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True) -> None:
-    """Final latents as safetensors (key 'latents'), written under a unique temporary name then renamed."""
+def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Final latents as safetensors (key 'latents'), written under a unique temporary name then renamed;
+    `metadata`: the file's text metadata (the VAE that gives them meaning, pipeline/clip.py)."""
     with atomic_output(path, overwrite=overwrite) as partial:
         try:
-            save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
+            save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial), metadata=metadata)
         except (OSError, SafetensorError) as err:  # safetensors' I/O errors (disk full) are not OSErrors
             raise OutputError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
@@ -185,7 +187,8 @@ def run_job(generator, job, text, options: OutputOptions, checkpoints: Checkpoin
             result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage,
                                                      cfg=cfg, clip=clip)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
-                save_latents(cfg.save_latents, result.latents, overwrite=options.overwrite)
+                made_with = None if generator.folder is None else latents_metadata(generator.folder.path)
+                save_latents(cfg.save_latents, result.latents, overwrite=options.overwrite, metadata=made_with)
     except (OSError, JobFailed) as err:  # this job's own outputs or values: the job fails, the run goes on
         outcome = _failed(job, err, started)
     except Exception as err:

@@ -29,6 +29,7 @@ from .timeline import BlockTimeline
 log = logging.getLogger(__name__)
 
 LATENTS_KEY = "latents"  # what --save-latents writes
+VAE_KEY = "vae"  # --save-latents' metadata: the fingerprint of the VAE whose latent space they are in
 LATENTS_SUFFIX = ".safetensors"
 LATENT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # exact in float32
 
@@ -39,6 +40,14 @@ class Clip:
 
     latents: torch.Tensor  # (1, C, P, h, w) float32, normalized (what --save-latents holds)
     frames: np.ndarray | None = None  # a video clip's frames (n, H, W, 3) uint8, written as they are
+
+
+def latents_metadata(model_path: Path) -> dict[str, str]:
+    """What --save-latents records of the model: its VAE's fingerprint (as `modelcheck.weights_fingerprint`
+    reads weights: headers, sizes, sampled bytes, config), which gives latents their meaning in pixels."""
+    from ..wan.modelcheck import weights_fingerprint
+
+    return {VAE_KEY: weights_fingerprint(Path(model_path), ("vae",))}
 
 
 def is_latents_file(path: str | Path) -> bool:
@@ -78,7 +87,7 @@ def clip_problem(cfg, channels: int, spatial: int = DEFAULT_SPATIAL_FACTOR, imag
     size = (cfg.height // spatial, cfg.width // spatial)
     try:
         if is_latents_file(path):
-            frames, problem = _latents_problem(path, channels, size)
+            frames, problem = _latents_problem(path, channels, size, cfg.model)
         else:
             frames, problem = _video_problem(path, cfg.height, cfg.width)
     except OSError as err:
@@ -92,11 +101,17 @@ def clip_problem(cfg, channels: int, spatial: int = DEFAULT_SPATIAL_FACTOR, imag
     return None
 
 
-def _latents_problem(path: Path, channels: int, size: tuple[int, int]) -> tuple[int, str | None]:
+def _latents_problem(path: Path, channels: int, size: tuple[int, int], model: str | None) -> tuple[int, str | None]:
     from safetensors import SafetensorError, safe_open
+
+    from ..wan.weights import resolve_model
 
     try:
         with safe_open(str(path), "pt") as f:
+            vae = (f.metadata() or {}).get(VAE_KEY)
+            if vae is not None and vae != latents_metadata(resolve_model(model))[VAE_KEY]:
+                return 0, ("was saved by a model with another VAE, whose latents mean other pixels; continue it with "
+                           "that model, or from its video")
             keys = list(f.keys())
             if LATENTS_KEY not in keys:
                 return 0, f"has no '{LATENTS_KEY}' tensor (it has {', '.join(keys[:5]) or 'none'}); give a --save-latents file"
