@@ -311,3 +311,11 @@ def test_a_bad_clip_ends_the_run_with_one_line_before_the_weights_load(clip, wor
         "generate.py: error: --continue-from: x.safetensors: is not a whole safetensors file"), result.explain()
     assert "loaded" not in result.stdout + result.stderr
     assert sorted(p.name for p in workdir.iterdir()) == ["x.safetensors"]
+
+
+def test_a_clip_takes_no_image_and_no_model_that_needs_one(clip):
+    with_image = continued(dict(image=str(clip / "frames" / "frame_000000.png")), clip / "tiny.safetensors")
+    assert clip_problem(with_image, 16) == (
+        "give --image or --continue-from, not both (a continued video's first frames are the clip's)")
+    assert clip_problem(continued({}, clip / "tiny.safetensors"), 16, image_model=True).startswith(
+        "this image-to-video model needs an image for its condition channels")

@@ -114,7 +114,8 @@ def _latents_problem(path: Path, channels: int, size: tuple[int, int], model: st
                            "that model, or from its video")
             keys = list(f.keys())
             if LATENTS_KEY not in keys:
-                return 0, f"has no '{LATENTS_KEY}' tensor (it has {', '.join(keys[:5]) or 'none'}); give a --save-latents file"
+                found = ", ".join(keys[:5]) or "none"
+                return 0, f"has no '{LATENTS_KEY}' tensor (it has {found}); give a --save-latents file"
             entry = f.get_slice(LATENTS_KEY)
             shape, dtype = tuple(entry.get_shape()), entry.get_dtype()
             want = f"(1, {channels}, frames, {size[0]}, {size[1]})"
@@ -145,7 +146,8 @@ def _video_problem(path: Path, height: int, width: int) -> tuple[int, str | None
                    "(a clip of another size)")
     counted = _count_video_frames(path)
     if counted != len(frames):
-        return 0, f"ffmpeg counts {counted} frames but decodes {len(frames)}; re-encode it (e.g. ffmpeg -i IN -vsync cfr OUT.mp4)"
+        return 0, (f"ffmpeg counts {counted} frames but decodes {len(frames)}; re-encode it "
+                   "(e.g. ffmpeg -i IN -vsync cfr OUT.mp4)")
     return _video_latent_frames(len(frames)), None
 
 

@@ -20,9 +20,9 @@ from ..wan.lora import with_loras
 from ..wan.model import Conditioner, WanConfig, layer_specs
 from ..wan.weights import FolderWeights, ModelFolder, RandomWeights, resolve_model
 from . import comm
+from .clip import job_timeline, load_clip
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine, GenerationRequest, StageStats
-from .clip import job_timeline, load_clip
 from .image import (
     DEFAULT_SPATIAL_FACTOR,
     ImageInput,
