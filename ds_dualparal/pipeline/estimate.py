@@ -48,10 +48,11 @@ class Work:
 
 def attention_frames(cfg) -> tuple[int, int]:
     """(window, cached) latent frames a block-step attends over, at most (an over-estimate for several
-    blocks). One block holds the whole video whatever --block-size says, with no context and no cache."""
-    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    blocks). One block holds the whole video (after a clip: with the clip's context) whatever --block-size
+    says, with no cache."""
+    timeline = job_timeline(cfg)
     if timeline.num_blocks == 1:
-        return timeline.block_len(0), 0
+        return timeline.block_len(0) + timeline.context_len(0), 0
     return max(timeline.block_len(0), cfg.block_size) + cfg.context, cfg.context
 
 
