@@ -279,6 +279,11 @@ class DualParalConfig(BaseModel):
         600, "Seconds a transfer may wait for a peer rank before the run fails (default 600: a hung rank is "
         "given up after about 10 minutes).", scope="model", latents=False, gt=0, le=MAX_COMM_TIMEOUT_S,
     )
+    continue_from: str | None = setting(
+        None, "Continue this clip: latents written by --save-latents (.safetensors) or a video the model's VAE "
+        "encodes; its frames open the output, and --frames counts them (docs/continue-a-clip.md).",
+        scope="job", latents=True, flag="continue_from", min_length=1,
+    )
     output: str = setting(
         "outputs/video.mp4", "Path of the output video (mp4).", scope="job", latents=False, flag="output", min_length=1
     )

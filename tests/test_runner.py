@@ -34,6 +34,7 @@ class FakeGenerator:
         self.device = torch.device("cpu")
         self.topology = ProcessTopology(axes=["data", "pipe"], dims=[1, stages])
         self.blocks_run = 0
+        self.folder = None  # as with random weights: no model folder
 
     def request(self, cfg, text=None, **options):
         timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
@@ -123,7 +124,7 @@ def test_a_single_video_write_error_is_a_failed_result_not_a_traceback(tmp_path,
     assert list(out.iterdir()) == []
 
 
-def _disk_full(tensors, path):
+def _disk_full(tensors, path, metadata=None):
     Path(path).write_bytes(b"half")
     raise OSError(28, "No space left on device")
 

@@ -206,8 +206,9 @@ def check_model(cfg, device_type: str = "cpu"):
 
 
 def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, str]]:
-    """Refuses (one line) a job that cannot fit the device; returns what each other job costs, as
-    (log level, line) for rank 0 to say once every check has passed."""
+    """Refuses (one line) a job whose clip cannot be continued or that cannot fit the device; returns what
+    each other job costs, as (log level, line) for rank 0 to say once every check has passed."""
+    from ..pipeline.clip import clip_problem
     from ..pipeline.estimate import device_memory, estimate, refusal, rotary_problem
     from ..pipeline.image import image_input, job_problem, read_vae_config, spatial_factor
     from ..wan.modelcheck import read_json
@@ -225,6 +226,13 @@ def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, 
         if job.config is None or job.done:
             continue
         cfg = job.config
+        clip_problem_ = None if cfg.continue_from is None else clip_problem(
+            cfg, wan.out_channels, spatial, image_model=mode is not None and mode.mode == "channels")
+        if clip_problem_ is not None:
+            if args.jobs is None:
+                raise ConfigError(f"dualparal.continue_from: {clip_problem_}")
+            job.error, job.config = f"continue_from: {clip_problem_}", None
+            continue
         problem = job_problem(cfg, mode, spatial, wan.patch_size)
         if problem is not None:
             field, why = problem
@@ -308,10 +316,10 @@ def _error_line(err: BaseException) -> str:
 def open_checkpoints(args, cfg):
     """The checkpoint folder of a single video and the iteration its newest checkpoint continues from."""
     from ..output.checkpoint import Checkpoints
-    from ..pipeline.timeline import BlockTimeline
+    from ..pipeline.clip import job_timeline
     from ..wan.weights import resolve_model
 
-    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    timeline = job_timeline(cfg)
     return Checkpoints.open(args.checkpoint_dir, args.checkpoint_every, cfg, resolve_model(cfg.model),
                             timeline.num_iterations)
 

@@ -20,6 +20,7 @@ from ..output.checkpoint import Checkpoints
 from ..output.stream import BlockOutput, FrameSink
 from ..output.video import Mp4Writer, StreamingDecoder, save_frames
 from ..pipeline import comm
+from ..pipeline.clip import Clip, latents_metadata, load_clip
 from ..pipeline.engine import Checkpointing
 from ..pipeline.generation import Result
 from . import interrupt
@@ -42,11 +43,13 @@ class JobFailed(Exception):
     the run and the other stages go on."""
 
 
-def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True) -> None:
-    """Final latents as safetensors (key 'latents'), written under a unique temporary name then renamed."""
+def save_latents(path: str | Path, latents: torch.Tensor, overwrite: bool = True,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Final latents as safetensors (key 'latents'), written under a unique temporary name then renamed;
+    `metadata`: the file's text metadata (the VAE that gives them meaning, pipeline/clip.py)."""
     with atomic_output(path, overwrite=overwrite) as partial:
         try:
-            save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial))
+            save_file({"latents": latents.detach().float().cpu().contiguous()}, str(partial), metadata=metadata)
         except (OSError, SafetensorError) as err:  # safetensors' I/O errors (disk full) are not OSErrors
             raise OutputError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from None
 
@@ -63,10 +66,12 @@ def check_finite(block: int, latents: torch.Tensor, cfg=None) -> None:
 
 
 def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step: bool = False,
-                       cfg=None) -> tuple[Result, int]:
+                       cfg=None, clip: Clip | None = None) -> tuple[Result, int]:
     """First stage: runs `request` with each finished block decoded and passed to `sinks` beside the
     pipeline (see stream.py); returns once every frame is written, with the number of frames.
 
+    The clip it continues comes first: a video clip's own frames, else its latents decoded; its
+    latents go through the decoder either way, so the join decodes as one video would.
     A resumed run decodes the blocks that were final before the checkpoint from its latents first,
     so the new mp4 holds every frame (the causal decoder must see every block in order anyway).
 
@@ -92,6 +97,8 @@ def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step:
     failing = False
     try:
         checkpointing = request.checkpointing
+        if clip is not None:
+            output.submit(-1, clip.latents, frames=clip.frames)
         for block in range(max(0, checkpointing.start - request.plan.timeline.num_steps + 1)):
             on_block_done(block, checkpointing.resume.latents[block])
         request.on_block_done = on_block_done
@@ -136,7 +143,8 @@ def run_job(generator, job, text, options: OutputOptions, checkpoints: Checkpoin
         result = generator.generate(generator.request(cfg, checkpointing=Checkpointing(start)))
         return JobResult(job.name, True, result.seconds, cfg.num_frames)
 
-    request = generator.request(cfg, text)
+    clip = load_clip(cfg, generator.vae, generator.device) if cfg.continue_from is not None else None
+    request = generator.request(cfg, text, clip=None if clip is None else clip.latents)
     timeline = request.plan.timeline
     if checkpoints is not None:
         resume = checkpoints.load(request.plan, generator.device) if start else None
@@ -176,9 +184,11 @@ def run_job(generator, job, text, options: OutputOptions, checkpoints: Checkpoin
                 if not single_stage:
                     generator.generate(request)
                 raise
-            result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage, cfg=cfg)
+            result, frames_done = generate_streaming(generator, request, sinks, keep_in_step=not single_stage,
+                                                     cfg=cfg, clip=clip)
             if cfg.save_latents:  # inside the writer: a job whose latents fail leaves no mp4 behind
-                save_latents(cfg.save_latents, result.latents, overwrite=options.overwrite)
+                made_with = None if generator.folder is None else latents_metadata(generator.folder.path)
+                save_latents(cfg.save_latents, result.latents, overwrite=options.overwrite, metadata=made_with)
     except (OSError, JobFailed) as err:  # this job's own outputs or values: the job fails, the run goes on
         outcome = _failed(job, err, started)
     except Exception as err:

@@ -66,6 +66,10 @@ def fingerprint_fields(cfg, model_path: Path) -> dict[str, Any]:
 
         fields["image"] = {"file": file_digest(cfg.image),
                            "encoders": weights_fingerprint(Path(model_path), ("vae", "image_encoder"))}
+    if cfg.continue_from is not None:  # likewise the clip's content, not its path
+        from ..pipeline.clip import content_digest
+
+        fields["continue_from"] = content_digest(cfg.continue_from)
     return fields
 
 
@@ -166,12 +170,12 @@ class Checkpoints:
     def _read(self, path: Path, iteration: int, cfg=None, plan: GenerationPlan | None = None,
               model_path: Path | None = None):
         """(latents, state, scheduler tensors) of the checkpoint at `path`, checked against the run."""
-        from ..pipeline.timeline import BlockTimeline
+        from ..pipeline.clip import job_timeline
 
         if plan is not None:
             timeline, size = plan.timeline, (plan.latent_height, plan.latent_width)
         else:
-            timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+            timeline = job_timeline(cfg)
             from ..pipeline.image import read_vae_config, spatial_factor
 
             factor = spatial_factor(read_vae_config(model_path))

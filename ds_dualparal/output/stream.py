@@ -40,8 +40,11 @@ class BlockOutput:
         self._worker = threading.Thread(target=self._work, name="block-output", daemon=True)
         self._worker.start()
 
-    def submit(self, block: int, latents: torch.Tensor) -> None:
-        """Queue block `block`'s final latents (not modified afterwards) for decoding and writing."""
+    def submit(self, block: int, latents: torch.Tensor, frames: np.ndarray | None = None) -> None:
+        """Queue block `block`'s final latents (not modified afterwards) for decoding and writing.
+
+        `frames` (n, H, W, 3) uint8 are written instead of the decoded frames (a continued video clip's
+        own); the latents are decoded all the same, to carry the decoder's temporal cache on."""
         self._raise_failure()
         ready = None
         if self._stream is not None:
@@ -50,7 +53,7 @@ class BlockOutput:
             ready = torch.cuda.Event()
             ready.record()
             latents.record_stream(self._stream)
-        self._queue.put((block, latents, ready))
+        self._queue.put((block, latents, ready, frames))
 
     def close(self, cancel: bool = False) -> None:
         """Waits for every submitted block to be written; raises the worker's failure, if any.
@@ -85,13 +88,16 @@ class BlockOutput:
         while (item := self._queue.get()) is not None:
             if self._error is not None or self._cancelled:
                 continue  # drain: the caller learns of the failure at its next call, or is failing
-            block, latents, ready = item
+            block, latents, ready, given = item
             started = time.perf_counter()
             try:
                 with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
                     if ready is not None:
                         self._stream.wait_event(ready)
                     frames = to_uint8_frames(self.decoder.decode(latents))  # to the CPU: waits for the decode
+                if given is not None:
+                    assert given.shape == frames.shape, f"block {block}: frames {given.shape}, decoded {frames.shape}"
+                    frames = given
                 for sink in self.sinks:
                     sink(frames, self.frames_written)
                 self.frames_written += len(frames)

@@ -212,11 +212,16 @@ class BlockLatents:
 
     `latents` is every block's initial noise, or the latents a checkpoint saved (then `states`
     holds the scheduler state of each block that had started; the others are fresh copies).
+    `clip`: the timeline's prefix (a clip being continued), final, read as block 0's context.
     """
 
     def __init__(self, plan: GenerationPlan, latents: list[torch.Tensor], scheduler, device,
-                 states: dict[int, dict] | None = None, condition: ImageCondition | None = None):
+                 states: dict[int, dict] | None = None, condition: ImageCondition | None = None,
+                 clip: torch.Tensor | None = None):
         self.plan = plan
+        prefix = plan.timeline.prefix
+        assert (clip.shape[2] if clip is not None else 0) == prefix, f"the plan continues a clip of {prefix} frame(s)"
+        self.clip = None if clip is None else clip.to(device=device, dtype=torch.float32)
         self.latents = [n.to(device=device, dtype=torch.float32) for n in latents]
         # image-to-video: the condition channels of the whole video, or block 0's clean first frame
         self.channels = first_frame = None
@@ -244,12 +249,13 @@ class BlockLatents:
         return {b: scheduler_state(self.schedulers[b], self.fresh) for b in started}
 
     def window(self, block: int) -> torch.Tensor:
-        """Model input: the last c frames of block-1 as they stand, then the block's frames."""
-        context = self.plan.timeline.context
-        if block == 0 or context == 0:
+        """Model input: the last c frames of block-1 (block 0: of the clip) as they stand, then the block's frames."""
+        context = self.plan.timeline.context_len(block)
+        if context == 0:
             window = self.latents[block]
         else:
-            window = torch.cat([self.latents[block - 1][:, :, -context:], self.latents[block]], dim=2)
+            before = self.clip if block == 0 else self.latents[block - 1]
+            window = torch.cat([before[:, :, -context:], self.latents[block]], dim=2)
         if self.channels is not None:  # the window's own slice of the mask and condition latents
             start, stop = self.plan.timeline.window_range(block)
             window = torch.cat([window, self.channels[:, :, start:stop]], dim=1)
@@ -272,7 +278,8 @@ class BlockLatents:
         return self.latents[block]
 
     def video(self) -> torch.Tensor:
-        return torch.cat(self.latents, dim=2)
+        """The whole latent video: the clip (if any), then every block."""
+        return torch.cat(([] if self.clip is None else [self.clip]) + self.latents, dim=2)
 
 
 def batched_window(window: torch.Tensor, batch: int) -> torch.Tensor:
@@ -280,16 +287,16 @@ def batched_window(window: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def run_reference(plan, experts, texts, noise, scheduler, device="cpu", on_block_done=None,
-                  image: ImageCondition | None = None) -> torch.Tensor:
+                  image: ImageCondition | None = None, clip: torch.Tensor | None = None) -> torch.Tensor:
     """Sequential DualParal: every block-step through every layer, in timeline order.
 
     `experts`: per expert, (Conditioner, [embed, block layers..., head]); `texts`: the plan's text
-    embeddings stacked (num_texts, batch, L, text_dim); `image`: the job's image condition, if any.
-    Returns (1, C, F, h, w).
+    embeddings stacked (num_texts, batch, L, text_dim); `image`: the job's image condition, if any;
+    `clip`: the latents the timeline's prefix holds. Returns (1, C, F, h, w), clip included.
     """
     conditioners = [conditioner for conditioner, _ in experts]
     build = WindowBuilder(plan, conditioners, texts, device, None if image is None else image.embeds)
-    latents = BlockLatents(plan, noise, scheduler, device, condition=image)
+    latents = BlockLatents(plan, noise, scheduler, device, condition=image, clip=clip)
     with torch.no_grad():
         for step in plan.timeline.block_steps():
             state = build(step)

@@ -82,6 +82,7 @@ class GenerationRequest:
     text: torch.Tensor | None = None
     noise: list[torch.Tensor] | None = None
     scheduler: object | None = None
+    clip: torch.Tensor | None = None  # first stage: the latents of the clip continued (the timeline's prefix)
     checkpointing: Checkpointing = field(default_factory=Checkpointing)
     on_step: Callable[[], object] | None = None
     on_block_done: Callable[[int, torch.Tensor], object] | None = None
@@ -253,10 +254,11 @@ class _Run:
             if (resume is None) != (request.checkpointing.start == 0):
                 raise ValueError("a resumed run starts from a checkpoint's state: give both or neither")
             if resume is None:
-                self.latents = BlockLatents(plan, request.noise, request.scheduler, engine.device, condition=image)
+                self.latents = BlockLatents(plan, request.noise, request.scheduler, engine.device, condition=image,
+                                            clip=request.clip)
             else:
                 self.latents = BlockLatents(plan, resume.latents, request.scheduler, engine.device, resume.schedulers,
-                                            condition=image)
+                                            condition=image, clip=request.clip)
         self.states = {}
         self.predictions = {}
         self.sends: list[tuple[torch.Tensor, int]] = []

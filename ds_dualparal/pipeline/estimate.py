@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from ..wan.flops import block_step_flops
 from ..wan.model import WanConfig
+from .clip import job_timeline
 from .image import DEFAULT_SPATIAL_FACTOR
-from .timeline import BlockTimeline
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LIVE_TENSORS = 16
@@ -49,10 +49,11 @@ class Work:
 
 def attention_frames(cfg) -> tuple[int, int]:
     """(window, cached) latent frames a block-step attends over, at most (an over-estimate for several
-    blocks). One block holds the whole video whatever --block-size says, with no context and no cache."""
-    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    blocks). One block holds the whole video (after a clip: with the clip's context) whatever --block-size
+    says, with no cache."""
+    timeline = job_timeline(cfg)
     if timeline.num_blocks == 1:
-        return timeline.block_len(0), 0
+        return timeline.block_len(0) + timeline.context_len(0), 0
     return max(timeline.block_len(0), cfg.block_size) + cfg.context, cfg.context
 
 
@@ -85,7 +86,7 @@ def estimate(cfg, wan: WanConfig, spatial: int = DEFAULT_SPATIAL_FACTOR, image_t
              clean_first_frame: bool = False) -> Work:
     """`spatial`: the VAE's spatial factor; `image_tokens`: CLIP tokens in every cross-attention;
     `clean_first_frame`: block 0 has per-token timesteps."""
-    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    timeline = job_timeline(cfg)
     _, p_h, p_w = wan.patch_size
     h, w = cfg.height // spatial, cfg.width // spatial
     per_frame = (h // p_h) * (w // p_w)

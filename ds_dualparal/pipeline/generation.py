@@ -20,6 +20,7 @@ from ..wan.lora import with_loras
 from ..wan.model import Conditioner, WanConfig, layer_specs
 from ..wan.weights import FolderWeights, ModelFolder, RandomWeights, resolve_model
 from . import comm
+from .clip import job_timeline, load_clip
 from .denoise import GenerationPlan, make_scheduler, run_reference
 from .engine import DualParalEngine, GenerationRequest, StageStats
 from .image import (
@@ -34,7 +35,6 @@ from .image import (
 )
 from .noise import initial_noise
 from .prompts import prompt_plan
-from .timeline import BlockTimeline
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def build_plan(cfg: DualParalConfig, wan: WanConfig, scheduler, boundary_ratio: 
                spatial: int = DEFAULT_SPATIAL_FACTOR, image: ImageInput | None = None) -> GenerationPlan:
     """The rank-independent description of one generation; `spatial` is the VAE's spatial factor and
     `image` how the model takes the job's image (used only when the job has one)."""
-    timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+    timeline = job_timeline(cfg)
     guidance = (cfg.guidance_scale, cfg.low_noise_guidance_scale)[:num_experts]
     prompts = prompt_plan(cfg, timeline)
     return GenerationPlan(
@@ -168,8 +168,9 @@ class Generator:
     def request(self, cfg: DualParalConfig, text: torch.Tensor | None = None, **options) -> GenerationRequest:
         """The request of one video: its plan and scheduler, and on a first stage its initial noise.
 
-        `text` (prompt embeddings) is needed on the first stage only; `options` are the other
-        fields of `GenerationRequest` (checkpointing, hooks, timing).
+        `text` (prompt embeddings) and `clip` (the latents of the clip it continues, among `options`)
+        are needed on the first stage only; `options` are the other fields of `GenerationRequest`
+        (checkpointing, hooks, timing).
         """
         scheduler = self.scheduler(cfg)
         plan = build_plan(cfg, self.wan, scheduler, self.boundary_ratio, self.num_experts, self.spatial,
@@ -214,10 +215,14 @@ def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
     plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts), spatial, mode)
     shape = (wan.out_channels, plan.latent_height, plan.latent_width)
     noise = initial_noise(plan.timeline, cfg.seed, shape, cfg.noise)
-    image = None
-    if cfg.image:
+    image = clip = None
+    if cfg.image or cfg.continue_from is not None:
         from diffusers import AutoencoderKLWan
 
         vae = AutoencoderKLWan.from_pretrained(folder.path / "vae", dtype=DTYPES[cfg.vae_dtype], use_safetensors=True)
-        image = encode_image(folder.path, mode, cfg.image, vae.to(device).eval(), plan, spatial, device, dtype)
-    return run_reference(plan, experts, text.to(device), noise, scheduler, device, image=image)
+        vae = vae.to(device).eval()
+        if cfg.image:
+            image = encode_image(folder.path, mode, cfg.image, vae, plan, spatial, device, dtype)
+        if cfg.continue_from is not None:
+            clip = load_clip(cfg, vae, device).latents
+    return run_reference(plan, experts, text.to(device), noise, scheduler, device, image=image, clip=clip)

@@ -67,7 +67,9 @@ class PromptPlan:
 def prompt_plan(cfg, timeline: BlockTimeline | None = None) -> PromptPlan:
     """The prompt plan of ``cfg`` (its prompt schedule and prompt_transition) over its blocks."""
     if timeline is None:
-        timeline = BlockTimeline(cfg.latent_frames, cfg.block_size, cfg.context, cfg.num_inference_steps)
+        from .clip import job_timeline  # it reads the clip's length
+
+        timeline = job_timeline(cfg)
     schedule = cfg.prompt_schedule
     segment_mixes = block_mixes(block_segments([start for start, _, _ in schedule], timeline), cfg.prompt_transition)
     texts: list[tuple[str, str]] = []

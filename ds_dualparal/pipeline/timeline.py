@@ -32,23 +32,31 @@ class BlockTimeline:
     block 0 the rest, so every window (``context`` frames of the previous block plus the block's own)
     has about ``block_size + context`` frames. Block b enters at iteration b and performs step
     ``s = i - b`` at iteration i while ``0 <= s < num_steps``.
+
+    ``prefix`` latent frames (a clip being continued, docs/continue-a-clip.md) may come first: they
+    are final before iteration 0 and belong to no block. The blocks tile frames ``prefix ..
+    num_frames - 1``, and block 0's window starts with the prefix's last ``min(context, prefix)``
+    frames, so block 0 is cut like the others: its window is about ``block_size + context`` frames.
     """
 
-    def __init__(self, num_frames: int, block_size: int, context: int, num_steps: int):
+    def __init__(self, num_frames: int, block_size: int, context: int, num_steps: int, prefix: int = 0):
         _require_int("num_frames", num_frames, 1)
         _require_int("block_size", block_size, 1)
         _require_int("num_steps", num_steps, 1)
         _require_int("context", context, 0, block_size)
+        _require_int("prefix", prefix, 0, num_frames - 1)
         self.num_frames = num_frames
         self.block_size = block_size
         self.context = context
         self.num_steps = num_steps
-        self.num_blocks = max(1, (num_frames - context) // block_size)
+        self.prefix = prefix
+        # frames of context block 0 would lack without a prefix: it makes them up with its own
+        self.num_blocks = max(1, (num_frames - max(prefix, context)) // block_size)
         self.num_iterations = self.num_blocks + num_steps - 1
 
     def __repr__(self) -> str:
         return (f"BlockTimeline(num_frames={self.num_frames}, block_size={self.block_size}, "
-                f"context={self.context}, num_steps={self.num_steps})")
+                f"context={self.context}, num_steps={self.num_steps}, prefix={self.prefix})")
 
     def _check_block(self, b: int) -> None:
         if not 0 <= b < self.num_blocks:
@@ -64,15 +72,15 @@ class BlockTimeline:
         """Number of latent frames owned by block ``b``."""
         self._check_block(b)
         if b == 0:
-            return self.num_frames - (self.num_blocks - 1) * self.block_size
+            return self.num_frames - self.prefix - (self.num_blocks - 1) * self.block_size
         return self.block_size
 
     def block_start(self, b: int) -> int:
-        """First latent frame of block ``b``."""
+        """First latent frame of block ``b`` (counted over the whole video, prefix included)."""
         self._check_block(b)
         if b == 0:
-            return 0
-        return self.block_len(0) + (b - 1) * self.block_size
+            return self.prefix
+        return self.prefix + self.block_len(0) + (b - 1) * self.block_size
 
     def block_range(self, b: int) -> tuple[int, int]:
         """``[start, stop)`` latent frames owned by block ``b``."""
@@ -83,12 +91,15 @@ class BlockTimeline:
         """``[start, stop)`` latent frames of the model input X of block ``b``.
 
         Block b > 0 sees the last ``context`` frames of block b-1 followed by its own frames;
-        block 0 sees only its own frames.
+        block 0 the last ``context_len(0)`` frames of the prefix (none without one), then its own.
         """
         start, stop = self.block_range(b)
-        if b == 0:
-            return start, stop
-        return start - self.context, stop
+        return start - self.context_len(b), stop
+
+    def context_len(self, b: int) -> int:
+        """Frames of context before block ``b``'s own in its window."""
+        self._check_block(b)
+        return min(self.context, self.prefix) if b == 0 else self.context
 
     def step(self, b: int, i: int) -> int:
         """Denoising step that block ``b`` performs at iteration ``i``."""
