@@ -938,6 +938,22 @@ def _check_up_front(parser, args) -> None:
             parser.error(f"--{name.replace('_', '-')} must be a number of minutes above 0, got {value}")
 
 
+def publish_folder(out: Path, write) -> str | None:
+    """`write(partial)` fills a temporary folder beside `out`, which is then renamed to `out` (an empty
+    folder there is replaced). On a write that fails (a full or read-only disk), the temporary folder is
+    removed and the one-line reason returned; nothing appears at `out`."""
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        write(partial)
+        if out.exists():  # the empty folder the arguments were checked against
+            out.rmdir()
+        partial.rename(out)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        return f"--out: cannot write the model folder {out} ({err.strerror or err}); nothing was written there"
+    return None
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -1011,34 +1027,37 @@ def main(argv=None) -> int:
 
     # 5. the model folder: written beside --out under a temporary name, renamed when complete, so a
     # run that dies while saving leaves no folder at --out that looks like a model
-    partial = args.out.parent / f".{args.out.name}.partial-{os.getpid()}"
-    save_pipeline(
-        partial,
-        transformer=model.transformer,
-        vae=vae.to("cpu"),
-        text_encoder=model.text_encoder,
-        tokenizer=tokenizer,
-        scheduler=build_scheduler(),
-        max_shard_size=args.shard_size,
-    )
-    files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*.safetensors"))}
-    log = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "torch": torch.__version__,
-        "bf16": use_bf16,
-        **log,
-        "dit": dataclasses.asdict(dit_stage),
-        "text_encoder_params": parameter_count(model.text_encoder),
-        "text_embedding_error_vs_wanpipeline": text_error,
-        "safetensors_bytes": files,
-        "total_safetensors_bytes": sum(files.values()),
-        "total_seconds": clock.elapsed() + (earlier["total_seconds"] if earlier else 0.0),
-    }
-    (partial / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    if args.out.exists():  # the empty folder the arguments were checked against
-        args.out.rmdir()
-    partial.rename(args.out)
+    def write(partial: Path) -> None:
+        nonlocal log
+        save_pipeline(
+            partial,
+            transformer=model.transformer,
+            vae=vae.to("cpu"),
+            text_encoder=model.text_encoder,
+            tokenizer=tokenizer,
+            scheduler=build_scheduler(),
+            max_shard_size=args.shard_size,
+        )
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*.safetensors"))}
+        log = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "torch": torch.__version__,
+            "bf16": use_bf16,
+            **log,
+            "dit": dataclasses.asdict(dit_stage),
+            "text_encoder_params": parameter_count(model.text_encoder),
+            "text_embedding_error_vs_wanpipeline": text_error,
+            "safetensors_bytes": files,
+            "total_safetensors_bytes": sum(files.values()),
+            "total_seconds": clock.elapsed() + (earlier["total_seconds"] if earlier else 0.0),
+        }
+        (partial / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+
+    problem = publish_folder(args.out, write)
+    if problem is not None:
+        logger.error("%s", problem)
+        return 1
     logger.info("wrote %s (%.1f MB of weights) in %.0f s%s", args.out, log["total_safetensors_bytes"] / 1e6,
                 log["total_seconds"], "; paused: --resume " + str(args.state) + " goes on"
                 if dit_stage.stopped_by == "paused" else "")

@@ -119,3 +119,31 @@ def test_a_paused_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
         assert all(torch.equal(whole[k], second[k]) for k in whole), part
         if part != "vae":  # the paused model is the one of step 3, not the final one
             assert not all(torch.equal(whole[k], first[k]) for k in whole), part
+
+
+def test_a_model_folder_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tiny", TRAIN)
+    train_tiny = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_tiny", train_tiny)  # its dataclasses look their module up
+    spec.loader.exec_module(train_tiny)
+
+    def disk_full(partial):
+        (partial / "transformer").mkdir(parents=True)
+        (partial / "transformer" / "half.safetensors").write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "model"
+    out.mkdir()  # the empty folder the arguments were checked against
+    problem = train_tiny.publish_folder(out, disk_full)
+    assert "--out" in problem and "No space left on device" in problem and "\n" not in problem
+    assert list(tmp_path.iterdir()) == [out] and not any(out.iterdir())  # no temporary left, nothing at --out
+
+    def whole(partial):
+        partial.mkdir()
+        (partial / "training_log.json").write_text("{}")
+
+    assert train_tiny.publish_folder(out, whole) is None
+    assert [p.name for p in out.iterdir()] == ["training_log.json"] and list(tmp_path.iterdir()) == [out]
