@@ -110,7 +110,7 @@ _finished: int | None = None  # the run's exit code once every job has ended and
 
 def _say(message: str) -> None:
     # Messages from below (a hub download, a checkpoint) may span lines; the user gets one.
-    print("generate.py: error: " + " ".join(message.splitlines()), file=sys.stderr)
+    sys.stderr.write("generate.py: error: " + " ".join(message.splitlines()) + "\n")
 
 
 def _agree(error: str | None) -> None:
