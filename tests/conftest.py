@@ -1,11 +1,11 @@
 """Shared test helpers: one torch thread, and `launch/generate.py` run as users run it.
 
 `run_main` runs `launch/generate.py`'s main in this process, for runs refused before the process group
-starts (the cheap way to test a mistake); `run_generate` starts one plain process, `run_deepspeed`
-the same script under DeepSpeed's launcher
-(`python -m deepspeed.launcher.runner`, since the `deepspeed` script may not be on PATH), each with
-a fresh master port. All three return `Run(returncode, stdout, stderr)` and work in a `tmp_path` folder,
-so outputs never land in the repository.
+starts (the cheap way to test a mistake); `run_generate` runs it as one process and `run_deepspeed` as
+N ranks, both forked from a forkserver that has the runtime imported (forked_ranks.py), each run with a
+fresh master port. All return `Run(returncode, stdout, stderr)` and work in a `tmp_path` folder, so
+outputs never land in the repository. `deepspeed_command` is the real launcher's command line, for the
+tests where the launcher is the point.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -78,8 +79,9 @@ def run(command: list[str], cwd: Path, timeout: float, env: dict[str, str] | Non
 
 
 def run_generate(*args, cwd: Path, timeout: float = 180, env: dict[str, str] | None = None) -> Run:
-    """`python launch/generate.py ARGS` in `cwd`, with `env` added to the environment."""
-    return run([sys.executable, str(GENERATE), *map(str, args)], cwd, timeout, env)
+    """`python launch/generate.py ARGS` in `cwd`, with `env` added to the environment: one process forked
+    from the session's forkserver (forked_ranks.py), the same one-rank process group."""
+    return run_forked(GENERATE, 1, args, cwd, timeout, env)
 
 
 def run_main(*args, cwd: Path) -> Run:
@@ -116,13 +118,86 @@ def deepspeed_command(num_ranks: int, *args, script: Path = GENERATE) -> list[st
 
 
 def run_deepspeed(num_ranks: int, *args, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> Run:
-    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU).
+    """`deepspeed --num_gpus N launch/generate.py ARGS` in `cwd` (CPU ranks on gloo when there is no GPU):
+    N ranks forked from the session's forkserver with the environment the launcher gives them, and the
+    launcher's rule that the first rank to fail ends the others (forked_ranks.py says why)."""
+    return run_forked(GENERATE, num_ranks, args, cwd, timeout, env)
 
-    One rank runs as a plain process: the same one-rank process group, without the launcher's start-up.
-    """
-    if num_ranks == 1:
-        return run_generate(*args, cwd=cwd, timeout=timeout, env=env)
-    return run(deepspeed_command(num_ranks, *args), cwd, timeout, env)
+
+_FORKSERVER = None
+KILL_GRACE_S = 30.0  # deepspeed.launcher.launch's grace between SIGTERM and SIGKILL
+
+
+def _forkserver():
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        import multiprocessing
+
+        from multiprocessing import forkserver
+
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        _FORKSERVER.set_forkserver_preload(["forked_ranks"])
+        # The forkserver imports its preload from its own sys.path (Python 3.11 does not pass ours on).
+        previous = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), previous]))
+        try:
+            forkserver.ensure_running()
+        finally:
+            if previous is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = previous
+    return _FORKSERVER
+
+
+def run_forked(script: Path, num_ranks: int, args, cwd: Path, timeout: float, env: dict[str, str] | None = None) -> Run:
+    """`python SCRIPT ARGS` as `num_ranks` ranks forked from the session's forkserver (forked_ranks.py)."""
+    import forked_ranks
+
+    context = _forkserver()
+    streams = Path(tempfile.mkdtemp(prefix="ds-dualparal-ranks-"))
+    out, err = streams / "stdout", streams / "stderr"
+    port = str(free_port())
+    ranks = []
+    for rank in range(num_ranks):
+        rank_env = subprocess_env({
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(num_ranks), "LOCAL_SIZE": str(num_ranks),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {}),
+        }) if num_ranks > 1 else subprocess_env(env)
+        process = context.Process(target=forked_ranks.run_script,
+                                  args=(str(script), [str(a) for a in args], str(cwd), rank_env, str(out), str(err)))
+        process.start()
+        ranks.append(process)
+    deadline = time.monotonic() + timeout
+    failed = None
+    try:
+        while any(p.exitcode is None for p in ranks):
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"{num_ranks} forked rank(s) of {script.name} {args}", timeout)
+            failed = next((p for p in ranks if p.exitcode not in (None, 0)), None)
+            if failed is not None:  # the launcher's rule: one rank fails, the others are ended
+                _end(ranks)
+                break
+            time.sleep(0.05)
+    finally:
+        _end(ranks)
+    code = failed.exitcode if failed is not None else next((p.exitcode for p in ranks if p.exitcode), 0)
+    result = Run(code, out.read_text() if out.exists() else "",
+                 err.read_text() if err.exists() else "")
+    shutil.rmtree(streams, ignore_errors=True)
+    return result
+
+
+def _end(ranks) -> None:
+    alive = [p for p in ranks if p.exitcode is None]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + KILL_GRACE_S
+    for p in alive:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
 
 
 @pytest.fixture

@@ -1,12 +1,11 @@
 """launch/train_tiny.py on the CPU: a smoke run writes a model folder that diffusers and generate.py load."""
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import torch
-from conftest import ROOT, TINY_CONFIG, run_generate, subprocess_env
+from conftest import ROOT, TINY_CONFIG, run_forked, run_generate
 from diffusers import WanPipeline
 from safetensors.torch import load_file
 
@@ -16,10 +15,10 @@ from ds_dualparal.toy.tiny import build_text_encoder
 TRAIN = ROOT / "launch" / "train_tiny.py"
 
 
-def train(tmp_path, *flags):
-    result = subprocess.run([sys.executable, str(TRAIN), "--device", "cpu", *map(str, flags)],
-                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+def train(tmp_path, *flags, code=0):
+    """`python launch/train_tiny.py FLAGS` in `tmp_path` (forked from the session's forkserver)."""
+    result = run_forked(TRAIN, 1, ["--device", "cpu", *flags], tmp_path, timeout=180)
+    assert result.returncode == code, result.stderr[-3000:]
     return result
 
 
@@ -85,16 +84,14 @@ def test_bad_arguments_end_in_one_line(tmp_path):
     for flags, words in ((["--vae-frames", "12"], "4k+1"), (["--min-crop", "9", "--max-crop", "4"], "--min-crop"),
                          (["--dit-head-dim", "15"], "rotary"), (["--whole-clip-prob", "2"], "--whole-clip-prob"),
                          (["--resume", str(tmp_path)], "state.json")):
-        result = subprocess.run([sys.executable, str(TRAIN), "--out", str(tmp_path / "x"), "--smoke", *flags],
-                                env=subprocess_env(), capture_output=True, text=True, timeout=60)
-        assert result.returncode == 2 and words in result.stderr, result.stderr
+        result = train(tmp_path, "--out", tmp_path / "x", "--smoke", *flags, code=2)
+        assert words in result.stderr, result.stderr
         assert not (tmp_path / "x").exists()
     kept = tmp_path / "mine"  # a folder with the user's files is never written into
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
-    result = subprocess.run([sys.executable, str(TRAIN), "--out", str(kept), "--smoke"],
-                            env=subprocess_env(), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "not an empty folder" in result.stderr, result.stderr
+    result = train(tmp_path, "--out", kept, "--smoke", code=2)
+    assert "not an empty folder" in result.stderr, result.stderr
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
