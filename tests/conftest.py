@@ -26,7 +26,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from ds_dualparal.files import free_port  # noqa: F401  (tests import it from here)
+from ds_dualparal.files import free_port
 from ds_dualparal.toy.tiny import write_tiny_wan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,6 @@ def _forkserver():
     global _FORKSERVER
     if _FORKSERVER is None:
         import multiprocessing
-
         from multiprocessing import forkserver
 
         _FORKSERVER = multiprocessing.get_context("forkserver")
