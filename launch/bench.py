@@ -68,6 +68,7 @@ def worker(args) -> int:
 
     from ds_dualparal.config import DualParalConfig
     from ds_dualparal.pipeline import comm
+    from ds_dualparal.pipeline.clip import job_timeline
     from ds_dualparal.pipeline.generation import Generator
     from ds_dualparal.pipeline.planner import Costs, simulate, simulate_ticks
     from ds_dualparal.pipeline.schedule import tick_table
@@ -87,26 +88,42 @@ def worker(args) -> int:
         image="random" if args.image else None,
     )
     started = time.perf_counter()
+    # random weights are drawn on the device, tensor by tensor (wan.weights.RandomWeights): nothing on the CPU
     generator = Generator(base, comm.init_process(base.comm_timeout_s), random_weights=[wan])
     load_seconds = time.perf_counter() - started
     device = generator.device
     rank0 = generator.rank == 0
     cuda = device.type == "cuda"
+    if rank0:
+        print(f"worker: {args.shape} loaded in {load_seconds:.1f}s on {device}", file=sys.stderr, flush=True)
     overlaps = [True, False] if args.lockstep else [True]
     runs = [(case, segments, overlap) for case in cases for segments in args.segments for overlap in overlaps]
-    for n, (case, segments, overlap) in enumerate(runs):
+    warmed = {}  # shape key (below) -> warm-up seconds
+    for case, segments, overlap in runs:
         cfg = base.with_overrides(
             num_frames=4 * (case["latent_frames"] - 1) + 1, num_inference_steps=case["steps"],
             height=case.get("height", args.height), width=case.get("width", args.width),
             **prompt_schedule(segments, 4 * (case["latent_frames"] - 1) + 1, args.transition),
         )
         text = random_texts(cfg, wan.text_dim, device) if generator.is_first else None
-        generator.engine.set_attention_backend(case.get("backend", args.backend))
-        if n == 0 or "backend" in case:  # later cases reuse the warmed-up kernels of the same block shapes
+        backend = case.get("backend", args.backend)
+        generator.engine.set_attention_backend(backend)
+        tl = job_timeline(cfg)
+        # what the compiled graphs and kernels depend on: the windows' sizes and whether blocks share a cache
+        shape_key = (cfg.height, cfg.width, backend, tl.num_blocks > 1,
+                     frozenset(stop - start for start, stop in map(tl.window_range, range(tl.num_blocks))))
+        if shape_key not in warmed:  # later runs of the same shapes reuse the warm-up's
             # 3 steps: a block-step that both reads the cache and leaves one for its neighbour occurs
-            # (each such window variant is compiled once)
-            warmup = cfg.with_overrides(num_inference_steps=min(3, cfg.num_inference_steps))
+            # (each such window variant is compiled once); a video of one block has one variant: 1 step
+            steps = 3 if tl.num_blocks > 1 else 1
+            warmup = cfg.with_overrides(num_inference_steps=min(steps, cfg.num_inference_steps))
+            warmup_start = time.perf_counter()
             generator.generate(generator.request(warmup, text))
+            warmed[shape_key] = time.perf_counter() - warmup_start
+            if rank0:
+                print(f"worker: {case['label']} warmed up (compiling) in {warmed[shape_key]:.1f}s",
+                      file=sys.stderr, flush=True)
+        graphs = compiled_graphs()
         times, busy = [], []
         for _ in range(args.repeats):
             if cuda:
@@ -118,7 +135,7 @@ def worker(args) -> int:
             busy.append(result.stats.busy_seconds() if cuda else 0.0)
         stats = comm.gather_objects(dict(
             peak=torch.cuda.max_memory_allocated(device) if cuda else 0, busy=statistics.median(busy),
-            sent=result.stats.bytes_sent,
+            sent=result.stats.bytes_sent, graphs=compiled_graphs() - graphs,
         ))
         if args.profile and cuda:
             profile_run(generator, generator.request(cfg, text, overlap=overlap), Path(args.profile),
@@ -157,6 +174,9 @@ def worker(args) -> int:
             partition=[int(p) for p in generator.engine.modules[0].parts], latents_sha256=digest,
             planner_s=planner_s, ticks=ticks,
             tick_overhead_s=(seconds - planner_s) / ticks if cuda else None,
+            warmup_seconds=warmed[shape_key],
+            # graphs torch.compile made during the timed runs, all ranks (0: the warm-up compiled them all)
+            graphs_compiled_in_timing=sum(s["graphs"] for s in stats),
         )
         if real is not None:
             record.update(real)
@@ -164,6 +184,13 @@ def worker(args) -> int:
         print(json.dumps(record), flush=True)
     comm.shutdown()
     return 0
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def profile_run(generator, request, folder: Path, label: str) -> None:
