@@ -3,9 +3,11 @@
     python launch/bench.py --gpus 1,2 --baseline --out bench.jsonl
 
 The driver starts one DeepSpeed launch per GPU count (each runs every case with the model loaded
-once) and, with --baseline, diffusers' WanPipeline on the full sequence on one GPU; each worker
-appends JSON lines to --out; the driver prints one table. Warm-up runs are excluded; times are
-medians of --repeats.
+once) and, with --baseline, diffusers' WanPipeline (with --image WanImageToVideoPipeline) on the full
+sequence on one GPU; each worker appends JSON lines to --out; the driver prints one table. Warm-up runs
+are excluded; times are medians of --repeats.
+
+    python launch/bench.py --gpus 1 --baseline --shape i2v-14b --image --cases i2v:21:10 --repeats 1
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def worker(args) -> int:
 
     from ds_dualparal.config import DualParalConfig
     from ds_dualparal.pipeline import comm
+    from ds_dualparal.pipeline.clip import job_timeline
     from ds_dualparal.pipeline.generation import Generator
     from ds_dualparal.pipeline.planner import Costs, simulate, simulate_ticks
     from ds_dualparal.pipeline.schedule import tick_table
@@ -87,26 +90,42 @@ def worker(args) -> int:
         image="random" if args.image else None,
     )
     started = time.perf_counter()
+    # random weights are drawn on the device, tensor by tensor (wan.weights.RandomWeights): nothing on the CPU
     generator = Generator(base, comm.init_process(base.comm_timeout_s), random_weights=[wan])
     load_seconds = time.perf_counter() - started
     device = generator.device
     rank0 = generator.rank == 0
     cuda = device.type == "cuda"
+    if rank0:
+        print(f"worker: {args.shape} loaded in {load_seconds:.1f}s on {device}", file=sys.stderr, flush=True)
     overlaps = [True, False] if args.lockstep else [True]
     runs = [(case, segments, overlap) for case in cases for segments in args.segments for overlap in overlaps]
-    for n, (case, segments, overlap) in enumerate(runs):
+    warmed = {}  # shape key (below) -> warm-up seconds
+    for case, segments, overlap in runs:
         cfg = base.with_overrides(
             num_frames=4 * (case["latent_frames"] - 1) + 1, num_inference_steps=case["steps"],
             height=case.get("height", args.height), width=case.get("width", args.width),
             **prompt_schedule(segments, 4 * (case["latent_frames"] - 1) + 1, args.transition),
         )
         text = random_texts(cfg, wan.text_dim, device) if generator.is_first else None
-        generator.engine.set_attention_backend(case.get("backend", args.backend))
-        if n == 0 or "backend" in case:  # later cases reuse the warmed-up kernels of the same block shapes
+        backend = case.get("backend", args.backend)
+        generator.engine.set_attention_backend(backend)
+        tl = job_timeline(cfg)
+        # what the compiled graphs and kernels depend on: the windows' sizes and whether blocks share a cache
+        shape_key = (cfg.height, cfg.width, backend, tl.num_blocks > 1,
+                     frozenset(stop - start for start, stop in map(tl.window_range, range(tl.num_blocks))))
+        if shape_key not in warmed:  # later runs of the same shapes reuse the warm-up's
             # 3 steps: a block-step that both reads the cache and leaves one for its neighbour occurs
-            # (each such window variant is compiled once)
-            warmup = cfg.with_overrides(num_inference_steps=min(3, cfg.num_inference_steps))
+            # (each such window variant is compiled once); a video of one block has one variant: 1 step
+            steps = 3 if tl.num_blocks > 1 else 1
+            warmup = cfg.with_overrides(num_inference_steps=min(steps, cfg.num_inference_steps))
+            warmup_start = time.perf_counter()
             generator.generate(generator.request(warmup, text))
+            warmed[shape_key] = time.perf_counter() - warmup_start
+            if rank0:
+                print(f"worker: {case['label']} warmed up (compiling) in {warmed[shape_key]:.1f}s",
+                      file=sys.stderr, flush=True)
+        graphs = compiled_graphs()
         times, busy = [], []
         for _ in range(args.repeats):
             if cuda:
@@ -118,7 +137,7 @@ def worker(args) -> int:
             busy.append(result.stats.busy_seconds() if cuda else 0.0)
         stats = comm.gather_objects(dict(
             peak=torch.cuda.max_memory_allocated(device) if cuda else 0, busy=statistics.median(busy),
-            sent=result.stats.bytes_sent,
+            sent=result.stats.bytes_sent, graphs=compiled_graphs() - graphs,
         ))
         if args.profile and cuda:
             profile_run(generator, generator.request(cfg, text, overlap=overlap), Path(args.profile),
@@ -157,6 +176,9 @@ def worker(args) -> int:
             partition=[int(p) for p in generator.engine.modules[0].parts], latents_sha256=digest,
             planner_s=planner_s, ticks=ticks,
             tick_overhead_s=(seconds - planner_s) / ticks if cuda else None,
+            warmup_seconds=warmed[shape_key],
+            # graphs torch.compile made during the timed runs, all ranks (0: the warm-up compiled them all)
+            graphs_compiled_in_timing=sum(s["graphs"] for s in stats),
         )
         if real is not None:
             record.update(real)
@@ -164,6 +186,13 @@ def worker(args) -> int:
         print(json.dumps(record), flush=True)
     comm.shutdown()
     return 0
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def profile_run(generator, request, folder: Path, label: str) -> None:
@@ -300,47 +329,166 @@ def real_path(generator, cfg, shape: str, repeats: int) -> dict:
                 real_runs=first, real_peak_gib=[s["peak"] / 2**30 for s in stats], vae_dtype=cfg.vae_dtype)
 
 
-def baseline(args) -> int:
-    """diffusers' WanPipeline denoising loop on the whole sequence, one GPU, same shapes."""
+def shape_image(shape: str):
+    """(VAE spatial factor, ImageInput or None) of a SHAPES entry, as the worker's random weights take
+    it (pipeline.image.random_weights_image), without importing torch (the driver checks flags with it)."""
+    from types import SimpleNamespace
+
+    from ds_dualparal.pipeline.image import random_weights_image
+
+    return random_weights_image(SimpleNamespace(**{"in_channels": 16, "out_channels": 16, "image_dim": None,
+                                                   **SHAPES[shape]}))
+
+
+# The image baseline's random VAE (it makes the condition latents, outside the timing): Wan2.1's
+# (diffusers' defaults) for 8x shapes, Wan2.2-TI2V-5B's vae/config.json for 16x ones (latent statistics
+# 0 and 1: the weights are random anyway); the debug shapes take a tiny one of the same kind.
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                 in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16, is_residual=True,
+                 latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+DEBUG_VAE = dict(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+BASELINE_NOTE = ("diffusers rows with --image: WanImageToVideoPipeline; the image condition is made before the "
+                 "timing (random CLIP tokens, as DualParal's; condition latents by the pipeline's own prepare_latents, "
+                 "its VAE encode, with a random VAE of the model's kind, which then leaves the GPU): time and peak are "
+                 "the denoising loop's")
+
+
+def as_loaded(model, dtype):
+    """`model` cast as diffusers' from_pretrained(torch_dtype=dtype) leaves it: tensors under a module
+    named in its `_keep_in_fp32_modules` (Wan: RoPE, time embedder, norms, scale-shift tables) stay as
+    built (fp32); one tensor at a time, so the fp32 copies go as they are cast."""
+    keep = set(model._keep_in_fp32_modules or ())
+    for prefix, module in model.named_modules():
+        for key, param in module.named_parameters(recurse=False):
+            if not keep.intersection(f"{prefix}.{key}".split(".")):
+                param.data = param.data.to(dtype)
+        for key, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and not keep.intersection(f"{prefix}.{key}".split(".")):
+                module._buffers[key] = buffer.to(dtype)
+    return model.eval()
+
+
+def random_vae(shape: str, spatial: int, device, dtype):
+    """A seeded random AutoencoderKLWan of the shape's kind, built on `device`."""
     import torch
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
+
+    config = dict(WAN22_VAE) if spatial == 16 else {}
+    if shape.startswith("debug"):
+        config.update(DEBUG_VAE, **({"decoder_base_dim": 12} if spatial == 16 else {}))
+    torch.manual_seed(0)
+    with torch.device(device):
+        return as_loaded(AutoencoderKLWan(**config), dtype)
+
+
+def image_pipeline(transformer, vae, scheduler, embeds, expand_timesteps: bool):
+    """diffusers' WanImageToVideoPipeline whose image condition is given: `encode_image` returns `embeds`
+    (CLIP tokens, None for a model without them) and `prepare_latents` runs the pipeline's own code (the
+    VAE encode of the image) once, on the first call after `condition` is reset to None; later calls
+    reuse its tensors, so that a call after that is the denoising loop."""
+    from diffusers import WanImageToVideoPipeline
+
+    class GivenImagePipeline(WanImageToVideoPipeline):
+        condition = None
+
+        @property
+        def _execution_device(self):  # the transformer's, also while the VAE waits on the CPU
+            return self.transformer.device
+
+        def encode_image(self, image, device=None):
+            return embeds
+
+        def prepare_latents(self, *args, **kwargs):
+            if self.condition is None:
+                self.condition = super().prepare_latents(*args, **kwargs)
+            return tuple(t.clone() for t in self.condition)
+
+    return GivenImagePipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=transformer,
+                              expand_timesteps=expand_timesteps)
+
+
+def baseline(args) -> int:
+    """diffusers' WanPipeline (with --image WanImageToVideoPipeline) denoising loop on the whole sequence,
+    one GPU (the CPU without one: the debug shapes' smoke test), same shapes, steps, CFG and scheduler."""
+    import numpy as np
+    import torch
+    from diffusers import WanPipeline, WanTransformer3DModel
+    from PIL import Image
 
     from ds_dualparal.config import TEXT_TOKENS
+    from ds_dualparal.pipeline.denoise import make_scheduler
     from ds_dualparal.wan.flops import block_step_flops
     from ds_dualparal.wan.model import WanConfig
 
-    device = torch.device("cuda")
-    torch.manual_seed(0)
-    with device:
-        transformer = WanTransformer3DModel(**SHAPES[args.shape], text_dim=4096).to(torch.bfloat16).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    text = torch.randn((2, TEXT_TOKENS, 4096), device=device, dtype=torch.bfloat16)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     wan = WanConfig(**SHAPES[args.shape])
+    spatial, mode = shape_image(args.shape)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with device:  # diffusers' own init on the GPU, in fp32, then cast as from_pretrained casts to bf16
+        transformer = as_loaded(WanTransformer3DModel(**{"text_dim": 4096, **SHAPES[args.shape]}), torch.bfloat16)
+    # the DualParal worker's scheduler, at the config's default flow_shift (3; unipc: Wan's UniPC)
+    scheduler = make_scheduler(args.scheduler, 3.0, 1)
+    image_tokens = mode.clip_tokens if args.image else 0
+    if args.image:
+        embeds = None
+        if image_tokens:  # random CLIP tokens, as DualParal's random condition has them
+            embeds = torch.randn((1, image_tokens, wan.image_dim), generator=torch.Generator().manual_seed(1))
+            embeds = embeds.to(device, torch.bfloat16)
+        vae = random_vae(args.shape, spatial, device, getattr(torch, args.vae_dtype))
+        pipe = image_pipeline(transformer, vae, scheduler, embeds, mode.mode == "first_frame")
+    else:
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+        pipe.vae_scale_factor_spatial = spatial  # no VAE to read it from: Wan2.2-TI2V's is 16x
+    pipe.set_progress_bar_config(disable=True)
+    name = "WanImageToVideoPipeline" if args.image else "WanPipeline"
+    load_seconds = time.perf_counter() - started
+    print(f"baseline: {name} on {device}, made in {load_seconds:.1f}s", file=sys.stderr, flush=True)
+    text = torch.randn((2, TEXT_TOKENS, wan.text_dim), device=device, dtype=torch.bfloat16)
+    pixels = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
+    picture = Image.fromarray(pixels)
+    batch = 2 if args.guidance > 1 else 1
+
+    def run(steps: int, **call) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        pipe(**call, prompt_embeds=text[:1], negative_prompt_embeds=text[1:], num_inference_steps=steps,
+             guidance_scale=args.guidance, output_type="latent")
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
     for case in parse_cases(args.cases):
-        frames = 4 * (case["latent_frames"] - 1) + 1
-
-        def run(steps):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            pipe(prompt_embeds=text[:1], negative_prompt_embeds=text[1:], height=args.height, width=args.width,
-                 num_frames=frames, num_inference_steps=steps, guidance_scale=5.0, output_type="latent")
-            torch.cuda.synchronize()
-            return time.perf_counter() - start
-
-        run(2)
-        torch.cuda.reset_peak_memory_stats()
-        times = [run(case["steps"]) for _ in range(args.repeats)]
+        height, width = case.get("height", args.height), case.get("width", args.width)
+        call = dict(height=height, width=width, num_frames=4 * (case["latent_frames"] - 1) + 1)
+        if args.image:  # this case's condition: made by the warm-up with the VAE on the device, then kept
+            call["image"] = picture.resize((width, height))
+            pipe.condition = None
+            pipe.vae.to(device)
+        warmup_start = time.perf_counter()
+        run(2, **call)
+        warmup_seconds = time.perf_counter() - warmup_start
+        if args.image:
+            pipe.vae.to("cpu")  # DualParal's random condition holds no VAE either
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = [run(case["steps"], **call) for _ in range(args.repeats)]
         seconds = statistics.median(times)
-        tokens = case["latent_frames"] * (args.height // 16) * (args.width // 16)
-        flops = case["steps"] * block_step_flops(wan, tokens, 0, 2)
+        tokens = case["latent_frames"] * (height // spatial // 2) * (width // spatial // 2)
+        flops = case["steps"] * block_step_flops(wan, tokens, 0, batch, image_tokens)
         record = dict(
-            kind="diffusers", label=case["label"], shape=args.shape, gpus=1, latent_frames=case["latent_frames"],
-            height=args.height, width=args.width, steps=case["steps"], seconds=seconds, times=times,
-            seconds_per_step=seconds / case["steps"], peak_gib=[torch.cuda.max_memory_allocated() / 2**30],
+            kind="diffusers", label=case["label"], shape=args.shape, image=args.image, pipeline=name, gpus=1,
+            latent_frames=case["latent_frames"], height=height, width=width, steps=case["steps"],
+            seconds=seconds, times=times, seconds_per_step=seconds / case["steps"],
+            peak_gib=[torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0],
             mfu=flops / seconds / (PEAK_TFLOPS * 1e12), tflop=flops / 1e12, backend="default",
+            guidance=args.guidance, scheduler=args.scheduler, load_seconds=load_seconds,
+            warmup_seconds=warmup_seconds,
         )
+        if args.image:
+            record.update(condition="before timing", vae_dtype=args.vae_dtype, image_tokens=image_tokens)
         _append(Path(args.out), record)
         print(json.dumps(record), flush=True)
     return 0
@@ -357,6 +505,8 @@ def table(records: list[dict]) -> str:
             f"{r['mfu']:>6.1%} {r.get('bubble') or 0:>6.1%} {r.get('bytes_sent', 0) / 1e6:>8.0f}"
             f" {r.get('real_total_s', 0):>7.2f} {'/'.join(f'{p:.2f}' for p in r.get('real_peak_gib', [])):>14}"
         )
+    if any(r["kind"] == "diffusers" and r.get("image") for r in records):
+        lines.append(BASELINE_NOTE)
     return "\n".join(lines)
 
 
@@ -406,6 +556,22 @@ def driver(args) -> int:
     return status
 
 
+def flags_problem(args) -> str | None:
+    """Why the shape and flags cannot run together (one line), or None."""
+    image_shapes = ", ".join(name for name in SHAPES if shape_image(name)[1] is not None)
+    mode = shape_image(args.shape)[1]
+    if args.image and mode is None:
+        return f"--image needs an image-to-video shape ({image_shapes}); --shape {args.shape} is text-to-video"
+    if not args.image and mode is not None and mode.mode == "channels":
+        return (f"--shape {args.shape} takes image condition channels (Wan2.1-I2V): add --image "
+                "(a random image condition)")
+    if args.image and args.real_path:
+        return ("--real-path does not run with --image: with random weights the image condition is random, so the "
+                "command's CLIP and VAE encodes of the image would not be timed, and the random VAE that decodes is "
+                "Wan2.1's (16 latent channels; TI2V-5B's latents have 48); time the denoising only (drop --real-path)")
+    return None
+
+
 def _counts(text: str) -> list[int]:
     counts = [int(item) for item in text.split(",") if item]
     if not counts or min(counts) < 1:
@@ -442,7 +608,8 @@ def main(argv=None) -> int:
                         help="also run each case with every tick's transfers waited for at its end (no overlap)")
     parser.add_argument("--image", action="store_true",
                         help="image-to-video with a random image condition (shapes i2v-14b, ti2v-5b, debug-i2v, debug-ti2v)")
-    parser.add_argument("--baseline", action="store_true", help="also run diffusers' WanPipeline on one GPU")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also run diffusers' WanPipeline (with --image WanImageToVideoPipeline) on one GPU")
     parser.add_argument("--baseline-cases", default=None)
     parser.add_argument("--out", default="bench.jsonl")
     parser.add_argument("--timeout", type=float, default=420, help="seconds each launch may take")
@@ -450,6 +617,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    problem = flags_problem(args)
+    if problem:
+        parser.error(problem)
     if args.worker:
         return worker(args)
     if args.baseline_worker:

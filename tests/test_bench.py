@@ -1,0 +1,54 @@
+"""launch/bench.py on the CPU with the debug shapes: `--image --baseline` runs DualParal and diffusers'
+WanImageToVideoPipeline side by side in one command; flags that cannot run together are refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import ROOT, run
+
+BENCH = ROOT / "launch" / "bench.py"
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("launch_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape, image_tokens", [("debug-i2v", 257), ("debug-ti2v", 0)])
+def test_image_baseline_runs_beside_dualparal(tmp_path, shape, image_tokens):
+    # 5 latent frames (17 video frames) in one block (B = 4, c = 2): the same tokens as the full sequence,
+    # so both rows count the same FLOPs
+    out = tmp_path / "bench.jsonl"
+    result = run([sys.executable, str(BENCH), "--gpus", "1", "--baseline", "--image", "--shape", shape,
+                  "--cases", "smoke:5:2", "--height", "64", "--width", "64", "--block-size", "4", "--context", "2",
+                  "--repeats", "1", "--out", str(out)], tmp_path, timeout=240)
+    assert result.returncode == 0, result.explain()
+    ours, theirs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert ours["kind"] == "dualparal" and ours["image"] and ours["blocks"] == 1
+    assert theirs["kind"] == "diffusers" and theirs["pipeline"] == "WanImageToVideoPipeline" and theirs["image"]
+    assert theirs["seconds"] > 0 and all(t > 0 for t in theirs["times"]) and theirs["warmup_seconds"] > 0
+    assert theirs["image_tokens"] == image_tokens
+    for key in ("latent_frames", "height", "width", "steps"):
+        assert theirs[key] == ours[key], key
+    assert theirs["tflop"] == pytest.approx(ours["tflop"])
+    table = result.stdout[result.stdout.index("run        kind"):]
+    assert "smoke      diffusers" in table and "smoke      dualparal" in table
+    assert "WanImageToVideoPipeline; the image condition is made before the timing" in table
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--shape", "1.3b", "--image"], "--image needs an image-to-video shape (i2v-14b, ti2v-5b, debug-i2v, debug-ti2v)"),
+    (["--shape", "i2v-14b", "--baseline"], "--shape i2v-14b takes image condition channels (Wan2.1-I2V): add --image"),
+    (["--shape", "ti2v-5b", "--image", "--real-path"], "--real-path does not run with --image: with random weights"),
+])
+def test_flags_that_cannot_run_together_are_refused(argv, error, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _bench_module().main(argv)
+    assert exit_.value.code == 2
+    assert error in capsys.readouterr().err.strip().splitlines()[-1]
