@@ -544,8 +544,10 @@ def driver(args) -> int:
         common += ["--image"]
     status = 0
     for gpus in [int(g) for g in args.gpus.split(",") if g]:
-        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
-                   str(free_port()), str(Path(__file__).resolve()), "--worker", *common, "--cases", args.cases]
+        # one GPU: a plain process (the same one-rank group, without the launcher's two extra start-ups)
+        launcher = [] if gpus == 1 else ["-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_port",
+                                         str(free_port())]
+        command = [sys.executable, *launcher, str(Path(__file__).resolve()), "--worker", *common, "--cases", args.cases]
         status |= _call(command, args.timeout)
     if args.baseline:
         base_cases = args.baseline_cases or args.cases
