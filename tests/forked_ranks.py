@@ -13,7 +13,7 @@ after a grace), as `deepspeed.launcher.launch` does.
 
 The forkserver only imports: it never computes, so no thread pool or process group exists to be
 inherited by a fork. The launcher itself stays under test where the launcher is the point
-(tests/test_faults.py, test_multinode.py, test_stage_variants.py, test_hostile.py).
+(tests/test_faults.py, test_multinode.py, test_hostile.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Run under DeepSpeed's launcher by tests/test_stage_variants.py: the engine paths only GPU benchmarks
-used to reach, on CPU ranks, in one distributed start-up.
+"""Run as two ranks by tests/test_stage_variants.py (forked, `conftest.run_forked`), or by hand under the
+launcher: the engine paths only GPU benchmarks used to reach, on CPU ranks, in one distributed start-up.
 
     python -m deepspeed.launcher.runner --num_gpus 2 tests/stage_variants.py CONFIG MODEL OUT
 

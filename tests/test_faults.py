@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from conftest import GENERATE, TINY_CONFIG, deepspeed_command, subprocess_env
+from conftest import GENERATE, TINY_CONFIG, deepspeed_command, run_deepspeed, subprocess_env
 
 BOUND_S = 60  # from the fault to the launcher's exit
 OUTPUTS = ("video.mp4", "latents.safetensors")
@@ -125,8 +125,7 @@ def test_a_job_that_cannot_run_on_this_model_fails_alone_on_two_stages(workdir):
     before the job starts, recorded as failed, and the next job runs."""
     (workdir / "jobs.jsonl").write_text(json.dumps({"name": "many", "steps": 400}) + "\n"
                                         + json.dumps({"name": "ok", "steps": 2}) + "\n")
-    result = subprocess.run(deepspeed_command(2, "--config", TINY_CONFIG, "--jobs", "jobs.jsonl", "--output-dir", "out"),
-                            cwd=workdir, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = run_deepspeed(2, "--config", TINY_CONFIG, "--jobs", "jobs.jsonl", "--output-dir", "out", cwd=workdir)
     log = result.stdout + result.stderr
     assert result.returncode == 1, log[-4000:]
     entries = [json.loads(line) for line in (workdir / "out" / "manifest.jsonl").read_text().splitlines()]

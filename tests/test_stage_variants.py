@@ -1,9 +1,9 @@
 """Lockstep, two experts and a lighter first stage on two CPU stages, bit for bit against the
-single-process reference (one launch, tests/stage_variants.py, serves all three)."""
+single-process reference (one two-rank run of tests/stage_variants.py serves all three)."""
 
 import pytest
 import torch
-from conftest import ROOT, TINY_CONFIG, deepspeed_command, run
+from conftest import ROOT, TINY_CONFIG, run_forked
 from safetensors.torch import load_file
 
 from ds_dualparal.config import load_config
@@ -16,8 +16,7 @@ def two_stages(tmp_path_factory):
     """(saved latents, experts and bounds, the launch's log, the reference latents) of the two-expert tiny model."""
     cwd = tmp_path_factory.mktemp("stage_variants")
     model = write_tiny_wan(cwd / "two-experts", two_experts=True, num_layers=4)
-    command = deepspeed_command(2, TINY_CONFIG, model, "out.safetensors", script=ROOT / "tests" / "stage_variants.py")
-    result = run(command, cwd, timeout=600)
+    result = run_forked(ROOT / "tests" / "stage_variants.py", 2, [TINY_CONFIG, model, "out.safetensors"], cwd, timeout=600)
     assert result.returncode == 0, result.explain()
     want = reference_latents(load_config(TINY_CONFIG, {"model": str(model)}).dualparal)
     return load_file(cwd / "out.safetensors"), result.stdout + result.stderr, want
