@@ -3,7 +3,7 @@
     python launch/check_split.py [--debug]
 
 Runs a few Wan2.1-1.3B-shaped blocks (random weights, anchor window) on the batch of 2 and on each
-half alone, plain and fast (fused q/k/v + torch.compile), and prints whether the halves match the
+half alone, plain and compiled (fused q/k/v + torch.compile), and prints whether the halves match the
 pair bit for bit. Splitting the pair into two micro-batches changes the schedule only if they do.
 """
 
@@ -64,15 +64,15 @@ def main() -> int:
     conditioner = Conditioner(wan, weights).to(device)
     torch._dynamo.config.recompile_limit = 64
     with torch.no_grad():
-        for fast in (False, True):
-            layers = [WanBlockLayer(wan, i, weights, None, fast) for i in range(args.layers)]
+        for compiled in (False, True):
+            layers = [WanBlockLayer(wan, i, weights, None, compiled) for i in range(args.layers)]
             pair = run(layers, conditioner, wan, 16, 8, *grid, device, slice(0, 2), dtype)
             halves = [run(layers, conditioner, wan, 16, 8, *grid, device, slice(k, k + 1), dtype) for k in (0, 1)]
             for name, i in (("hidden", 0), ("captured", 1)):
                 joined = torch.cat([h[i] for h in halves], dim=1 if name == "captured" else 0)
                 same = torch.equal(pair[i], joined)
                 diff = (pair[i].float() - joined.float()).abs().max().item()
-                print(f"{'fast' if fast else 'plain'} {name}: bit-identical {same} (max abs diff {diff:.3g})", flush=True)
+                print(f"{'compiled' if compiled else 'plain'} {name}: bit-identical {same} (max abs diff {diff:.3g})", flush=True)
     return 0
 
 

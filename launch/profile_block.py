@@ -1,4 +1,4 @@
-"""Where one block-step's time goes, on one GPU: plain vs fast path (fused q/k/v + torch.compile), a
+"""Where one block-step's time goes, on one GPU: plain vs compiled path (fused q/k/v + torch.compile), a
 kernel-time breakdown (attention / matmul / other), and the VAE decode of one block in fp32 and bf16.
 
     python launch/profile_block.py --out profile.json
@@ -157,31 +157,31 @@ def main() -> int:
     conditioner = Conditioner(wan, weights).to(device)
     results = {}
     with torch.no_grad():
-        for fast in (False, True):
+        for compiled in (False, True):
             torch._dynamo.config.recompile_limit = 64
-            layers = [WanBlockLayer(wan, i, weights, None, fast) for i in range(args.layers)]
+            layers = [WanBlockLayer(wan, i, weights, None, compiled) for i in range(args.layers)]
             run = block_step(layers, conditioner, wan, 16, 8, *grid, device)
             started = time.perf_counter()
             reference = run()
             first = time.perf_counter() - started
             times = timed(run, args.repeats)
-            results["fast" if fast else "plain"] = dict(
+            results["compiled" if compiled else "plain"] = dict(
                 first_call_s=first, seconds=statistics.median(times), times=times,
                 kernels=breakdown(run) if device.type == "cuda" else {},
                 output=reference.float().cpu())
             del layers
             torch.cuda.empty_cache()
-        plain, fast = results["plain"].pop("output"), results["fast"].pop("output")
-        results["fast_vs_plain_rel_l2"] = float((fast - plain).norm() / plain.norm())
+        plain, compiled = results["plain"].pop("output"), results["compiled"].pop("output")
+        results["compiled_vs_plain_rel_l2"] = float((compiled - plain).norm() / plain.norm())
         if device.type == "cuda":
             results["vae"] = vae_numbers(device, 3)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    for name in ("plain", "fast"):
+    for name in ("plain", "compiled"):
         r = results[name]
         kernels = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["kernels"].items()))
         print(f"{name:>5}: {r['seconds']:.3f} s per block-step ({args.layers} layers; first call {r['first_call_s']:.1f} s); "
               f"kernels: {kernels}")
-    print(f"fast vs plain: rel L2 {results['fast_vs_plain_rel_l2']:.2e}")
+    print(f"compiled vs plain: rel L2 {results['compiled_vs_plain_rel_l2']:.2e}")
     for name in ("float32", "bfloat16") if "vae" in results else ():
         v = results["vae"][name]
         print(f"VAE {name}: {v['seconds_per_8_frame_block']:.3f} s per 8-latent-frame block, +{v['peak_extra_gib']:.2f} GiB")

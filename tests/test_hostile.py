@@ -108,6 +108,22 @@ def test_a_lone_cpu_process_does_not_build_the_shared_memory_op():
         assert build_shm_op() is None  # would otherwise build with g++ or wait on its lock
 
 
+def test_the_private_names_the_shared_memory_op_checks_rely_on():
+    """comm.py reaches two private names: DeepSpeed's op table (`deepspeed.ops.__compatible_ops__`, which
+    `build_shm_op` reads before it builds) and torch's extension folder (`_get_build_directory`, where
+    `load` puts its build lock). An upgrade that moves either fails here, not silently in a run."""
+    import inspect
+
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+    from torch.utils import cpp_extension
+
+    assert isinstance(deepspeed.ops.__compatible_ops__, dict) and comm._SHM_OP in deepspeed.ops.__compatible_ops__
+    assert "deepspeed.ops.__compatible_ops__.get(builder.NAME" in inspect.getsource(build_shm_op)
+    assert "_get_build_directory(name, verbose)" in inspect.getsource(cpp_extension.load)
+    assert "FileBaton(os.path.join(build_directory, 'lock'))" in inspect.getsource(cpp_extension._jit_compile)
+
+
 def test_a_stale_build_lock_is_named_and_a_held_one_is_waited_for(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     comm.check_build_lock(0.0)  # no lock
