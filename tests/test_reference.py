@@ -6,7 +6,7 @@ from conftest import RANDOM_TINY
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 from ds_dualparal.config import DualParalConfig
-from ds_dualparal.pipeline.denoise import make_scheduler, run_reference
+from ds_dualparal.pipeline.denoise import WindowBuilder, make_scheduler, run_reference
 from ds_dualparal.pipeline.generation import build_plan
 from ds_dualparal.pipeline.noise import initial_noise
 from ds_dualparal.pipeline.timeline import BlockTimeline
@@ -161,3 +161,49 @@ def test_prompt_embeddings_are_wan_pipelines_and_the_encoder_loads_once(monkeypa
         plain = pipe.encode_prompt("a dog", None, False, max_sequence_length=512, device="cpu")[0]
     assert torch.equal(with_cfg, torch.cat([cond, uncond])) and with_cfg.shape == (2, 512, 32)
     assert torch.equal(without, plain)
+
+
+def test_each_condition_embedding_is_computed_once_per_what_it_depends_on(tmp_path, monkeypatch):
+    """The time embedding once per step, the text projection once per (expert, text mix), instead of both
+    per block-step: the same latents as the per-block-step `Conditioner.embed`, and nothing kept after."""
+    path = write_tiny_wan(tmp_path / "a14b", two_experts=True)
+    cfg = config(num_frames=37, block_size=2, context=1, prompt_transition=1, prompts=[  # 4 blocks, 2 experts
+        {"from_frame": 0, "prompt": "a"}, {"from_frame": 21, "prompt": "b"}])
+    folder = ModelFolder(path)
+    wan, experts = load_experts(folder)
+    scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
+    plan = build_plan(cfg, wan, scheduler, folder.boundary_ratio, len(experts))
+    noise = initial_noise(plan.timeline, cfg.seed, (16, plan.latent_height, plan.latent_width), cfg.noise)
+    texts = torch.randn(plan.num_texts, 2, 512, 32, generator=torch.Generator().manual_seed(0))
+    steps = list(plan.timeline.block_steps())
+    assert len({plan.text_mix(b) for b in range(4)}) == 3 and {plan.expert(s) for s in range(4)} == {0, 1}
+
+    def per_block_step(self, step):  # what every block-step computed before
+        t = self.timesteps[step.step].expand(plan.batch)
+        return self.conditioners[plan.expert(step.step)].embed(t, self.text(step.block), self.image)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WindowBuilder, "embeddings", per_block_step)
+        want = run_reference(plan, experts, texts, noise, scheduler)
+    calls = {"embed_time": 0, "embed_text": 0}
+    for name in calls:
+        monkeypatch.setattr(Conditioner, name, counted(getattr(Conditioner, name), calls, name))
+    builders = []
+    monkeypatch.setattr(WindowBuilder, "embeddings", counted(WindowBuilder.embeddings, builders))
+    got = run_reference(plan, experts, texts, noise, scheduler)
+    assert torch.equal(got, want)
+    assert calls == {"embed_time": cfg.num_inference_steps,
+                     "embed_text": len({(plan.expert(s.step), plan.text_mix(s.block)) for s in steps})}
+    assert calls["embed_text"] < len(steps) and len(builders) == len(steps)
+    assert builders[-1]._embeddings == {}  # each dropped after its last use
+
+
+def counted(method, calls, name=None):
+    """`method`, counting its calls in `calls[name]`, or appending its `self` to the list `calls`."""
+    def wrapper(self, *args, **kwargs):
+        if name is None:
+            calls.append(self)
+        else:
+            calls[name] += 1
+        return method(self, *args, **kwargs)
+    return wrapper

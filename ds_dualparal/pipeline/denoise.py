@@ -119,6 +119,15 @@ class WindowBuilder:
         self.timesteps = plan.timesteps.to(self.device)  # once, not a host-to-device copy per block-step
         self.cache = FeatureCache()
         self._rope = {}
+        # The condition embeddings, each made once for what it depends on and dropped after the last
+        # block-step (in sequential order) that reads it: at most a time embedding per step in flight
+        # and a text projection per text mix in use. Correct in any order; a key built again after its
+        # last use (not in sequential order) is only computed again.
+        self._embeddings: dict[tuple, object] = {}
+        self._last_use: dict[tuple, BlockStep] = {}
+        for step in plan.timeline.block_steps():
+            for key in self._embedding_keys(step):
+                self._last_use[key] = step
 
     def rotary(self, expert: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (expert, frames)
@@ -140,22 +149,53 @@ class WindowBuilder:
         blend = sum(weight * self.texts[index].float() for index, weight in mix)
         return blend.to(self.texts.dtype)
 
+    def _embedding_keys(self, step: BlockStep) -> tuple[tuple, tuple]:
+        """What a block-step's time embedding and text projection depend on: the step (its timestep and
+        expert; for block 0 with a clean first frame also its frame count, one timestep per token), and
+        the expert and the block's text mix."""
+        plan = self.plan
+        per_token = plan.window_frames(0) if plan.clean_first_frame and step.block == 0 else None
+        expert = plan.expert(step.step)
+        return ("time", step.step, expert, per_token), ("text", expert, plan.text_mix(step.block))
+
+    def embeddings(self, step: BlockStep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A block-step's temb, timestep_proj and projected text (`Conditioner.embed`), shared by the
+        block-steps with the same step, expert and text mix instead of computed for each."""
+        time_key, text_key = self._embedding_keys(step)
+        temb, timestep_proj = self._embedding(time_key, step, self._embed_time, time_key)
+        return temb, timestep_proj, self._embedding(text_key, step, self._embed_text, text_key, step.block)
+
+    def _embedding(self, key: tuple, step: BlockStep, make, *args):
+        value = self._embeddings.pop(key, None)
+        if value is None:
+            value = make(*args)
+        if self._last_use[key] != step:
+            self._embeddings[key] = value
+        return value
+
+    def _embed_time(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        _, step, expert, per_token = key
+        plan, t = self.plan, self.timesteps[step]
+        if per_token is None:
+            return self.conditioners[expert].embed_time(t.expand(plan.batch), self.texts.dtype)
+        # diffusers' expand_timesteps: one timestep per token, 0 on the clean first frame's tokens
+        height, width = plan.patch_grid
+        mask = torch.ones(per_token, height, width, device=self.device)
+        mask[0] = 0
+        timesteps = (mask * t).flatten().expand(plan.batch, -1)
+        return self.conditioners[expert].embed_time(timesteps.flatten(), self.texts.dtype,
+                                                    timestep_seq_len=timesteps.shape[1])
+
+    def _embed_text(self, key: tuple, block: int) -> torch.Tensor:
+        return self.conditioners[key[1]].embed_text(self.text(block), self.image)
+
     def __call__(self, step: BlockStep) -> WindowState:
         plan, timeline = self.plan, self.plan.timeline
-        b, s, i = step.block, step.step, step.iteration
-        expert = plan.expert(s)
-        t = self.timesteps[s]
+        b, i = step.block, step.iteration
+        expert = plan.expert(step.step)
         frames = plan.window_frames(b)
         height, width = plan.patch_grid
-        if plan.clean_first_frame and b == 0:
-            # diffusers' expand_timesteps: one timestep per token, 0 on the clean first frame's tokens
-            mask = torch.ones(frames, height, width, device=self.device)
-            mask[0] = 0
-            timesteps = (mask * t).flatten().expand(plan.batch, -1)
-            temb, timestep_proj, text = self.conditioners[expert].embed(
-                timesteps.flatten(), self.text(b), self.image, timestep_seq_len=timesteps.shape[1])
-        else:
-            temb, timestep_proj, text = self.conditioners[expert].embed(t.expand(plan.batch), self.text(b), self.image)
+        temb, timestep_proj, text = self.embeddings(step)
         read_cache = timeline.has_cache(b, i)
         rope_frames = frames + (timeline.context if read_cache else 0)
         capture = None

@@ -370,10 +370,26 @@ class Conditioner(nn.Module):
         """Returns temb, timestep_proj (batch, 6, D) and the projected text (after the projected image
         tokens, if any), as diffusers' forward does. With `timestep_seq_len`, `timestep` holds one value
         per token (batch * seq_len): temb is (batch, seq_len, D) and timestep_proj (batch, seq_len, 6, D)."""
-        temb, timestep_proj, text, image = self.condition_embedder(timestep, text, image, timestep_seq_len)
+        return (*self.embed_time(timestep, text.dtype, timestep_seq_len), self.embed_text(text, image))
+
+    def embed_time(self, timestep: torch.Tensor, dtype: torch.dtype, timestep_seq_len: int | None = None):
+        """The time half of `embed`: temb and timestep_proj, in the operations of diffusers' forward
+        (`dtype`: the text's, which diffusers casts temb to). Apart from the text half, so that a
+        generation computes each once per thing it depends on (denoise.WindowBuilder)."""
+        embedder = self.condition_embedder
+        timestep = embedder.timesteps_proj(timestep)
+        if timestep_seq_len is not None:
+            timestep = timestep.unflatten(0, (-1, timestep_seq_len))
+        temb = embedder.time_embedder(timestep.to(embedder.time_embedder.linear_1.weight.dtype)).to(dtype)
+        return temb, embedder.time_proj(embedder.act_fn(temb)).unflatten(-1, (6, -1))
+
+    def embed_text(self, text: torch.Tensor, image: torch.Tensor | None = None) -> torch.Tensor:
+        """The text half of `embed`: the projected image tokens (if any), then the projected text."""
+        embedder = self.condition_embedder
+        text = embedder.text_embedder(text)
         if image is not None:
-            text = torch.cat([image, text], dim=1)
-        return temb, timestep_proj.unflatten(-1, (6, -1)), text
+            text = torch.cat([embedder.image_embedder(image), text], dim=1)
+        return text
 
 
 def layer_specs(config: WanConfig, weights: WeightSource, backend: str | None = None,
