@@ -30,6 +30,21 @@ def test_main_command_writes_mp4_latents_and_frames(tiny_single_run):
     assert "done: 1 job(s)" in result.stdout + result.stderr
 
 
+def test_the_run_ends_with_one_line_of_where_its_time_went(tiny_single_run):
+    _, result = tiny_single_run
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "ds_dualparal: time: " in line]
+    assert len(lines) == 1, lines
+    parts = {}
+    for part in lines[0].split("time: ", 1)[1].split(", "):
+        name, seconds, unit = part.rsplit(" ", 2)
+        assert unit == "s"
+        parts[name] = float(seconds)
+    total = parts.pop("total")
+    assert list(parts) == ["start-up", "checks", "loading", "encoding", "generation", "last decode", "summary"]
+    assert abs(sum(parts.values()) - total) <= 0.05 * (len(parts) + 1)  # each rounded to 0.1 s
+    assert parts["start-up"] > 0 and parts["generation"] > 0 and total < 180  # run_generate's timeout
+
+
 def test_existing_output_is_refused_then_replaced_with_overwrite(workdir):
     output = workdir / "video.mp4"
     output.write_bytes(b"not a video")

@@ -16,6 +16,7 @@ import time
 
 from ..config import ConfigError
 from ..files import OutputError
+from . import timing
 from .args import _name_flag, build_parser, check_args, config_from_args
 from .checks import check_model, check_work, open_checkpoints, plan_jobs
 from .jobs import Job, record
@@ -28,6 +29,7 @@ class _AgreedError(Exception):
 
 
 def main(argv=None) -> int:
+    timing.start()
     logging.basicConfig(
         level=os.environ.get("DS_DUALPARAL_LOG", "INFO"),
         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         check_args(args, cfg)
+        timing.lap("checks")
         return _run(args, cfg)
     except (ConfigError, _AgreedError) as err:
         if os.environ.get("RANK", "0") == "0":  # every rank finds the same mistake; one says it
@@ -129,9 +132,10 @@ def _decide(args, cfg, rank: int, world_size: int):
     error (None if none), the jobs, the checkpoint folder (None without --checkpoint-dir) and the costs."""
     import torch
 
-    from ..output.checkpoint import ResumeError
+    from ..output.checkpoint import ResumeError  # diffusers, through the schedulers
     from ..wan.weights import ModelError
 
+    timing.lap("start-up")  # the runtime's imports, which the checks need too
     error = jobs = checkpoints = None
     costs = []
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -170,7 +174,9 @@ def _run(args, cfg) -> int:
     error, jobs, checkpoints, costs = _decide(args, cfg, rank, world_size)
     if error is not None and world_size == 1:  # no rank to agree with: say it before any start-up
         raise _AgreedError(error)
+    timing.lap("checks")
     device = comm.init_process(cfg.comm_timeout_s)
+    timing.lap("start-up")
     _agree(error)
     for level, line in costs:
         log.log(level, "%s", line)
@@ -196,7 +202,10 @@ def _run(args, cfg) -> int:
         log.info("nothing to run")
         comm.shutdown()
         return 1 if invalid else 0
-    return _generate(_load(cfg, device), args, runnable, checkpoints, invalid)
+    timing.lap("checks")
+    generator = _load(cfg, device)
+    timing.lap("loading")
+    return _generate(generator, args, runnable, checkpoints, invalid)
 
 
 def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: int = 0) -> int:
@@ -206,6 +215,7 @@ def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: i
 
     mine = runnable[generator.replica :: generator.num_replicas]
     texts = generator.encode([job.config for job in mine])
+    timing.lap("encoding")
     if generator.device.type == "cuda":  # the summary's peak is the generation's, not the text encoder's
         import torch
 
@@ -218,6 +228,9 @@ def _generate(generator, args, runnable: list[Job], checkpoints=None, invalid: i
     for job, text in zip(mine, texts):
         results.append(run_job(generator, job, text, options, checkpoints))
     failed = summarize(generator, results, time.perf_counter() - started)
+    timing.lap("summary")
+    if generator.rank == 0:
+        log.info("%s", timing.line())
     global _finished
     _finished = 1 if failed or invalid else 0
     comm.shutdown()

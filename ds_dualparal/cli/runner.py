@@ -23,7 +23,7 @@ from ..pipeline import comm
 from ..pipeline.clip import Clip, latents_metadata, load_clip
 from ..pipeline.engine import Checkpointing
 from ..pipeline.generation import Result
-from . import interrupt
+from . import interrupt, timing
 from .jobs import record
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step:
             on_block_done(block, checkpointing.resume.latents[block])
         request.on_block_done = on_block_done
         result = generator.generate(request)
+        timing.lap("generation")
     except BaseException:
         failing = True  # nothing will be kept: the blocks still queued are not decoded
         raise
@@ -141,14 +142,19 @@ def run_job(generator, job, text, options: OutputOptions, checkpoints: Checkpoin
     start = checkpoints.start if checkpoints is not None else 0
     if not generator.is_first:
         result = generator.generate(generator.request(cfg, checkpointing=Checkpointing(start)))
+        timing.lap("generation")
         return JobResult(job.name, True, result.seconds, cfg.num_frames)
 
-    clip = load_clip(cfg, generator.vae, generator.device) if cfg.continue_from is not None else None
+    vae = generator.vae  # loaded by the first job
+    timing.lap("loading")
+    clip = load_clip(cfg, vae, generator.device) if cfg.continue_from is not None else None
     request = generator.request(cfg, text, clip=None if clip is None else clip.latents)
+    timing.lap("encoding")  # a clip, an image
     timeline = request.plan.timeline
     if checkpoints is not None:
         resume = checkpoints.load(request.plan, generator.device) if start else None
         request.checkpointing = Checkpointing(start, checkpoints.every, resume, checkpoints.save)
+        timing.lap("loading")
     total = timeline.num_blocks * timeline.num_steps
     done = sum(1 for step in timeline.block_steps() if step.iteration < start)
     bar = tqdm(total=total, initial=done, desc=job.name, unit="block-step", disable=generator.rank != 0)
@@ -203,6 +209,7 @@ def run_job(generator, job, text, options: OutputOptions, checkpoints: Checkpoin
             checkpoints.clear()
     finally:
         bar.close()
+    timing.lap("last decode")  # the decode of the blocks still queued when the denoising ended, the outputs closed
     if options.batch:
         record(options.manifest_dir, dict(
             job=job.name, line=job.index, status="done" if outcome.ok else "failed", output=job.relative,
