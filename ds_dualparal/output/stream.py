@@ -1,9 +1,12 @@
 """Finished blocks decoded and written beside the pipeline, not inside it.
 
 The first stage hands each final block to `BlockOutput.submit` and goes straight back to the
-schedule; a worker thread decodes the block with the streaming VAE decoder (on CUDA on a stream of
-its own, so decoding overlaps the transformer's kernels) and passes the frames to the sinks (mp4
-writer, PNG frames). Blocks are decoded in the order they are submitted, which is temporal order, so
+schedule; a worker thread decodes the block with the streaming VAE decoder and passes the frames to
+the sinks (mp4 writer, PNG frames). On CUDA the decode runs on a stream of its own at the lowest
+priority, so it overlaps the transformer's kernels and yields to them: when both have work ready,
+the GPU schedules the pipeline's first (it runs on a stream of the highest priority,
+`pipeline.generation.Generator`; PyTorch's lowest priority is that of the default stream, so the
+difference has to come from there). Blocks are decoded in the order they are submitted, which is temporal order, so
 the video equals a decode of the whole latent video. A failure in the worker is raised on the
 caller's thread at the next `submit` or at `close`.
 """
@@ -32,7 +35,10 @@ class BlockOutput:
         self.sinks = sinks
         self.frames_written = 0
         self.seconds = 0.0  # decode and write time on the worker (it overlaps the denoising)
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream = None
+        if device.type == "cuda":
+            least, _ = torch.cuda.Stream.priority_range()  # (least, greatest): a higher number is a lower priority
+            self._stream = torch.cuda.Stream(device, priority=least)
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._cancelled = False

@@ -40,8 +40,9 @@ class StreamingDecoder:
             raise ValueError("StreamingDecoder supports only the plain path: call vae.disable_tiling()")
         self.vae = vae
         z_dim = vae.config.z_dim
-        self._mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
-        self._inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
+        # on the VAE's device and in its dtype once (it must be there already), not copied per block
+        self._mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(vae.device, vae.dtype)
+        self._inv_std = (1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)).to(vae.device, vae.dtype)
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())
         self.reset()
 
@@ -61,7 +62,7 @@ class StreamingDecoder:
             raise ValueError(f"latents must be (B, {vae.config.z_dim}, f >= 1, h, w), got {tuple(latents.shape)}")
         z = latents.to(device=vae.device, dtype=vae.dtype)
         # Same un-normalization as WanPipeline, in the same dtype and order of operations.
-        z = z / self._inv_std.to(z.device, z.dtype) + self._mean.to(z.device, z.dtype)
+        z = z / self._inv_std + self._mean
 
         x = vae.post_quant_conv(z)  # kernel 1: frame-wise, needs no cache
         outs = []

@@ -54,6 +54,10 @@ def init_process(timeout_s: int) -> torch.device:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if device.type == "cuda":
+        # NCCL's streams at the highest priority, as the pipeline's (generation.Generator), so that the
+        # transfers keep their footing against the block-steps and only the decode yields (output/stream.py)
+        os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")
     if not dist.is_initialized():
         lone = int(os.environ.get("WORLD_SIZE", "1")) == 1
         if device.type == "cpu" and not lone:

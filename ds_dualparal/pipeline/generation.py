@@ -7,6 +7,7 @@ model-level settings (model, dtype, partition, stages, attention backend, LoRAs)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -120,6 +121,13 @@ class Generator:
         if cfg.loras:
             log.info("rank %d: %d LoRAs fused (%d LoRA tensors read)", self.rank, len(cfg.loras), lora_tensors_read(weights))
         self._vae = None
+        # On CUDA the pipeline runs on a stream of the highest priority, as NCCL's streams do
+        # (comm.init_process), so that the decode beside it (output/stream.py, the lowest priority)
+        # yields to both. One stream for every generation: the allocator caches memory per stream.
+        self._stream = None
+        if device.type == "cuda":
+            _, greatest = torch.cuda.Stream.priority_range()
+            self._stream = torch.cuda.Stream(device, priority=greatest)
 
     @property
     def stage(self) -> int:
@@ -191,10 +199,29 @@ class Generator:
         text = self.engine.share_text(request.text, request.plan)
         image = self.engine.share_image(request.image, request.plan)
         started = time.perf_counter()
-        output = self.engine.generate(replace(request, text=text, image=image))
+        with self._pipeline_stream():
+            output = self.engine.generate(replace(request, text=text, image=image))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return Result(output.latents, time.perf_counter() - started, output.stats)
+
+    @contextlib.contextmanager
+    def _pipeline_stream(self):
+        """The generation's kernels on the pipeline's stream (on CUDA), after the work that made its inputs.
+
+        The inputs made on the default stream (text, image, noise, a checkpoint's latents) are held by the
+        request until the generation is over, so their memory is not reused while the pipeline's stream
+        reads them; and the caller's stream waits for the pipeline's before it reads the outputs."""
+        if self._stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:
+            caller.wait_stream(self._stream)
 
 
 def reference_latents(cfg: DualParalConfig, device="cpu") -> torch.Tensor:
