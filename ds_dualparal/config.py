@@ -103,7 +103,7 @@ CPU_ATTENTION_BACKENDS = ("native", "_native_math", "_native_flash")
 MAX_GUIDANCE = 100.0
 MAX_FLOW_SHIFT = 100.0
 MAX_SEED = 2**63 - 1
-MAX_STEPS = 1000  # Wan samples in 50; UniPC already fails from ~334 (checks.scheduler_problem)
+MAX_STEPS = 1000  # Wan samples in 50; diffusers' own UniPC fails from ~334 (the engine's does not)
 MAX_COMM_TIMEOUT_S = 7 * 24 * 3600
 MAX_INPUT_FILE_BYTES = 64 * 2**20  # a config or prompts file; larger is a mistake (or /dev/zero)
 

@@ -1,6 +1,7 @@
 """Checkpoint and resume: where the schedule saves, what a resumed schedule runs, the state on disk
 round-tripping bit for bit, refusals, and interrupted runs resumed to the uninterrupted latents."""
 
+import copy
 import json
 import shutil
 
@@ -18,6 +19,7 @@ from ds_dualparal.pipeline.denoise import (
     BlockLatents,
     GenerationPlan,
     SchedulerStateError,
+    block_scheduler,
     make_scheduler,
     scheduler_state,
 )
@@ -158,12 +160,12 @@ def test_saved_latents_and_schedulers_continue_bit_for_bit(tmp_path, base_cfg, k
 
 
 def test_a_scheduler_attribute_the_checkpoint_would_miss_is_caught():
-    _, scheduler = plan_for("unipc", BlockTimeline(5, 2, 1, 2))
-    changed = make_scheduler("unipc", 3.0, 2, TINY_WAN_PATH / "scheduler")
-    assert scheduler_state(changed, scheduler)["lower_order_nums"] == 0
-    changed.sigmas = changed.sigmas * 2
-    with pytest.raises(SchedulerStateError, match="sigmas"):
-        scheduler_state(changed, scheduler)
+    fresh = block_scheduler(make_scheduler("unipc", 3.0, 2, TINY_WAN_PATH / "scheduler"))
+    changed = copy.deepcopy(fresh)
+    assert scheduler_state(changed, fresh)["steps_taken"] == 0
+    changed._sigmas = changed._sigmas * 2
+    with pytest.raises(SchedulerStateError, match="_sigmas"):
+        scheduler_state(changed, fresh)
 
 
 def saved_run(tmp_path, cfg, iterations=(2, 4)):
@@ -223,6 +225,21 @@ def test_what_the_output_does_not_depend_on_is_not_in_the_fingerprint(tmp_path, 
     other = base_cfg.with_overrides(output="elsewhere.mp4", fps=30, pipeline_stages=2, partition_method="uniform",
                                     comm_timeout_s=5, save_latents="x.safetensors")
     assert Checkpoints.open(folder.folder, 3, other, TINY_WAN_PATH, tl.num_iterations).start == 4
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_as_such(tmp_path, base_cfg):
+    from ds_dualparal.output.checkpoint import FORMAT, MANIFEST
+
+    folder, tl = saved_run(tmp_path, base_cfg)
+    path = folder.folder / "iter_000004"
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["format"] = manifest["fields"]["format"] = 2  # diffusers' UniPC state (format 2)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ResumeError) as info:
+        Checkpoints.open(folder.folder, 1, base_cfg, TINY_WAN_PATH, tl.num_iterations)
+    assert str(info.value) == (f"--checkpoint-dir: {path} was written by an earlier version of ds_dualparal "
+                               f"(checkpoint format 2; this version reads format {FORMAT}); resume it with that "
+                               "version, or delete it to start over")
 
 
 @pytest.mark.parametrize("damage", ["latents", "manifest", "state"])

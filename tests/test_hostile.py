@@ -413,10 +413,10 @@ def _rehash(checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("edit, error", [
-    (lambda s: s.update(_step_index="x"), "_step_index is 'x', expected 3"),
-    (lambda s: s.update(lower_order_nums=10**30), "lower_order_nums is 1000000000000000000000000000000"),
-    (lambda s: s.update(timestep_list=[900, 750]), r"timestep_list \[0\] is int, expected a tensor"),
-    (lambda s: s.pop("this_order"), "scheduler has .*, expected"),
+    (lambda s: s.update(steps_taken="x"), "steps_taken is 'x', expected 3"),
+    (lambda s: s.update(steps_taken=10**30), "steps_taken is 1000000000000000000000000000000"),
+    (lambda s: s.update(model_outputs=[900, 750]), r"model_outputs \[0\] is int, expected a tensor"),
+    (lambda s: s.pop("last_sample"), "scheduler has .*, expected"),
     (lambda s: s.update(model_outputs=s["model_outputs"][:1]), "model_outputs is not a list of 2"),
 ])
 def test_an_edited_scheduler_state_is_refused_field_by_field_before_work(tmp_path, edit, error):

@@ -445,11 +445,13 @@ def test_a_frames_folder_that_is_a_symbolic_link_is_refused_before_work(tmp_path
     assert sorted(p.name for p in elsewhere.iterdir()) == []
 
 
-def test_a_scheduler_that_cannot_take_the_steps_fails_the_job_before_work(tmp_path):
-    """diffusers' UniPC fails at the last step from about 334 steps at flow_shift 3: found up front by
-    running the job's scheduler on a one-value latent, so that job fails and the others run (on several
-    stages, failing in the middle would end the run); a single video stops with one line."""
+def test_a_scheduler_that_cannot_take_the_steps_fails_the_job_before_work(tmp_path, monkeypatch):
+    """A scheduler that fails at some step is found up front by running the job's on a one-value latent,
+    so that job fails and the others run (on several stages, failing in the middle would end the run);
+    a single video stops with one line. diffusers' UniPC failed at the last step from about 334 steps at
+    flow_shift 3 (it looks its step up among timesteps that repeat); the engine's counts its steps."""
     from ds_dualparal.cli.checks import check_work
+    from ds_dualparal.pipeline.unipc import UniPC
     from ds_dualparal.wan.model import WanConfig
     from ds_dualparal.wan.weights import TINY_WAN_PATH
 
@@ -457,6 +459,16 @@ def test_a_scheduler_that_cannot_take_the_steps_fails_the_job_before_work(tmp_pa
     jobs_file = write_jobs(tmp_path / "jobs.jsonl", {"name": "many", "steps": 400}, {"name": "euler", "steps": 400,
                            "scheduler": "euler"}, {"name": "few"})
     argv = ["--jobs", jobs_file, "--output-dir", tmp_path / "out"]
+    jobs = decide(*argv)
+    check_work(args_of(*argv), jobs, wan, "cpu")
+    assert all(job.error is None for job in jobs)  # 400 UniPC steps are fine
+
+    def fails_at_the_last_step(self, *args, _step=UniPC.step, **kwargs):
+        if self.steps_taken == len(self.timesteps) - 1 and len(self.timesteps) >= 334:
+            raise AssertionError
+        return _step(self, *args, **kwargs)
+
+    monkeypatch.setattr(UniPC, "step", fails_at_the_last_step)
     jobs = decide(*argv)
     check_work(args_of(*argv), jobs, wan, "cpu")
     many, euler, few = jobs

@@ -163,15 +163,16 @@ def check_model(cfg, device_type: str = "cpu"):
     import re
 
     from ..config import ATTENTION_BACKENDS, CPU_ATTENTION_BACKENDS
-    from ..pipeline.denoise import make_scheduler
+    from ..pipeline.denoise import block_scheduler, make_scheduler
     from ..wan.model import WanConfig
     from ..wan.modelcheck import check_model_folder
     from ..wan.weights import ModelError, resolve_model
 
     folder = check_model_folder(resolve_model(cfg.model))
     try:
-        make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, folder.path / "scheduler")
-    except Exception as err:  # diffusers' own checks of a config it accepts as JSON
+        block_scheduler(make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps,
+                                       folder.path / "scheduler"))
+    except Exception as err:  # diffusers' own checks of a config it accepts as JSON, and UniPC's settings
         raise ModelError(f"{folder.path / 'scheduler'}: cannot make the {cfg.scheduler} scheduler "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     try:
@@ -286,16 +287,18 @@ def unused_segments(cfg) -> list[str]:
 def scheduler_problem(cfg) -> str | None:
     """Why a job's scheduler cannot take its steps, found by running them on a one-value latent before any
     work starts (about a millisecond a step); None if it can. On several stages a scheduler that fails
-    in the middle of a generation ends the whole run, since the other stages wait in lockstep. Known
-    case: diffusers' UniPC fails at the last step from about 334 steps at flow_shift 3 (AssertionError)."""
+    in the middle of a generation ends the whole run, since the other stages wait in lockstep. (diffusers'
+    UniPC failed at the last step from about 334 steps at flow_shift 3; the block scheduler, which counts
+    its steps instead of looking them up among repeating timesteps, takes them.)"""
     import torch
 
-    from ..pipeline.denoise import make_scheduler
+    from ..pipeline.denoise import block_scheduler, make_scheduler
     from ..wan.weights import resolve_model
 
     steps = cfg.num_inference_steps
     try:
-        scheduler = make_scheduler(cfg.scheduler, cfg.flow_shift, steps, resolve_model(cfg.model) / "scheduler")
+        scheduler = block_scheduler(make_scheduler(cfg.scheduler, cfg.flow_shift, steps,
+                                                   resolve_model(cfg.model) / "scheduler"))
     except Exception as err:  # noqa: BLE001 - diffusers' own checks, in whatever form
         return f"cannot make the {cfg.scheduler} scheduler for {steps} steps ({_error_line(err)})"
     latents = torch.zeros(1, 1, 1, 1, 1)

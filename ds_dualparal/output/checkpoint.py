@@ -44,7 +44,9 @@ from ..pipeline.denoise import BlockLatents, GenerationPlan
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the model is fingerprinted by its content (modelcheck.weights_fingerprint), not its path
+# 2: the model is fingerprinted by its content (modelcheck.weights_fingerprint), not its path;
+# 3: a UniPC block's state is `pipeline.unipc.UniPC`'s (steps_taken, model_outputs, last_sample), not diffusers'
+FORMAT = 3
 LATENTS, SCHEDULERS, STATE, MANIFEST = "latents.safetensors", "schedulers.safetensors", "state.json", "manifest.json"
 _CHECKPOINT = re.compile(r"iter_(\d{6,})")
 
@@ -159,7 +161,12 @@ class Checkpoints:
                               "delete it to start over") from None
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ResumeError(f"--checkpoint-dir: {path} is damaged ({err}); delete it to start over") from None
-        if manifest.get("format") != FORMAT or manifest.get("fingerprint") != self.fingerprint:
+        written = manifest.get("format")
+        if isinstance(written, int) and not isinstance(written, bool) and 0 < written < FORMAT:
+            raise ResumeError(f"--checkpoint-dir: {path} was written by an earlier version of ds_dualparal "
+                              f"(checkpoint format {written}; this version reads format {FORMAT}); resume it with "
+                              "that version, or delete it to start over")
+        if written != FORMAT or manifest.get("fingerprint") != self.fingerprint:
             saved = manifest.get("fields") if isinstance(manifest.get("fields"), dict) else {}
             differing = sorted(k for k in set(saved) | set(self.fields) if saved.get(k) != self.fields.get(k))
             what = ", ".join(differing) or "fingerprint"
@@ -275,10 +282,11 @@ def scheduler_state_problem(saved: dict, tensors: dict[str, torch.Tensor], laten
     names, and each value of the reference's kind: the same int/float/bool/None (counters and indices
     are fixed by the step count), lists of the same length, and tensors of the reference's dtype and
     shape (the block's latent shape where the reference's is latent-shaped) with the same values where
-    they do not depend on the latents (timesteps) and finite values where they do."""
-    from ..pipeline.denoise import make_scheduler, scheduler_state
+    they do not depend on the latents and finite values where they do."""
+    from ..pipeline.denoise import block_scheduler, make_scheduler, scheduler_state
 
-    fresh = make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps, Path(model_path) / "scheduler")
+    fresh = block_scheduler(make_scheduler(cfg.scheduler, cfg.flow_shift, cfg.num_inference_steps,
+                                           Path(model_path) / "scheduler"))
     probe = torch.zeros(_PROBE_SHAPE)
     stepped = copy.deepcopy(fresh)
     references = {0: copy.deepcopy(scheduler_state(stepped, fresh))}  # copies: step() changes lists in place

@@ -19,13 +19,15 @@ from ..config import SCHEDULERS
 from ..wan.model import Conditioner, FeatureCache, WindowState
 from .image import ImageCondition
 from .timeline import BlockStep, BlockTimeline
+from .unipc import UniPC
 
 # Wan's UniPC settings, for folders whose scheduler config is missing.
 _WAN_UNIPC = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000)
 
 
 def make_scheduler(kind: str, flow_shift: float, steps: int, scheduler_folder: Path | None = None, device="cpu"):
-    """A scheduler with its timesteps set; each block gets its own copy (UniPC keeps history)."""
+    """diffusers' scheduler, as WanPipeline would step with it, with its timesteps set: the plan's timesteps,
+    and what `block_scheduler` makes the blocks' of."""
     if kind == "unipc":
         config_file = scheduler_folder / "scheduler_config.json" if scheduler_folder else None
         if config_file is not None and config_file.is_file():
@@ -41,6 +43,14 @@ def make_scheduler(kind: str, flow_shift: float, steps: int, scheduler_folder: P
         raise ValueError(f"scheduler {kind!r}: allowed {SCHEDULERS}")
     scheduler.set_timesteps(steps, device=device)
     return scheduler
+
+
+def block_scheduler(scheduler):
+    """What a block steps with (each block its own copy: UniPC keeps a history). UniPC: `unipc.UniPC`,
+    the same updates with its coefficients worked out once on the host, where diffusers' step waits
+    for the GPU several times; flow-match Euler: diffusers' as is, whose sigmas and timesteps stay on
+    the host, so its step waits for nothing. Raises ValueError for UniPC settings that UniPC lacks."""
+    return UniPC(scheduler) if isinstance(scheduler, UniPCMultistepScheduler) else copy.deepcopy(scheduler)
 
 
 @dataclass
@@ -218,11 +228,9 @@ class WindowBuilder:
         )
 
 
-# What a diffusers scheduler's `step()` changes (UniPC multistep: its history; flow-match Euler: the
-# index): a block's scheduler is its fresh copy with these attributes set.
-SCHEDULER_STATE = (
-    "model_outputs", "timestep_list", "lower_order_nums", "last_sample", "this_order", "_step_index", "_begin_index",
-)
+# What a block scheduler's `step()` changes (UniPC: its step count and history; diffusers' flow-match
+# Euler: its index): a block's scheduler is its fresh copy with these attributes set.
+SCHEDULER_STATE = ("steps_taken", "model_outputs", "last_sample", "_step_index", "_begin_index")
 
 
 class SchedulerStateError(RuntimeError):
@@ -273,7 +281,7 @@ class BlockLatents:
         assert (first_frame is not None) == plan.clean_first_frame, "a clean first frame needs its latent"
         self.first_frame = first_frame
         self._keep_first_frame()
-        self.fresh = copy.deepcopy(scheduler)
+        self.fresh = block_scheduler(scheduler)
         self.schedulers = [copy.deepcopy(self.fresh) for _ in latents]
         for block, state in (states or {}).items():
             for name, value in state.items():
