@@ -61,7 +61,7 @@ def test_other_unipc_settings_follow_diffusers_too(changes, bound):
     assert by_element <= bound, (by_norm, by_element)
 
 
-@pytest.mark.parametrize("changes", [dict(prediction_type="epsilon", use_flow_sigmas=False),
+@pytest.mark.parametrize("changes", [dict(prediction_type="v_prediction"),
                                      dict(thresholding=True), dict(predict_x0=False)])
 def test_settings_it_does_not_implement_are_refused(changes):
     with pytest.raises(ValueError, match="is not supported .this engine implements Wan's"):
