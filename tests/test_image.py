@@ -320,3 +320,28 @@ def test_random_weights_take_the_image_of_their_shape():
     assert random_weights_image(WanConfig(**shape, in_channels=36, image_dim=16)) == (8, ImageInput("channels", 257))
     assert random_weights_image(WanConfig(**shape, in_channels=36)) == (8, ImageInput("channels", 0))
     assert random_weights_image(WanConfig(**shape, in_channels=48, out_channels=48)) == (16, ImageInput("first_frame"))
+
+
+def test_the_image_encoder_loads_once_for_all_the_jobs(models, images, tmp_path, monkeypatch):
+    """A run's CLIP tokens come from one image encoder load (as its prompts from one text encoder load),
+    each distinct image once; they equal a job's own encode, and a file that cannot be read is left to
+    its own job to report."""
+    from transformers import CLIPVisionModel
+
+    from ds_dualparal.pipeline.image import encode_clip_tokens
+
+    loads = []
+    load = CLIPVisionModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args[0])
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPVisionModel, "from_pretrained", classmethod(counting))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths = [str(images[0]), str(images[1]), str(images[0]), str(broken)]
+    tokens = encode_clip_tokens(models["i2v"], paths, "cpu", torch.float32)
+    assert len(loads) == 1 and list(tokens) == [str(images[0]), str(images[1])]
+    one = encode_clip_tokens(models["i2v"], [str(images[1])], "cpu", torch.float32)[str(images[1])]
+    assert torch.equal(tokens[str(images[1])], one) and not torch.equal(tokens[str(images[0])], one)

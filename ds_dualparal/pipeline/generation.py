@@ -27,6 +27,7 @@ from .engine import DualParalEngine, GenerationRequest, StageStats
 from .image import (
     DEFAULT_SPATIAL_FACTOR,
     ImageInput,
+    encode_clip_tokens,
     encode_image,
     image_input,
     random_condition,
@@ -121,6 +122,7 @@ class Generator:
         if cfg.loras:
             log.info("rank %d: %d LoRAs fused (%d LoRA tensors read)", self.rank, len(cfg.loras), lora_tensors_read(weights))
         self._vae = None
+        self._clip_tokens: dict[str, torch.Tensor] = {}  # image path -> CLIP tokens, from encode()
         # On CUDA the pipeline runs on a stream of the highest priority, as NCCL's streams do
         # (comm.init_process), so that the decode beside it (output/stream.py, the lowest priority)
         # yields to both. One stream for every generation: the allocator caches memory per stream.
@@ -151,12 +153,17 @@ class Generator:
 
     def encode(self, cfgs: list[DualParalConfig]) -> list[torch.Tensor | None]:
         """Prompt embeddings of the given jobs, encoded here on a first stage (one encoder load, each
-        distinct prompt once), else None. Per job: its distinct texts stacked (prompts.PromptPlan)."""
+        distinct prompt once), else None. Per job: its distinct texts stacked (prompts.PromptPlan).
+        A model that reads CLIP tokens gets each distinct image's here too, with one image encoder load."""
         if not self.is_first:
             return [None] * len(cfgs)
         from ..wan.text import encode_jobs
 
-        return encode_jobs(self.folder.path, cfgs, self.device, self.dtype)
+        texts = encode_jobs(self.folder.path, cfgs, self.device, self.dtype)
+        if self.image_input is not None and self.image_input.clip_tokens:  # the image encoder, once for all jobs
+            self._clip_tokens = encode_clip_tokens(self.folder.path, [c.image for c in cfgs if c.image], self.device,
+                                                   self.dtype)
+        return texts
 
     @property
     def vae(self):
@@ -191,7 +198,7 @@ class Generator:
                 image = random_condition(plan, self.image_input, self.wan, cfg.seed, self.dtype, self.device)
             elif cfg.image:
                 image = encode_image(self.folder.path, self.image_input, cfg.image, self.vae, plan, self.spatial,
-                                     self.device, self.dtype)
+                                     self.device, self.dtype, self._clip_tokens.get(cfg.image))
         return GenerationRequest(plan, text, noise, scheduler, image=image, **options)
 
     def generate(self, request: GenerationRequest) -> Result:

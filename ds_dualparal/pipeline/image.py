@@ -172,12 +172,43 @@ def mask_channels(latent_frames: int, height: int, width: int) -> torch.Tensor:
     return mask
 
 
-def encode_image(model_path: Path, mode: ImageInput, image_path: str, vae, plan, spatial: int, device,
-                 dtype: torch.dtype) -> ImageCondition:
-    """The image condition of one job, on the first stage: CLIP tokens (in `dtype`) when the model reads
-    them, and the condition latents (`channels`) or the clean first latent frame (`first_frame`)."""
+def encode_clip_tokens(model_path: Path, image_paths: list[str], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Per distinct image file, its CLIP tokens (1, tokens, image_dim) in `dtype`, kept on the CPU until a
+    job runs: the image encoder is loaded once for all the jobs and freed before denoising starts, as the
+    text encoder is (wan/text.py)."""
     import gc
 
+    import torch
+    from transformers import AutoImageProcessor, CLIPVisionModel
+
+    distinct = list(dict.fromkeys(image_paths))
+    if not distinct:
+        return {}
+    processor = AutoImageProcessor.from_pretrained(Path(model_path) / "image_processor")
+    encoder = CLIPVisionModel.from_pretrained(Path(model_path) / "image_encoder", dtype=torch.float32,
+                                              use_safetensors=True).to(device).eval()
+    tokens = {}
+    with torch.no_grad():
+        for path in distinct:
+            try:
+                image = load_image(path)
+            except (OSError, ValueError):  # changed since the checks: its own job reports it, the others run
+                continue
+            inputs = processor(images=image, return_tensors="pt").to(device)
+            # diffusers' WanImageToVideoPipeline.encode_image: the penultimate layer's hidden states
+            tokens[path] = encoder(**inputs, output_hidden_states=True).hidden_states[-2].to(dtype).cpu()
+    del encoder
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return tokens
+
+
+def encode_image(model_path: Path, mode: ImageInput, image_path: str, vae, plan, spatial: int, device,
+                 dtype: torch.dtype, clip_tokens: torch.Tensor | None = None) -> ImageCondition:
+    """The image condition of one job, on the first stage: CLIP tokens (in `dtype`) when the model reads
+    them, and the condition latents (`channels`) or the clean first latent frame (`first_frame`).
+    `clip_tokens`: the image's tokens from `encode_clip_tokens`, when the run encoded them up front."""
     import torch
     from diffusers.video_processor import VideoProcessor
 
@@ -186,17 +217,9 @@ def encode_image(model_path: Path, mode: ImageInput, image_path: str, vae, plan,
     pixels = VideoProcessor(vae_scale_factor=spatial).preprocess(image, height=height, width=width).float()
     condition = ImageCondition()
     if mode.clip_tokens:
-        from transformers import AutoImageProcessor, CLIPVisionModel
-
-        processor = AutoImageProcessor.from_pretrained(Path(model_path) / "image_processor")
-        encoder = CLIPVisionModel.from_pretrained(Path(model_path) / "image_encoder", dtype=torch.float32,
-                                                  use_safetensors=True).to(device).eval()
-        with torch.no_grad():
-            inputs = processor(images=image, return_tensors="pt").to(device)
-            # diffusers' WanImageToVideoPipeline.encode_image: the penultimate layer's hidden states
-            condition.embeds = encoder(**inputs, output_hidden_states=True).hidden_states[-2].to(dtype)
-        del encoder
-        gc.collect()
+        if clip_tokens is None:
+            clip_tokens = encode_clip_tokens(model_path, [image_path], device, dtype)[image_path]
+        condition.embeds = clip_tokens.to(device)
     if mode.mode == "first_frame":
         condition.first_frame = encode_condition_latents(vae, pixels, 1)
     else:
