@@ -8,7 +8,7 @@ import json
 import sys
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, run, run_forked
 
 BENCH = ROOT / "launch" / "bench.py"
 
@@ -20,15 +20,13 @@ def _bench_module():
     return module
 
 
-@pytest.mark.parametrize("shape, image_tokens", [("debug-i2v", 257), ("debug-ti2v", 0)])
-def test_image_baseline_runs_beside_dualparal(tmp_path, shape, image_tokens):
+SMOKE = ["--cases", "smoke:5:2", "--height", "64", "--width", "64", "--block-size", "4", "--context", "2",
+         "--repeats", "1"]
+
+
+def check_rows(out, image_tokens: int) -> None:
     # 5 latent frames (17 video frames) in one block (B = 4, c = 2): the same tokens as the full sequence,
     # so both rows count the same FLOPs
-    out = tmp_path / "bench.jsonl"
-    result = run([sys.executable, str(BENCH), "--gpus", "1", "--baseline", "--image", "--shape", shape,
-                  "--cases", "smoke:5:2", "--height", "64", "--width", "64", "--block-size", "4", "--context", "2",
-                  "--repeats", "1", "--out", str(out)], tmp_path, timeout=240)
-    assert result.returncode == 0, result.explain()
     ours, theirs = [json.loads(line) for line in out.read_text().splitlines()]
     assert ours["kind"] == "dualparal" and ours["image"] and ours["blocks"] == 1
     assert theirs["kind"] == "diffusers" and theirs["pipeline"] == "WanImageToVideoPipeline" and theirs["image"]
@@ -37,9 +35,29 @@ def test_image_baseline_runs_beside_dualparal(tmp_path, shape, image_tokens):
     for key in ("latent_frames", "height", "width", "steps"):
         assert theirs[key] == ours[key], key
     assert theirs["tflop"] == pytest.approx(ours["tflop"])
+
+
+def test_image_baseline_runs_beside_dualparal(tmp_path):
+    """The driver as users run it: its workers are processes of their own."""
+    out = tmp_path / "bench.jsonl"
+    result = run([sys.executable, str(BENCH), "--gpus", "1", "--baseline", "--image", "--shape", "debug-i2v", *SMOKE,
+                  "--out", str(out)], tmp_path, timeout=240)
+    assert result.returncode == 0, result.explain()
+    check_rows(out, image_tokens=257)
     table = result.stdout[result.stdout.index("run        kind"):]
     assert "smoke      diffusers" in table and "smoke      dualparal" in table
     assert "WanImageToVideoPipeline; the image condition is made before the timing" in table
+
+
+def test_ti2v_and_its_baseline_are_timed_alike(tmp_path):
+    """Wan2.2-TI2V (expand_timesteps, 48 channels): the driver's two workers, forked (conftest.run_forked)."""
+    out = tmp_path / "bench.jsonl"
+    common = ["--image", "--shape", "debug-ti2v", *SMOKE, "--out", out]
+    for role in ("--worker", "--baseline-worker"):
+        result = run_forked(BENCH, 1, [role, *common], tmp_path, timeout=240)
+        assert result.returncode == 0, result.explain()
+    check_rows(out, image_tokens=0)
+    assert "smoke      diffusers" in _bench_module().table([json.loads(line) for line in out.read_text().splitlines()])
 
 
 @pytest.mark.parametrize("argv, error", [
