@@ -20,6 +20,8 @@ from ds_dualparal.wan.weights import TINY_WAN_PATH, SafetensorsFolder
 def launch(ranks: int, workdir, *args: str):
     result = run_deepspeed(ranks, *args, cwd=workdir, timeout=600)
     assert result.returncode == 0, result.explain()
+    # no CPU world builds or loads DeepSpeed's shared-memory all-reduce op (pipeline/comm.py says why)
+    assert "built successfully" not in result.stdout + result.stderr
     return result
 
 

@@ -86,7 +86,7 @@ def test_a_killed_rank_ends_the_run(workdir):
     assert "rank 0 failed: CommError: rank 0: transfer with rank(s) [1] failed" in run.log
 
 
-TIMEOUT_S = 16
+TIMEOUT_S = 10
 
 
 def test_a_hung_rank_ends_the_run_after_about_one_comm_timeout_s(workdir):

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
             comm.shutdown()
         return 2
-    except FileExistsError as err:  # found by this rank alone: its output appeared, or a stale build lock (comm)
+    except FileExistsError as err:  # found by this rank alone: its output appeared
         _say(str(err))
         return _leave(2)
     except OutputError as err:  # found by this rank alone: an output it cannot write (disk full, ...)

@@ -29,16 +29,6 @@ from ..files import free_port
 
 log = logging.getLogger(__name__)
 
-# DeepSpeed's CPU comm op names its shared-memory buffers so (ops/csrc/cpu/comm/shm.cpp, no Python
-# API); tests/test_comm.py pins the format against the installed DeepSpeed's source.
-SHARED_BUFFER_PREFIX = "deepspeed_allreduce_buffer"
-
-
-def shared_buffer_name(uid: int, master_addr: str, master_port: str, rank: int) -> str:
-    """The /dev/shm name of `rank`'s all-reduce buffer in DeepSpeed's CPU comm op."""
-    return f"{SHARED_BUFFER_PREFIX}_{uid}_{master_addr}_{master_port}_{rank}"
-
-
 def init_process(timeout_s: int) -> torch.device:
     """Joins (or, run as a plain single process, makes) the DeepSpeed process group.
 
@@ -59,34 +49,25 @@ def init_process(timeout_s: int) -> torch.device:
         # transfers keep their footing against the block-steps and only the decode yields (output/stream.py)
         os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")
     if not dist.is_initialized():
-        lone = int(os.environ.get("WORLD_SIZE", "1")) == 1
-        if device.type == "cpu" and not lone:
-            check_build_lock()
-        with _without_shm_op(device.type == "cpu" and lone):
+        with _without_shm_op(device.type == "cpu"):
             dist.init_distributed(
                 dist_backend="nccl" if device.type == "cuda" else "gloo",
                 timeout=datetime.timedelta(seconds=timeout_s),
                 verbose=False,
             )
-        if device.type == "cpu":
-            _unlink_shared_buffers()
     return device
 
 
 _SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce (ShareMemCommBuilder.NAME)
 
 
-class BuildLockError(FileExistsError):
-    """DeepSpeed's CPU comm op cannot load: a run stopped while building it left its lock file
-    (`cli.main` says it in one line and exits 2, as for any file in the way)."""
-
-
 @contextlib.contextmanager
 def _without_shm_op(skip: bool):
-    """A lone CPU process never all-reduces across processes, yet DeepSpeed's CPU backend builds (g++,
-    ~90 s on a fresh machine) and loads its shared-memory op at init, and waits forever on the build's
-    lock if a killed run left it. DeepSpeed builds it only when its op table marks it compatible, so
-    the entry is marked incompatible while a world of one initialises."""
+    """The pipeline never all-reduces (its transfers are point to point, its few collectives gather
+    objects), yet DeepSpeed's CPU backend builds (g++, ~90 s on a fresh machine) and loads a
+    shared-memory all-reduce op at init, leaves a 69 MB buffer per rank in /dev/shm, and waits forever
+    on the build's lock if a killed run left it. DeepSpeed builds it only when its op table marks it
+    compatible, so the entry is marked incompatible while a CPU world initialises."""
     if not skip:
         yield
         return
@@ -102,63 +83,6 @@ def _without_shm_op(skip: bool):
             table.pop(_SHM_OP, None)
         else:
             table[_SHM_OP] = saved
-
-
-def check_build_lock(recheck_s: float = 1.0) -> None:
-    """Raises BuildLockError when the build lock of DeepSpeed's CPU comm op is left by a process that is
-    gone: torch's builder waits (forever, silently) while the lock file exists. A live builder keeps the
-    lock file open, so a lock that no process of its owner holds open, twice a moment apart, is stale."""
-    import time
-
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory(_SHM_OP, verbose=False), "lock")
-    for attempt in range(2):
-        try:
-            owner = os.stat(lock).st_uid
-        except FileNotFoundError:
-            return
-        if owner != os.getuid() or _held_open(lock):
-            return  # another user's processes cannot be seen; a live builder is waited for
-        if attempt == 0:
-            time.sleep(recheck_s)  # a builder between closing the lock and removing it
-    raise BuildLockError(f"{lock} was left by a run stopped while it built DeepSpeed's CPU comm op, and every "
-                         "run would wait on it forever; no process holds it now: remove that file and run again")
-
-
-def _held_open(path: str) -> bool:
-    """Whether any process this user can see has `path` open."""
-    target = os.path.realpath(path)
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:  # gone, or another user's
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                    return True
-            except OSError:
-                continue
-    return False
-
-
-def _unlink_shared_buffers() -> None:
-    """DeepSpeed's CPU all-reduce puts one 69 MB buffer per rank in /dev/shm and never unlinks it:
-    each run, finished or killed, would leave them in RAM-backed tmpfs (seen filling a 24 GB test
-    machine). Once every rank has mapped every buffer (`init_distributed` returns after mapping; the
-    barrier waits for all ranks), the names can go: the mappings stay until the ranks exit.
-    """
-    if dist.get_world_size() > 1:
-        dist.barrier()
-    name = shared_buffer_name(os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""),
-                              dist.get_rank())
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:  # not on this platform, or the ranks span nodes (no shared buffers)
-        pass
 
 
 class CommError(RuntimeError):
