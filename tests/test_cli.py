@@ -1,6 +1,7 @@
 """`launch/generate.py` as users run it: the mp4, latents and frames it writes, and every mistake it refuses."""
 
 import shutil
+import sys
 
 import imageio.v3 as iio
 import pytest
@@ -184,3 +185,14 @@ def test_a_shard_missing_on_the_last_stage_stops_every_rank_with_one_line(workdi
                       "shard listed in the index is missing"]
     assert list(workdir.iterdir()) == []
 
+
+
+def test_a_machine_without_the_mp4_encoder_is_told_before_the_weights_load(workdir, monkeypatch):
+    """No imageio-ffmpeg (as on the GPU machines here): one line, exit 2, nothing written, instead of a
+    traceback at the first finished block."""
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # `import imageio_ffmpeg` raises ImportError
+    run = run_main("--config", TINY_CONFIG, "--output", "v.mp4", cwd=workdir)
+    assert run.returncode == 2, run.explain()
+    assert run.stderr.startswith("generate.py: error: --output: writing the mp4 needs ffmpeg through the "
+                                 "imageio-ffmpeg package (ModuleNotFoundError") and run.stderr.count("\n") == 1
+    assert list(workdir.iterdir()) == []

@@ -24,6 +24,9 @@ def plan_jobs(args, cfg) -> list[Job]:
     Every place the run writes is checked here, before any weights load: it can be made and written,
     it is not another output of the run (nor the manifest), and it does not exist yet (without --overwrite).
     """
+    problem = encoder_problem()
+    if problem is not None:
+        raise ConfigError(f"--output: {problem}")
     if args.jobs is None:
         job = Job(0, Path(cfg.output).stem, Path(cfg.output), cfg)
         paths = _outputs(job, args)
@@ -72,6 +75,19 @@ def plan_jobs(args, cfg) -> list[Job]:
             job.error = problem
             job.config = None
     return jobs
+
+
+def encoder_problem() -> str | None:
+    """Why this machine cannot write an mp4 (no imageio-ffmpeg, or no ffmpeg binary for it), or None:
+    asked before any weights load, so that the run does not fail at its first frame."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        return (f"writing the mp4 needs ffmpeg through the imageio-ffmpeg package ({type(err).__name__}: {err}); "
+                "pip install imageio-ffmpeg")
+    return None
 
 
 def _frames_hold_message(frames: Path, what: str) -> str:
