@@ -110,6 +110,20 @@ def run_main(*args, cwd: Path) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
+def launch_script(name: str):
+    """`launch/NAME` as a module, loaded once per session under the name `launch_<stem>` (apart from the
+    package's modules) and registered in sys.modules first: the scripts' dataclasses look their module up."""
+    import importlib.util
+
+    module_name = "launch_" + Path(name).stem
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "launch" / name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
 def deepspeed_command(num_ranks: int, *args, script: Path = GENERATE) -> list[str]:
     return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),

@@ -3,21 +3,17 @@ WanImageToVideoPipeline side by side in one command; flags that cannot run toget
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
-from conftest import ROOT, run, run_forked
+from conftest import ROOT, launch_script, run, run_forked
 
 BENCH = ROOT / "launch" / "bench.py"
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("launch_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launch_script("bench.py")
 
 
 SMOKE = ["--cases", "smoke:5:2", "--height", "64", "--width", "64", "--block-size", "4", "--context", "2",

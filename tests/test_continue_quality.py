@@ -1,24 +1,16 @@
 """launch/continue_quality.py: the seam at the join of a continued clip, scored as BENCHMARKS.md reports it."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, launch_script
 
 from ds_dualparal.config import load_config
 from ds_dualparal.toy import quality
 
 
 def runner():
-    """launch/continue_quality.py as a module (registered first: dataclasses look their module up)."""
-    if "continue_quality_runner" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("continue_quality_runner", ROOT / "launch" / "continue_quality.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["continue_quality_runner"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["continue_quality_runner"]
+    return launch_script("continue_quality.py")
 
 
 def test_the_join_is_the_first_block_boundary_of_a_continuation(tmp_path):

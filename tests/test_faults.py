@@ -63,6 +63,15 @@ def launch_with_fault(cwd, fault: str, *args, timeout: float = 300) -> Ended:
     return Ended(process.returncode, log, ended - fault_at[0], port, fault_at[0] - launched)
 
 
+def launch_with_timeout(cwd, fault: str, timeout_s: float) -> Ended:
+    """`launch_with_fault` on the tiny config with `comm_timeout_s` set to `timeout_s`."""
+    config = json.loads(TINY_CONFIG.read_text())
+    config["dualparal"]["comm_timeout_s"] = timeout_s
+    config_file = cwd.parent / "timeout.json"
+    config_file.write_text(json.dumps(config))
+    return launch_with_fault(cwd, fault, config_file)
+
+
 def assert_ended(run: Ended, cwd, *, at_least_s: float = 0.0):
     assert run.returncode != 0, run.log[-4000:]
     assert at_least_s <= run.seconds_after_fault < BOUND_S, (run.seconds_after_fault, run.log[-4000:])
@@ -94,11 +103,7 @@ def test_a_hung_rank_ends_the_run_after_about_one_comm_timeout_s(workdir):
     torch's 30-minute default for new groups), rank 0 names rank 1 and exits at once (no collective
     shutdown, no waiting destructors), and the launcher then stops rank 1: the whole run ends within
     1.5 x comm_timeout_s of the fault, i.e. within start-up + 1.5 x comm_timeout_s."""
-    config = json.loads(TINY_CONFIG.read_text())
-    config["dualparal"]["comm_timeout_s"] = TIMEOUT_S
-    config_file = workdir.parent / "timeout.json"
-    config_file.write_text(json.dumps(config))
-    run = launch_with_fault(workdir, "rank=1,tick=3,action=hang", config_file)
+    run = launch_with_timeout(workdir, "rank=1,tick=3,action=hang", TIMEOUT_S)
     assert_ended(run, workdir, at_least_s=TIMEOUT_S)
     assert run.seconds_after_fault < 1.5 * TIMEOUT_S, (run.startup_s, run.seconds_after_fault, run.log[-4000:])
     assert "rank 0 failed: CommError: rank 0: transfer with rank(s) [1] failed" in run.log

@@ -440,16 +440,9 @@ def test_a_deep_manifest_and_linked_checkpoints_are_refused(tmp_path):
 
 
 def _script(name: str):
-    """The script as a module (named `launch_<name>`, apart from any module of the package)."""
-    import importlib.util
+    from conftest import launch_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("launch_" + name.removesuffix(".py"), ROOT / "launch" / name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return launch_script(name)
 
 
 def _refused(parse, argv, capsys) -> str:
@@ -557,13 +550,9 @@ def test_first_stage_vae_layers_beyond_the_model_is_refused(tmp_path):
 def test_a_stopped_rank_ends_the_run_near_one_comm_timeout(workdir):
     """Rank 1 SIGSTOPs itself: rank 0 times out after comm_timeout_s, wakes rank 1 as it leaves, and the
     launcher's SIGTERM then ends rank 1 at once instead of after its 30 s grace and SIGKILL."""
-    from test_faults import assert_ended, launch_with_fault
+    from test_faults import assert_ended, launch_with_timeout
 
     timeout_s = 10
-    config = json.loads(TINY_CONFIG.read_text())
-    config["dualparal"]["comm_timeout_s"] = timeout_s
-    config_file = workdir.parent / "timeout.json"
-    config_file.write_text(json.dumps(config))
-    run = launch_with_fault(workdir, "rank=1,tick=3,action=stop", config_file)
+    run = launch_with_timeout(workdir, "rank=1,tick=3,action=stop", timeout_s)
     assert_ended(run, workdir, at_least_s=timeout_s)
     assert run.seconds_after_fault < timeout_s + 15, (run.seconds_after_fault, run.log[-4000:])

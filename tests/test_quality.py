@@ -4,13 +4,11 @@ block_boundaries by hand, and a tiny sweep of the benchmark runner (launch/quali
 from __future__ import annotations
 
 import colorsys
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import launch_script
 
 from ds_dualparal.toy import quality
 from ds_dualparal.toy.toyvideo import (
@@ -345,13 +343,7 @@ def test_along_the_video_finds_where_the_object_is_lost():
 
 
 def runner():
-    """launch/quality.py as a module (registered first: its dataclasses look their module up)."""
-    if "quality_runner" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quality_runner", ROOT / "launch" / "quality.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["quality_runner"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["quality_runner"]
+    return launch_script("quality.py")
 
 
 METRIC_KEYS = ("adherence", "fill_ratio", "shape_match", "object_frames", "dominant_colour", "seam_ratio",

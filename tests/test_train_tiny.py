@@ -1,11 +1,10 @@
 """launch/train_tiny.py on the CPU: a smoke run writes a model folder that diffusers and generate.py load."""
 
 import json
-import sys
 
 import numpy as np
 import torch
-from conftest import ROOT, TINY_CONFIG, run_forked, run_generate
+from conftest import ROOT, TINY_CONFIG, launch_script, run_forked, run_generate
 from diffusers import WanPipeline
 from safetensors.torch import load_file
 
@@ -118,14 +117,10 @@ def test_a_paused_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
             assert not all(torch.equal(whole[k], first[k]) for k in whole), part
 
 
-def test_a_model_folder_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
+def test_a_model_folder_that_cannot_be_written_leaves_nothing(tmp_path):
     import errno
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_tiny", TRAIN)
-    train_tiny = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "train_tiny", train_tiny)  # its dataclasses look their module up
-    spec.loader.exec_module(train_tiny)
+    train_tiny = launch_script("train_tiny.py")
 
     def disk_full(partial):
         (partial / "transformer").mkdir(parents=True)

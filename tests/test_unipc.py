@@ -97,13 +97,9 @@ def test_a_step_makes_no_host_round_trip(monkeypatch):
 
 
 def test_check_syncs_runs_where_there_is_cuda_and_says_so_where_there_is_none(capsys):
-    import importlib.util
+    from conftest import launch_script
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("launch_check_syncs", ROOT / "launch" / "check_syncs.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = launch_script("check_syncs.py")
     assert script.main(["--steps", "4", "--frames", "6", "--block-size", "2", "--context", "1"]) == 0
     if not torch.cuda.is_available():
         assert capsys.readouterr().out == "check_syncs: needs a CUDA device; nothing checked\n"
