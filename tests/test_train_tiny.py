@@ -77,6 +77,45 @@ def test_smoke_training_writes_a_model_that_generates(tmp_path):
     latents = load_file(tmp_path / "toy.safetensors")["latents"]
     assert latents.shape == (1, 16, 6, 8, 8) and torch.isfinite(latents).all()
     assert (tmp_path / "toy.mp4").stat().st_size > 0
+    # --vae-temporal local (the default): the saved VAE's convolutions outside the temporal resampling see
+    # the current frame only, and the log says how well the VAE keeps the object over a long clip
+    assert log["vae"]["extra"]["temporal"] == "local"
+    local = train_tiny.looking_back(pipe.vae)
+    assert len(local) > 10 and all(not conv.weight[:, :, :-1].any() for conv in local)
+    assert all(conv.weight[:, :, -1].any() for conv in local)
+    assert 0.0 <= log["vae"]["extra"]["held_out_adherence_long_second_half"] <= 1.0
+
+
+train_tiny = launch_script("train_tiny.py")
+
+
+def test_keeping_a_vae_local_in_time_keeps_its_response_to_a_still_picture():
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**train_tiny.vae_config(train_tiny.parse_args(["--out", "/nonexistent/x", "--smoke"])))
+    convs = train_tiny.looking_back(vae)
+    names = {name for name, m in vae.named_modules() if any(m is c for c in convs)}
+    assert names and not any(name.endswith("time_conv") for name in names)  # the resampling keeps its taps
+    assert any(".resnets." in name for name in names) and any("conv_in" in name for name in names)
+    conv = convs[3]
+    still = torch.rand(1, conv.in_channels, 1, 8, 8).repeat(1, 1, 6, 1, 1)
+    moving = torch.rand(1, conv.in_channels, 6, 8, 8)
+    clip = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    with torch.no_grad():
+        before_still, before_moving = conv(still), conv(moving)
+        train_tiny.keep_local_in_time(convs)
+        after_still, after_moving = conv(still), conv(moving)
+        encoded = train_tiny.encode_moments(vae, clip)
+        train_tiny.keep_local_in_time(convs)  # idempotent
+        again = train_tiny.encode_moments(vae, clip)
+    assert all(not c.weight[:, :, :-1].any() for c in convs) and all(c.weight[:, :, -1].any() for c in convs)
+    # past its causal padding (two frames), a still picture gives what it gave before; a moving one does not
+    torch.testing.assert_close(after_still[:, :, 2:], before_still[:, :, 2:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after_moving[:, :, 2:], before_moving[:, :, 2:], atol=1e-3)
+    # each frame is now its own: the conv of one frame alone equals its slice of the whole clip's
+    torch.testing.assert_close(conv(moving[:, :, 4:5]), after_moving[:, :, 4:5], atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, encoded)
 
 
 def test_bad_arguments_end_in_one_line(tmp_path):
