@@ -2,9 +2,14 @@
 one cut of the command's start-up (docs/running.md, "Start-up")."""
 
 import gc
+import json
+import os
+import subprocess
+import sys
 import weakref
 
 import torch
+from conftest import ROOT
 
 from ds_dualparal.wan.weights import TINY_WAN_PATH
 
@@ -68,3 +73,37 @@ def test_an_encoder_held_by_a_cycle_is_still_collected(monkeypatch):
             gc.enable()
     assert len(collections) == 1
     assert len(loaded) == 1 and loaded[0]() is None
+
+
+def _python(code: str) -> str:
+    """`code` run by a fresh interpreter (nothing imported yet); its stdout."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_a_cpu_world_starts_without_probing_deepspeeds_op_table():
+    """A CPU process group starts without DeepSpeed's probe of every op builder (~0.1 s, setuptools'
+    modules): the one entry the start reads stands in, and the table is unread afterwards, so a later
+    reading still gets DeepSpeed's own probe (and marks the shared-memory op as the CPU has it)."""
+    out = _python(
+        "import json, sys\n"
+        "from ds_dualparal.pipeline import comm\n"
+        "import deepspeed.ops\n"
+        "import importlib\n"
+        "ds_torch = importlib.import_module('deepspeed.comm.torch')\n"
+        "built = []\n"
+        "build = ds_torch.build_shm_op\n"
+        "ds_torch.build_shm_op = lambda: built.append(build()) or built[-1]\n"
+        "comm.init_process(60)\n"
+        "after = dict(unread='__compatible_ops__' not in vars(deepspeed.ops), built=[b is None for b in built],\n"
+        "             setuptools=sorted(m for m in sys.modules if m.split('.')[0] in ('setuptools', 'distutils')))\n"
+        "after['probed'] = comm._SHM_OP in deepspeed.ops.__compatible_ops__\n"
+        "comm.shutdown()\n"
+        "print(json.dumps(after))\n"
+    )
+    after = json.loads(out.splitlines()[-1])
+    assert after["built"] == [True]  # DeepSpeed asked for the op once and got none
+    assert after["unread"] and after["setuptools"] == []
+    assert after["probed"]
