@@ -4,12 +4,14 @@ one cut of the command's start-up (docs/running.md, "Start-up")."""
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import weakref
+from pathlib import Path
 
 import torch
-from conftest import ROOT
+from conftest import ROOT, TINY_CONFIG
 
 from ds_dualparal.wan.weights import TINY_WAN_PATH
 
@@ -107,3 +109,66 @@ def test_a_cpu_world_starts_without_probing_deepspeeds_op_table():
     assert after["built"] == [True]  # DeepSpeed asked for the op once and got none
     assert after["unread"] and after["setuptools"] == []
     assert after["probed"]
+
+
+def _tokenizer_reads(monkeypatch):
+    from transformers import AutoTokenizer
+
+    reads = []
+    load = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda folder, *a, **k: reads.append(Path(folder)) or load(folder, *a, **k))
+    return reads
+
+
+def test_a_first_stage_reads_the_tokenizer_once(monkeypatch):
+    """The model check reads the tokenizer (every rank); a rank that encodes keeps it and its encoding
+    takes it instead of reading the folder again (UMT5's tokenizer is ~1 s); the embeddings are the same."""
+    from ds_dualparal.cli.checks import check_model
+    from ds_dualparal.config import DualParalConfig
+    from ds_dualparal.wan import text
+
+    cfg = DualParalConfig(model=str(TINY_WAN_PATH))
+    expected = text.encode_jobs(TINY_WAN_PATH, [cfg], "cpu", torch.float32)
+    reads = _tokenizer_reads(monkeypatch)
+    check_model(cfg, keep_tokenizer=True)
+    [embeddings] = text.encode_jobs(TINY_WAN_PATH, [cfg], "cpu", torch.float32)
+    assert reads == [TINY_WAN_PATH / "tokenizer"]
+    assert torch.equal(embeddings, expected[0])
+    assert text._kept is None  # taken, not held for the rest of the run
+    check_model(cfg)  # a rank that does not encode keeps nothing
+    assert text._kept is None
+    text.encode_jobs(TINY_WAN_PATH, [cfg], "cpu", torch.float32)
+    assert len(reads) == 3
+
+
+def test_a_tokenizer_changed_after_the_check_is_read_again(monkeypatch, tmp_path):
+    from ds_dualparal.wan import text
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(TINY_WAN_PATH / "tokenizer", folder)
+    reads = _tokenizer_reads(monkeypatch)
+    kept = text.load_tokenizer(folder, keep=True)
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"model_max_length": 512', '"model_max_length": 77'))
+    again = text.load_tokenizer(folder)
+    assert len(reads) == 2 and again is not kept and again.model_max_length == 77
+    assert text.load_tokenizer(folder) is not again  # nothing kept without keep=True
+    assert len(reads) == 3
+
+
+def test_only_a_first_stage_keeps_the_tokenizer(workdir):
+    """`_decide` (the checks before the process group) keeps the tokenizer on the ranks that encode:
+    rank % stages == 0; 4 ranks of 2 stages are 2 replicas whose first stages are ranks 0 and 2."""
+    from ds_dualparal.cli import main
+    from ds_dualparal.cli.args import build_parser, config_from_args
+    from ds_dualparal.wan import text
+
+    args = build_parser().parse_args(["--config", str(TINY_CONFIG), "--output", str(workdir / "t.mp4"), "--stages", "2"])
+    cfg = config_from_args(args)
+    kept = []
+    for rank in range(4):
+        error, *_ = main._decide(args, cfg, rank, 4)
+        assert error is None
+        kept.append(text._kept is not None)
+        text._kept = None
+    assert kept == [True, False, True, False]
