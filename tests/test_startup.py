@@ -172,3 +172,23 @@ def test_only_a_first_stage_keeps_the_tokenizer(workdir):
         kept.append(text._kept is not None)
         text._kept = None
     assert kept == [True, False, True, False]
+
+
+HEAVY = ("torch", "deepspeed", "diffusers", "transformers", "peft", "accelerate", "imageio", "safetensors")
+
+
+def test_the_entry_module_and_a_flag_mistake_import_no_runtime():
+    """`launch/generate.py` imports only `cli.main` before its main runs: flags, config and a mistake in
+    them are answered without torch, DeepSpeed, diffusers or transformers (a fifth of a second, where
+    their imports take several seconds)."""
+    out = _python(
+        "import json, sys\n"
+        f"heavy = {HEAVY!r}\n"
+        "loaded = lambda: sorted({m.split('.')[0] for m in sys.modules} & set(heavy))\n"
+        "import ds_dualparal.cli.main as main\n"
+        "at_import = loaded()\n"
+        f"code = main.main(['--config', {str(TINY_CONFIG)!r}, '--frames', '10'])\n"
+        "print(json.dumps([at_import, code, loaded()]))\n"
+    )
+    at_import, code, after_mistake = json.loads(out.splitlines()[-1])
+    assert at_import == [] and code == 2 and after_mistake == []
