@@ -192,3 +192,36 @@ def test_the_entry_module_and_a_flag_mistake_import_no_runtime():
     )
     at_import, code, after_mistake = json.loads(out.splitlines()[-1])
     assert at_import == [] and code == 2 and after_mistake == []
+
+
+def test_a_hub_id_is_asked_of_the_hub_once_per_process(monkeypatch):
+    """The checks, the cost estimate and the load resolve the model four times on rank 0 before the first
+    block-step; a hub id costs a request to the hub each time (even with the files cached), so it is
+    asked once, and all of them read the same snapshot. A failure is not kept: it is asked again."""
+    import huggingface_hub
+    import pytest
+
+    from ds_dualparal.wan import weights
+
+    calls = []
+
+    def snapshot_download(repo_id, *args, **kwargs):
+        calls.append(repo_id)
+        if repo_id == "org/offline":
+            raise OSError("no connection")
+        return str(TINY_WAN_PATH)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    weights._download.cache_clear()
+    try:
+        assert [weights.resolve_model("org/model") for _ in range(4)] == [TINY_WAN_PATH] * 4
+        assert calls == ["org/model"]
+        for _ in range(2):
+            with pytest.raises(weights.ModelError, match="^model 'org/offline': not a local folder and could not be "
+                                                         r"downloaded \(no connection\)$"):
+                weights.resolve_model("org/offline")
+        assert calls == ["org/model", "org/offline", "org/offline"]
+        assert weights.resolve_model(None) == TINY_WAN_PATH and weights.resolve_model(str(TINY_WAN_PATH)) == TINY_WAN_PATH
+        assert len(calls) == 3  # local folders never ask
+    finally:
+        weights._download.cache_clear()
