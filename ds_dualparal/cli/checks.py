@@ -173,15 +173,18 @@ def _outputs(job: Job, args=None) -> list[tuple[str, Path]]:
     return paths
 
 
-def check_model(cfg, device_type: str = "cpu"):
+def check_model(cfg, device_type: str = "cpu", keep_tokenizer: bool = False):
     """This node's model folder has every component, whole (a hub id is downloaded here), and the
-    model-level settings fit it and this device. Returns the (first) transformer's WanConfig."""
+    model-level settings fit it and this device. Returns the (first) transformer's WanConfig.
+    `keep_tokenizer`: this rank encodes the prompts later, and takes the tokenizer read here
+    (`wan.text.load_tokenizer`) instead of reading it again."""
     import re
 
     from ..config import ATTENTION_BACKENDS, CPU_ATTENTION_BACKENDS
     from ..pipeline.denoise import block_scheduler, make_scheduler
     from ..wan.model import WanConfig
     from ..wan.modelcheck import check_model_folder
+    from ..wan.text import load_tokenizer
     from ..wan.weights import ModelError, resolve_model
 
     folder = check_model_folder(resolve_model(cfg.model))
@@ -192,9 +195,7 @@ def check_model(cfg, device_type: str = "cpu"):
         raise ModelError(f"{folder.path / 'scheduler'}: cannot make the {cfg.scheduler} scheduler "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     try:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(folder.path / "tokenizer")
+        load_tokenizer(folder.path / "tokenizer", keep=keep_tokenizer)
     except Exception as err:  # a tokenizer folder transformers cannot read, in whatever way
         raise ModelError(f"{folder.path / 'tokenizer'}: cannot load the tokenizer "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

@@ -140,10 +140,12 @@ def _decide(args, cfg, rank: int, world_size: int):
     costs = []
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        cfg.pipeline_topology(world_size)
+        stages, _ = cfg.pipeline_topology(world_size)
         if rank == 0:
             jobs = plan_jobs(args, cfg)
-        wan = check_model(cfg, device_type)
+        # a replica's first stage (pipe is the fastest axis, generation.Generator) encodes the prompts:
+        # it keeps the tokenizer the check reads
+        wan = check_model(cfg, device_type, keep_tokenizer=rank % stages == 0)
         if rank == 0:
             costs = check_work(args, jobs, wan, device_type)
         if rank == 0 and args.checkpoint_dir is not None:

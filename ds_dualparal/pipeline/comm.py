@@ -67,12 +67,25 @@ def _without_shm_op(skip: bool):
     objects), yet DeepSpeed's CPU backend builds (g++, ~90 s on a fresh machine) and loads a
     shared-memory all-reduce op at init, leaves a 69 MB buffer per rank in /dev/shm, and waits forever
     on the build's lock if a killed run left it. DeepSpeed builds it only when its op table marks it
-    compatible, so the entry is marked incompatible while a CPU world initialises."""
+    compatible, so the entry is marked incompatible while a CPU world initialises.
+
+    DeepSpeed fills the table on its first reading, by probing every op builder (~0.1 s and ~100
+    modules, setuptools' among them). While nothing has read it, a table of this one entry stands in
+    during the start and is taken away after it, so no probe runs for an answer known in advance (a
+    later reading probes as before)."""
     if not skip:
         yield
         return
     import deepspeed.ops
 
+    names = vars(deepspeed.ops)
+    if "__compatible_ops__" not in names:  # unread: the module's __getattr__ would probe now
+        names["__compatible_ops__"] = {_SHM_OP: False}
+        try:
+            yield
+        finally:
+            names.pop("__compatible_ops__", None)
+        return
     table = deepspeed.ops.__compatible_ops__
     saved = table.get(_SHM_OP)
     table[_SHM_OP] = False

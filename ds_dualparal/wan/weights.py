@@ -7,6 +7,7 @@ own keys and only the shards that hold them are opened.
 
 from __future__ import annotations
 
+import functools
 import json
 import zlib
 from pathlib import Path
@@ -160,6 +161,15 @@ def resolve_model(model: str | None) -> Path:
     path = Path(model).expanduser()
     if path.exists() or model.startswith((".", "/", "~")):
         return path
+    return _download(model)
+
+
+@functools.lru_cache(maxsize=None)
+def _download(model: str) -> Path:
+    """A hub id's snapshot, asked of the hub once per process (a failure is not kept: the next call asks
+    again). The checks, the cost estimate and the load each resolve the model, four times on rank 0
+    before its first block-step, and every `snapshot_download` is a request to the hub even when the
+    files are cached; once also means that all of them read the same revision."""
     from huggingface_hub import snapshot_download
 
     try:
