@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, launch_script, run, run_forked
 
 BENCH = ROOT / "launch" / "bench.py"
@@ -66,3 +67,30 @@ def test_flags_that_cannot_run_together_are_refused(argv, error, capsys):
         _bench_module().main(argv)
     assert exit_.value.code == 2
     assert error in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_write_random_wan_writes_a_folder_the_command_runs(tmp_path):
+    """launch/write_random_wan.py (the real command's timing on a machine without the hub): the debug
+    shape's folder passes the model check and generates; an existing folder is refused."""
+    from diffusers import WanPipeline
+
+    from conftest import TINY_CONFIG, run_generate
+
+    writer = launch_script("write_random_wan.py")
+    folder = tmp_path / "random-wan"
+    assert writer.main(["--shape", "debug", "--out", str(folder), "--device", "cpu"]) == 0
+    pipe = WanPipeline.from_pretrained(folder)
+    assert pipe.transformer.config.num_layers == writer.SHAPES["debug"]["num_layers"]
+    from safetensors.torch import load_file
+
+    stored = {name: load_file(next((folder / name).glob("*.safetensors"))) for name in ("transformer", "vae")}
+    assert stored["transformer"]["proj_out.weight"].dtype == torch.bfloat16  # as from_pretrained(bf16) leaves it
+    assert all(t.dtype == torch.float32 for t in stored["vae"].values())
+    assert pipe.transformer.config.text_dim == pipe.text_encoder.config.d_model
+    result = run_generate("--config", TINY_CONFIG, "--model", folder, "--frames", "5", "--height", "32",
+                          "--width", "32", "--output", "random.mp4", cwd=tmp_path)
+    assert result.returncode == 0, result.explain()
+    assert (tmp_path / "random.mp4").stat().st_size > 0
+    with pytest.raises(SystemExit) as refused:
+        writer.main(["--shape", "debug", "--out", str(folder)])
+    assert refused.value.code == 2
