@@ -570,6 +570,9 @@ def dit_batch(pool: LatentPool, empty_index: int, length: int, batch: int, args,
     n, frames = pool.latents.shape[:2]
     clip = torch.randint(0, n, (batch,), generator=generator, device=device)
     start = torch.randint(0, frames - length + 1, (batch,), generator=generator, device=device)
+    if args.first_frame_prob > 0:  # drawn only when asked, so runs without it keep their random streams
+        at_first = torch.rand(batch, generator=generator, device=device) < args.first_frame_prob
+        start = torch.where(at_first, torch.zeros_like(start), start)
     index = start[:, None] + torch.arange(length, device=device)[None]
     x0 = pool.latents[clip[:, None], index].permute(0, 2, 1, 3, 4).contiguous()  # (b, C, L, h, w)
     prompts = pool.prompts[clip]
@@ -915,6 +918,9 @@ def parse_args(argv=None):
     dit.add_argument("--max-crop", type=int, default=13, help="longest crop, latent frames")
     dit.add_argument("--whole-clip-prob", type=float, default=0.2,
                      help="probability that a step takes whole pool clips instead of crops (long context)")
+    dit.add_argument("--first-frame-prob", type=float, default=0.0,
+                     help="probability that a crop starts at its clip's first latent frame (the one video frame "
+                          "the VAE encodes alone, which a uniform start reaches about once in 30 crops)")
     dit.add_argument("--text-lr", type=float, default=1e-3,
                      help="learning rate of the text encoder, trained with the DiT (0: frozen)")
     dit.add_argument("--cfg-dropout", type=float, default=0.1)
@@ -939,8 +945,9 @@ def parse_args(argv=None):
                 setattr(args, name, Path(value) if name in PATH_FLAGS and value is not None else value)
     if args.state.exists():
         parser.error(f"--state {args.state} exists; give a new folder (a resumed run keeps the one it resumes)")
-    if not 0.0 <= args.whole_clip_prob <= 1.0:
-        parser.error(f"--whole-clip-prob must be in [0, 1], got {args.whole_clip_prob}")
+    for name in ("whole_clip_prob", "first_frame_prob"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     if args.text_lr < 0:
         parser.error(f"--text-lr must be >= 0, got {args.text_lr}")
     for name in ("vae_frames", "pool_frames"):

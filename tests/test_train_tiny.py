@@ -121,6 +121,7 @@ def test_keeping_a_vae_local_in_time_keeps_its_response_to_a_still_picture():
 def test_bad_arguments_end_in_one_line(tmp_path):
     for flags, words in ((["--vae-frames", "12"], "4k+1"), (["--min-crop", "9", "--max-crop", "4"], "--min-crop"),
                          (["--dit-head-dim", "15"], "rotary"), (["--whole-clip-prob", "2"], "--whole-clip-prob"),
+                         (["--first-frame-prob", "-0.1"], "--first-frame-prob"),
                          (["--resume", str(tmp_path)], "state.json")):
         result = train(tmp_path, "--out", tmp_path / "x", "--smoke", *flags, code=2)
         assert words in result.stderr, result.stderr
@@ -178,3 +179,28 @@ def test_a_model_folder_that_cannot_be_written_leaves_nothing(tmp_path):
 
     assert train_tiny.publish_folder(out, whole) is None
     assert [p.name for p in out.iterdir()] == ["training_log.json"] and list(tmp_path.iterdir()) == [out]
+
+
+def test_first_frame_crops():
+    """--first-frame-prob: that share of the crops starts at the clip's first latent frame (at 0, the
+    default, as uniformly as before)."""
+    from types import SimpleNamespace
+
+    frames, length, batch = 41, 4, 64
+    # every latent frame holds its own index, so a crop's first frame says where it starts
+    latents = torch.arange(frames, dtype=torch.float32).view(1, frames, 1, 1, 1).expand(8, frames, 16, 2, 2)
+    pool = SimpleNamespace(latents=latents.contiguous(), prompts=torch.zeros(8, dtype=torch.long))
+
+    def starts(prob, seed=0):
+        args = train_tiny.parse_args(["--out", "/nonexistent/x", "--smoke", "--first-frame-prob", str(prob)])
+        generator = torch.Generator().manual_seed(seed)
+        x_t, timestep, _, target = train_tiny.dit_batch(pool, 1, length, batch, args, generator, dropout=False,
+                                                        context_jitter=False)
+        sigma = (timestep / 1000.0).view(batch, 1, 1, 1, 1)
+        x0 = x_t - sigma * target  # x_t = x0 + sigma (noise - x0)
+        return x0[:, 0, 0, 0, 0].round().long()
+
+    assert (starts(1.0) == 0).all()
+    assert (starts(0.0) > 0).float().mean() > 0.8
+    half = starts(0.5)
+    assert 0.25 < (half == 0).float().mean() < 0.75
