@@ -11,8 +11,9 @@ Three stages, all seeded by --seed, write one diffusers WanPipeline folder to --
    as WanPipeline does: 512 tokens, embeddings past the prompt's length zeroed. With --text-lr > 0 it
    trains with the DiT (step 3) and is saved as the folder's text_encoder/; 0 keeps it frozen.
 2. VAE. A small `AutoencoderKLWan` (z_dim 16, 8x space, 4x time like Wan 2.1) learns to reconstruct
-   freshly rendered clips of --vae-frames frames (L1 + MSE + a small KL term, posterior sampled), long
-   enough for its causal caches to reach their steady state (docs/tiny-model.md). Its
+   freshly rendered clips of --vae-frames frames (L1 + MSE + a small KL term, posterior sampled). With
+   --vae-temporal local (the default) its convolutions outside the temporal resampling see the current
+   frame only, so it is the same at every depth of a long video (docs/tiny-model.md). Its
    per-channel latent mean and std, measured on the DiT's clip pool, go into the VAE config as
    `latents_mean` / `latents_std`, as WanPipeline and this engine normalise latents.
 3. DiT. A small `WanTransformer3DModel` learns Wan's flow matching on the normalised latents of a pool
