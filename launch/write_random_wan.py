@@ -13,6 +13,8 @@ The pictures are noise; the times and memory are the real model's.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,9 +58,15 @@ def main(argv=None) -> int:
         transformer = as_loaded(WanTransformer3DModel(**{"text_dim": text_dim, **SHAPES[args.shape]}), torch.bfloat16)
         text_encoder = UMT5EncoderModel(text_encoder_config(args.shape)).to(torch.bfloat16).eval()
     vae = random_vae(args.shape, 8, args.device, torch.float32)
-    save_pipeline(args.out, transformer=transformer.cpu(), vae=vae.cpu(), text_encoder=text_encoder.cpu(),
-                  tokenizer=AutoTokenizer.from_pretrained(TINY_WAN_PATH / "tokenizer"), scheduler=build_scheduler(),
-                  max_shard_size="5GB")
+    # written beside --out and renamed when whole: an interrupted run leaves no folder that looks like a model
+    partial = args.out.parent / f".{args.out.name}.partial-{os.getpid()}"
+    try:
+        save_pipeline(partial, transformer=transformer.cpu(), vae=vae.cpu(), text_encoder=text_encoder.cpu(),
+                      tokenizer=AutoTokenizer.from_pretrained(TINY_WAN_PATH / "tokenizer"),
+                      scheduler=build_scheduler(), max_shard_size="5GB")
+        partial.rename(args.out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote random {args.shape} Wan to {args.out} in {time.perf_counter() - started:.1f} s", flush=True)
     return 0
 

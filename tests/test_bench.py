@@ -79,6 +79,7 @@ def test_write_random_wan_writes_a_folder_the_command_runs(tmp_path):
     writer = launch_script("write_random_wan.py")
     folder = tmp_path / "random-wan"
     assert writer.main(["--shape", "debug", "--out", str(folder), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["random-wan"]  # nothing partial left beside it
     pipe = WanPipeline.from_pretrained(folder)
     assert pipe.transformer.config.num_layers == writer.SHAPES["debug"]["num_layers"]
     from safetensors.torch import load_file
