@@ -1,10 +1,23 @@
 """Where one block-step's time goes, on one GPU: plain vs compiled path (fused q/k/v + torch.compile), a
-kernel-time breakdown (attention / matmul / other), and the VAE decode of one block in fp32 and bf16.
+kernel-time breakdown (attention / matmul / other), and VAE decode variants of one block.
 
-    python launch/profile_block.py --out profile.json
+    python3 launch/profile_block.py --out profile.json
+    python3 launch/profile_block.py --vae-only --out decode.json
 
 Full-size Wan2.1-1.3B shapes with random weights; the window is the anchor config's (16 latent frames
 of 480x832 plus 8 cached frames, CFG batch of 2). Prints a short table; writes every number to --out.
+
+The VAE part decodes as the command does (Wan2.1's VAE, random weights of seed 0, streamed by
+``output.video.StreamingDecoder``): block 0 (8 latent frames of 60x104), then the timed second 8-frame
+block, in float32 and bfloat16 for each variant: ``eager`` (diffusers' module as is), ``channels_last``
+(the module's conv weights and the latents in channels-last memory format) and ``compiled`` (the decoder
+under ``torch.compile(dynamic=False)``; its first call, the compile, is reported apart). Per variant: median
+seconds per 8-latent-frame block, first-call seconds (blocks 0 and 1, cold), peak extra GiB, the share of
+conv inputs in channels-last format, and its frames against eager float32 (relative L2, max abs, and
+uint8 mean / max abs levels). ``--vae-only`` skips the transformer and runs only this part;
+``--vae-variants`` picks variants (eager always runs: it is the reference). With ``--debug`` the VAE part
+runs only with ``--vae-only``, on a tiny VAE and 4x4 latent pixels on the CPU (timings meaningless; the
+compiles take minutes there: ``--vae-variants eager,channels_last`` leaves them out).
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from ds_dualparal.wan.model import (  # noqa: E402
     WanConfig,
     WindowState,
 )
+from ds_dualparal.output.video import StreamingDecoder, to_uint8_frames  # noqa: E402
 from ds_dualparal.wan.weights import RandomWeights  # noqa: E402
 
 SHAPE = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960)
@@ -100,91 +114,199 @@ def breakdown(fn) -> dict[str, float]:
     return totals
 
 
-def vae_numbers(device, repeats: int) -> dict:
-    from diffusers import AutoencoderKLWan
+# name: (memory format of the conv weights and latents, compile the decoder). Eager is the reference.
+VAE_VARIANTS = {
+    "eager": (torch.contiguous_format, False),
+    "channels_last": (torch.channels_last_3d, False),
+    "compiled": (torch.contiguous_format, True),
+    "channels_last_compiled": (torch.channels_last_3d, True),
+}
+DEFAULT_VAE_VARIANTS = "eager,channels_last,compiled"
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
 
-    from ds_dualparal.output.video import StreamingDecoder, to_uint8_frames
 
-    torch.manual_seed(0)
-    vae32 = AutoencoderKLWan().to(device).eval()
-    vae16 = AutoencoderKLWan().to(device).eval()
-    vae16.load_state_dict(vae32.state_dict())
-    vae16.to(torch.bfloat16)
-    latents = torch.randn(1, 16, 16, 60, 104, device=device)  # block 0 (16 frames) then an 8-frame block
-    out = {}
-    frames = {}
-    for name, vae in (("float32", vae32), ("bfloat16", vae16)):
-        decoder = StreamingDecoder(vae)
-        decoder.decode(latents[:, :, :8])
+def to_memory_format(vae, fmt):
+    """Conv3d weights (5-D) to ``fmt``, Conv2d weights (4-D, the spatial upsamplers) to its 2-D match.
+
+    ``vae.to(memory_format=torch.channels_last_3d)`` refuses the 4-D weights, hence by hand."""
+    fmt2d = torch.channels_last if fmt == torch.channels_last_3d else fmt
+    for param in vae.parameters():
+        if param.dim() in (4, 5):
+            param.data = param.data.contiguous(memory_format=fmt if param.dim() == 5 else fmt2d)
+    return vae
+
+
+def conv_inputs_channels_last(decoder: StreamingDecoder, latents) -> str:
+    """Decodes one latent frame (then resets); counts the decoder's conv inputs (before the causal padding)
+    that are strictly channels-last. The conv kernel decides its output's format (CPU fp32 Conv3d returns
+    contiguous outputs, cuDNN keeps channels-last), so this says whether the variant keeps its layout."""
+    seen = []
+
+    def hook(module, args):
+        x = args[0]
+        fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        seen.append(x.is_contiguous(memory_format=fmt) and not x.is_contiguous())
+
+    convs = [m for m in decoder.vae.decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    handles = [m.register_forward_pre_hook(hook) for m in convs]
+    try:
+        decoder.decode(latents[:, :, :1])
+    finally:
+        for handle in handles:
+            handle.remove()
+        decoder.reset()
+    return f"{sum(seen)}/{len(seen)}"
+
+
+def compare(ref: torch.Tensor, video: torch.Tensor) -> dict:
+    """Frames in [-1, 1] (fp32, CPU) against the reference: relative L2, max abs, uint8 mean / max abs levels."""
+    diff = abs(to_uint8_frames(ref).astype(int) - to_uint8_frames(video).astype(int))
+    return dict(rel_l2=float((video - ref).norm() / ref.norm()), max_abs=float((video - ref).abs().max()),
+                uint8_mean_abs=float(diff.mean()), uint8_max_abs=int(diff.max()))
+
+
+def decode_variant(vae, latents, compile: bool, repeats: int, device) -> tuple[dict, torch.Tensor]:
+    """Times the second 8-frame block (after block 0) through a StreamingDecoder; returns numbers and the frames."""
+    decoder = StreamingDecoder(vae)
+    layout = conv_inputs_channels_last(decoder, latents)  # eagerly: hooks in a compiled graph would recompile
+    torch._dynamo.utils.counters.clear()
+    if compile:
+        vae.decoder.compile(dynamic=False)
+    first_block, second_block = latents[:, :, :8], latents[:, :, 8:]
+    started = time.perf_counter()  # cold: blocks 0 and 1 (all the compiles of a compiled decoder)
+    decoder.decode(first_block)
+    decoder.decode(second_block)
+    _sync()
+    first_call = time.perf_counter() - started
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-
-        def one_block():
-            return decoder.decode(latents[:, :, 8:])
-
-        times = []
-        for _ in range(repeats):
-            decoder.reset()
-            decoder.decode(latents[:, :, :8])
-            times += timed(one_block, 1)
+    times = []
+    for _ in range(repeats):
         decoder.reset()
-        video = torch.cat([decoder.decode(latents[:, :, :8]), decoder.decode(latents[:, :, 8:])], dim=2)
-        frames[name] = video.float()
-        out[name] = dict(seconds_per_8_frame_block=statistics.median(times), times=times,
-                         peak_extra_gib=(torch.cuda.max_memory_allocated(device) - before) / 2**30)
-    ref, low = frames["float32"], frames["bfloat16"]
-    u_ref, u_low = to_uint8_frames(ref), to_uint8_frames(low)
-    diff = abs(u_ref.astype(int) - u_low.astype(int))
-    out["bf16_vs_fp32"] = dict(rel_l2=float((low - ref).norm() / ref.norm()), max_abs=float((low - ref).abs().max()),
-                               uint8_mean_abs=float(diff.mean()), uint8_max_abs=int(diff.max()))
+        decoder.decode(first_block)
+        times += timed(lambda: decoder.decode(second_block), 1)
+    decoder.reset()
+    video = torch.cat([decoder.decode(first_block).float().cpu(), decoder.decode(second_block).float().cpu()], dim=2)
+    peak = (torch.cuda.max_memory_allocated(device) - before) / 2**30 if cuda else None
+    numbers = dict(seconds_per_8_frame_block=statistics.median(times), times=times, first_call_s=first_call,
+                   peak_extra_gib=peak, conv_inputs_channels_last=layout)
+    if compile:
+        numbers["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        numbers["graph_breaks"] = sum(torch._dynamo.utils.counters["graph_break"].values())
+    return numbers, video
+
+
+def vae_numbers(device, repeats: int, variants=DEFAULT_VAE_VARIANTS.split(","), tiny: bool = False) -> dict:
+    """Every variant in float32 and bfloat16; ``out[variant][dtype]``, and the eager pair also as before:
+    ``out["float32"]``, ``out["bfloat16"]``, ``out["bf16_vs_fp32"]``."""
+    from diffusers import AutoencoderKLWan
+
+    config = TINY_VAE if tiny else {}
+    torch.manual_seed(0)
+    state = AutoencoderKLWan(**config).state_dict()  # the same random weights for every variant
+    latent_hw = (4, 4) if tiny else (60, 104)
+    latents = torch.randn(1, 16, 16, *latent_hw, device=device)  # block 0 (8 frames) then an 8-frame block
+    torch._dynamo.config.recompile_limit = 64  # per decoder: first chunk, the caches filling up, each dtype
+    out = {"variants": [name for name in VAE_VARIANTS if name == "eager" or name in variants]}
+    ref = None
+    for name in out["variants"]:
+        fmt, compiled = VAE_VARIANTS[name]
+        out[name] = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            dtype_name = str(dtype).removeprefix("torch.")
+            vae = AutoencoderKLWan(**config)
+            vae.load_state_dict(state)
+            vae = to_memory_format(vae.to(device, dtype).eval(), fmt)
+            numbers, video = decode_variant(vae, latents.contiguous(memory_format=fmt), compiled, repeats, device)
+            if ref is None:  # eager float32 runs first
+                ref = video
+            numbers["vs_eager_float32"] = compare(ref, video)
+            out[name][dtype_name] = numbers
+            print(vae_line(name, dtype_name, numbers), flush=True)
+            del vae, video
+            if compiled:
+                torch._dynamo.reset()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    # the keys from before the variants (docs and tools read them)
+    out["float32"], out["bfloat16"] = out["eager"]["float32"], out["eager"]["bfloat16"]
+    out["bf16_vs_fp32"] = out["bfloat16"]["vs_eager_float32"]
     return out
+
+
+def vae_line(name: str, dtype: str, v: dict) -> str:
+    peak = "" if v["peak_extra_gib"] is None else f", +{v['peak_extra_gib']:.2f} GiB"
+    d = v["vs_eager_float32"]
+    compiled = f", {v['graphs']} graphs, {v['graph_breaks']} graph breaks" if "graphs" in v else ""
+    return (f"VAE {name:>22} {dtype:>8}: {v['seconds_per_8_frame_block']:.3f} s per 8-latent-frame block "
+            f"(first call {v['first_call_s']:.1f} s{peak}; conv inputs channels-last {v['conv_inputs_channels_last']}"
+            f"{compiled}); vs eager fp32: uint8 mean {d['uint8_mean_abs']:.3f} max {d['uint8_max_abs']}, "
+            f"rel L2 {d['rel_l2']:.2e}")
+
+
+def transformer_numbers(args, device) -> dict:
+    """Plain vs compiled block-step; prints its lines."""
+    if args.debug:
+        wan, grid = WanConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8, ffn_dim=32, text_dim=32,
+                              freq_dim=32), (2, 2)
+        args.layers = 2
+    else:
+        wan, grid = WanConfig(**SHAPE), (30, 52)
+    weights = RandomWeights(0, torch.bfloat16, device)
+    conditioner = Conditioner(wan, weights).to(device)
+    results = {}
+    for compiled in (False, True):
+        torch._dynamo.config.recompile_limit = 64
+        layers = [WanBlockLayer(wan, i, weights, None, compiled) for i in range(args.layers)]
+        run = block_step(layers, conditioner, wan, 16, 8, *grid, device)
+        started = time.perf_counter()
+        reference = run()
+        first = time.perf_counter() - started
+        times = timed(run, args.repeats)
+        results["compiled" if compiled else "plain"] = dict(
+            first_call_s=first, seconds=statistics.median(times), times=times,
+            kernels=breakdown(run) if device.type == "cuda" else {},
+            output=reference.float().cpu())
+        del layers
+        torch.cuda.empty_cache()
+    plain, compiled = results["plain"].pop("output"), results["compiled"].pop("output")
+    results["compiled_vs_plain_rel_l2"] = float((compiled - plain).norm() / plain.norm())
+    for name in ("plain", "compiled"):
+        r = results[name]
+        kernels = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["kernels"].items()))
+        print(f"{name:>5}: {r['seconds']:.3f} s per block-step ({args.layers} layers; first call {r['first_call_s']:.1f} s); "
+              f"kernels: {kernels}")
+    print(f"compiled vs plain: rel L2 {results['compiled_vs_plain_rel_l2']:.2e}", flush=True)
+    return results
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="profile.json")
     parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--debug", action="store_true", help="CPU smoke test of this script on a tiny shape")
+    parser.add_argument("--repeats", type=int, default=5, help="timed block-steps")
+    parser.add_argument("--vae-only", action="store_true", help="skip the transformer; only the VAE decode variants")
+    parser.add_argument("--vae-variants", default=DEFAULT_VAE_VARIANTS,
+                        help=f"comma-separated, of {', '.join(VAE_VARIANTS)} (eager always runs)")
+    parser.add_argument("--vae-repeats", type=int, default=3, help="timed 8-latent-frame blocks per variant")
+    parser.add_argument("--debug", action="store_true", help="CPU smoke test of this script on a tiny shape "
+                        "(the VAE part only with --vae-only)")
     args = parser.parse_args()
-    if args.debug:
-        device, wan, grid = torch.device("cpu"), WanConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8,
-                                                           ffn_dim=32, text_dim=32, freq_dim=32), (2, 2)
-        args.layers = 2
-    else:
-        device, wan, grid = torch.device("cuda"), WanConfig(**SHAPE), (30, 52)
-    weights = RandomWeights(0, torch.bfloat16, device)
-    conditioner = Conditioner(wan, weights).to(device)
+    variants = args.vae_variants.split(",")
+    unknown = set(variants) - set(VAE_VARIANTS)
+    if unknown:
+        parser.error(f"unknown --vae-variants {sorted(unknown)}; known: {', '.join(VAE_VARIANTS)}")
+    device = torch.device("cpu" if args.debug else "cuda")
     results = {}
     with torch.no_grad():
-        for compiled in (False, True):
-            torch._dynamo.config.recompile_limit = 64
-            layers = [WanBlockLayer(wan, i, weights, None, compiled) for i in range(args.layers)]
-            run = block_step(layers, conditioner, wan, 16, 8, *grid, device)
-            started = time.perf_counter()
-            reference = run()
-            first = time.perf_counter() - started
-            times = timed(run, args.repeats)
-            results["compiled" if compiled else "plain"] = dict(
-                first_call_s=first, seconds=statistics.median(times), times=times,
-                kernels=breakdown(run) if device.type == "cuda" else {},
-                output=reference.float().cpu())
-            del layers
-            torch.cuda.empty_cache()
-        plain, compiled = results["plain"].pop("output"), results["compiled"].pop("output")
-        results["compiled_vs_plain_rel_l2"] = float((compiled - plain).norm() / plain.norm())
-        if device.type == "cuda":
-            results["vae"] = vae_numbers(device, 3)
+        if not args.vae_only:
+            results.update(transformer_numbers(args, device))
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        if device.type == "cuda" or args.vae_only:
+            results["vae"] = vae_numbers(device, args.vae_repeats, variants, tiny=args.debug)
     Path(args.out).write_text(json.dumps(results, indent=1))
-    for name in ("plain", "compiled"):
-        r = results[name]
-        kernels = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["kernels"].items()))
-        print(f"{name:>5}: {r['seconds']:.3f} s per block-step ({args.layers} layers; first call {r['first_call_s']:.1f} s); "
-              f"kernels: {kernels}")
-    print(f"compiled vs plain: rel L2 {results['compiled_vs_plain_rel_l2']:.2e}")
-    for name in ("float32", "bfloat16") if "vae" in results else ():
-        v = results["vae"][name]
-        print(f"VAE {name}: {v['seconds_per_8_frame_block']:.3f} s per 8-latent-frame block, +{v['peak_extra_gib']:.2f} GiB")
     print("VAE bf16 vs fp32:", results.get("vae", {}).get("bf16_vs_fp32"))
     return 0
 
