@@ -41,6 +41,7 @@ from ds_dualparal.wan.model import (  # noqa: E402
     WanConfig,
     WindowState,
 )
+from ds_dualparal.files import atomic_output  # noqa: E402
 from ds_dualparal.output.video import StreamingDecoder, to_uint8_frames  # noqa: E402
 from ds_dualparal.wan.weights import RandomWeights  # noqa: E402
 
@@ -198,9 +199,11 @@ def decode_variant(vae, latents, compile: bool, repeats: int, device) -> tuple[d
     return numbers, video
 
 
-def vae_numbers(device, repeats: int, variants=DEFAULT_VAE_VARIANTS.split(","), tiny: bool = False) -> dict:
+def vae_numbers(device, repeats: int, variants=DEFAULT_VAE_VARIANTS.split(","), tiny: bool = False,
+                on_variant=lambda out: None) -> dict:
     """Every variant in float32 and bfloat16; ``out[variant][dtype]``, and the eager pair also as before:
-    ``out["float32"]``, ``out["bfloat16"]``, ``out["bf16_vs_fp32"]``."""
+    ``out["float32"]``, ``out["bfloat16"]``, ``out["bf16_vs_fp32"]``. ``on_variant(out)`` after each one, so a
+    run cut short by a time limit keeps what it measured."""
     from diffusers import AutoencoderKLWan
 
     config = TINY_VAE if tiny else {}
@@ -225,6 +228,7 @@ def vae_numbers(device, repeats: int, variants=DEFAULT_VAE_VARIANTS.split(","), 
             numbers["vs_eager_float32"] = compare(ref, video)
             out[name][dtype_name] = numbers
             print(vae_line(name, dtype_name, numbers), flush=True)
+            on_variant(out)
             del vae, video
             if compiled:
                 torch._dynamo.reset()
@@ -300,13 +304,20 @@ def main() -> int:
         parser.error(f"unknown --vae-variants {sorted(unknown)}; known: {', '.join(VAE_VARIANTS)}")
     device = torch.device("cpu" if args.debug else "cuda")
     results = {}
+
+    def save(vae=None):  # whole files only: written beside --out, then renamed
+        if vae is not None:
+            results["vae"] = vae
+        with atomic_output(args.out, overwrite=True) as path:
+            path.write_text(json.dumps(results, indent=1))
+
     with torch.no_grad():
         if not args.vae_only:
             results.update(transformer_numbers(args, device))
-            Path(args.out).write_text(json.dumps(results, indent=1))
+            save()
         if device.type == "cuda" or args.vae_only:
-            results["vae"] = vae_numbers(device, args.vae_repeats, variants, tiny=args.debug)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+            save(vae_numbers(device, args.vae_repeats, variants, tiny=args.debug, on_variant=save))
+    save()
     print("VAE bf16 vs fp32:", results.get("vae", {}).get("bf16_vs_fp32"))
     return 0
 
