@@ -536,6 +536,32 @@ def dit_config(args, text_dim: int) -> dict:
     )
 
 
+# The output projections of a Wan block's three residual branches (self-attention, cross-attention, FFN):
+# at zero, the block adds nothing to its input.
+BRANCH_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
+
+
+def grown_state_dict(state: dict, layers: int, new_layers: int) -> dict:
+    """A trained DiT's weights for a deeper DiT that computes the same function at the start.
+
+    `new_layers` must be a multiple k of `layers`: trained block i becomes block k i, and blocks k i + 1 …
+    k i + k − 1 are copies of it whose branch outputs start at zero (identity blocks, which training then
+    opens up; their attention and FFN inputs start from the trained block's, not from noise)."""
+    if new_layers % layers:
+        raise ValueError(f"--dit-layers {new_layers} must be a multiple of the --dit-init model's {layers} layers")
+    k = new_layers // layers
+    grown = {}
+    for name, value in state.items():
+        if not name.startswith("blocks."):
+            grown[name] = value
+            continue
+        _, index, rest = name.split(".", 2)
+        for j in range(k):
+            zero = j > 0 and rest.startswith(BRANCH_OUTPUTS)
+            grown[f"blocks.{k * int(index) + j}.{rest}"] = torch.zeros_like(value) if zero else value.clone()
+    return grown
+
+
 def shift_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
     """Wan's timestep shift: sigma = s u / (1 + (s - 1) u), as UniPC's `flow_shift` applies it."""
     return shift * u / (1.0 + (shift - 1.0) * u)
@@ -709,7 +735,8 @@ def train_dit(args, clock: Clock, device, autocast, pool: LatentPool, held_out: 
     if args.dit_init is not None:  # go on from a model trained before (its VAE may have changed since)
         from transformers import UMT5EncoderModel
 
-        transformer.load_state_dict(WanTransformer3DModel.from_pretrained(args.dit_init / "transformer").state_dict())
+        trained = WanTransformer3DModel.from_pretrained(args.dit_init / "transformer")
+        transformer.load_state_dict(grown_state_dict(trained.state_dict(), trained.config.num_layers, args.dit_layers))
         text_encoder.load_state_dict(UMT5EncoderModel.from_pretrained(args.dit_init / "text_encoder").state_dict())
     model = TextToVideo(transformer, text_encoder.requires_grad_(train_text))
     model = model.to(device).train()
@@ -897,7 +924,9 @@ def parse_args(argv=None):
 
     dit = parser.add_argument_group("DiT")
     dit.add_argument("--dit-init", type=Path, default=None,
-                     help="start the DiT and the text encoder from this model folder's (same sizes)")
+                     help="start the DiT and the text encoder from this model folder's (same sizes, or a DiT "
+                          "with k times fewer layers: each trained layer is followed by k - 1 copies that start "
+                          "as identity blocks)")
     dit.add_argument("--dit-steps", type=int, default=40000)
     dit.add_argument("--max-minutes-dit", type=float, default=None)
     dit.add_argument("--dit-batch", type=int, default=256,
@@ -987,6 +1016,14 @@ def _check_up_front(parser, args) -> None:
         parser.error(f"--seed must be in [0, {2**32}), got {args.seed}")
     if args.vae_from is not None and not (args.vae_from / "vae" / "config.json").is_file():
         parser.error(f"--vae-from {args.vae_from} holds no vae/config.json (a tiny model folder written by this script)")
+    if args.dit_init is not None:
+        config_file = args.dit_init / "transformer" / "config.json"
+        if not config_file.is_file():
+            parser.error(f"--dit-init {args.dit_init} holds no transformer/config.json (a tiny model folder)")
+        layers = json.loads(config_file.read_text()).get("num_layers")
+        if not isinstance(layers, int) or layers < 1 or args.dit_layers % layers:
+            parser.error(f"--dit-layers {args.dit_layers} must be a multiple of the --dit-init model's "
+                         f"{layers} layers")
     for name in ("max_minutes", "max_minutes_vae", "max_minutes_dit"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value > 0):

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import ROOT, TINY_CONFIG, launch_script, run_forked, run_generate
 from diffusers import WanPipeline
@@ -204,3 +205,43 @@ def test_first_frame_crops():
     assert (starts(0.0) > 0).float().mean() > 0.8
     half = starts(0.5)
     assert 0.25 < (half == 0).float().mean() < 0.75
+
+
+def test_a_grown_dit_starts_as_the_trained_one():
+    """--dit-init with k times fewer layers: the deeper DiT computes what the trained one did (its extra
+    blocks start as identities) and every extra block can learn (its branch outputs get gradients)."""
+    from diffusers import WanTransformer3DModel
+
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                  text_dim=8, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+    torch.manual_seed(0)
+    small = WanTransformer3DModel(**config).eval()
+    for p in small.parameters():  # diffusers zero-inits some projections; make every branch matter
+        p.data.normal_(0.0, 0.2)
+    deep = WanTransformer3DModel(**{**config, "num_layers": 6}).eval()
+    deep.load_state_dict(train_tiny.grown_state_dict(small.state_dict(), 2, 6))
+    x = torch.randn(1, 4, 3, 4, 4)
+    text = torch.randn(1, 5, 8)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        want = small(x, t, text, return_dict=False)[0]
+        got = deep(x, t, text, return_dict=False)[0]
+    assert want.abs().mean() > 0.01
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # the copies are the trained block with zeroed outputs, not noise, and they do receive gradients
+    torch.testing.assert_close(deep.blocks[4].attn1.to_q.weight, small.blocks[1].attn1.to_q.weight)
+    assert not deep.blocks[4].ffn.net[2].weight.any()
+    deep.train()
+    deep(x, t, text, return_dict=False)[0].square().mean().backward()
+    assert deep.blocks[4].ffn.net[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple"):
+        train_tiny.grown_state_dict(small.state_dict(), 2, 5)
+
+
+def test_a_dit_init_of_another_depth_must_divide_the_new_one(tmp_path):
+    result = train(tmp_path, "--out", tmp_path / "x", "--smoke", "--dit-init", ROOT / "ds_dualparal" / "assets" /
+                   "tiny-wan", "--dit-layers", "6", code=2)
+    assert "--dit-layers 6 must be a multiple" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
