@@ -1,4 +1,5 @@
-"""Where one block-step's time goes, on one GPU: plain vs compiled path (fused q/k/v + torch.compile), a
+"""Where one block-step's time goes, on one GPU: plain vs compiled path (fused q/k/v + torch.compile, with the
+self-attention between two compiled graphs or, ``one_graph``, inside one as an opaque operator), a
 kernel-time breakdown (attention / matmul / other), and VAE decode variants of one block.
 
     python3 launch/profile_block.py --out profile.json
@@ -250,8 +251,12 @@ def vae_line(name: str, dtype: str, v: dict) -> str:
             f"rel L2 {d['rel_l2']:.2e}")
 
 
+# name: (compile, self-attention inside the compiled graph as an opaque operator)
+BLOCK_VARIANTS = {"plain": (False, False), "compiled": (True, False), "one_graph": (True, True)}
+
+
 def transformer_numbers(args, device) -> dict:
-    """Plain vs compiled block-step; prints its lines."""
+    """Plain vs compiled block-step (attention between two graphs, or inside one); prints its lines."""
     if args.debug:
         wan, grid = WanConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8, ffn_dim=32, text_dim=32,
                               freq_dim=32), (2, 2)
@@ -261,28 +266,33 @@ def transformer_numbers(args, device) -> dict:
     weights = RandomWeights(0, torch.bfloat16, device)
     conditioner = Conditioner(wan, weights).to(device)
     results = {}
-    for compiled in (False, True):
+    for name, (compiled, in_graph) in BLOCK_VARIANTS.items():
         torch._dynamo.config.recompile_limit = 64
-        layers = [WanBlockLayer(wan, i, weights, None, compiled) for i in range(args.layers)]
+        torch._dynamo.utils.counters.clear()
+        layers = [WanBlockLayer(wan, i, weights, None, compiled, in_graph) for i in range(args.layers)]
         run = block_step(layers, conditioner, wan, 16, 8, *grid, device)
         started = time.perf_counter()
         reference = run()
         first = time.perf_counter() - started
         times = timed(run, args.repeats)
-        results["compiled" if compiled else "plain"] = dict(
+        results[name] = dict(
             first_call_s=first, seconds=statistics.median(times), times=times,
+            graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
             kernels=breakdown(run) if device.type == "cuda" else {},
             output=reference.float().cpu())
         del layers
         torch.cuda.empty_cache()
-    plain, compiled = results["plain"].pop("output"), results["compiled"].pop("output")
-    results["compiled_vs_plain_rel_l2"] = float((compiled - plain).norm() / plain.norm())
-    for name in ("plain", "compiled"):
+    plain = results["plain"].pop("output")
+    for name in BLOCK_VARIANTS:
+        if name != "plain":
+            other = results[name].pop("output")
+            results[f"{name}_vs_plain_rel_l2"] = float((other - plain).norm() / plain.norm())
+    for name in BLOCK_VARIANTS:
         r = results[name]
         kernels = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["kernels"].items()))
-        print(f"{name:>5}: {r['seconds']:.3f} s per block-step ({args.layers} layers; first call {r['first_call_s']:.1f} s); "
-              f"kernels: {kernels}")
-    print(f"compiled vs plain: rel L2 {results['compiled_vs_plain_rel_l2']:.2e}", flush=True)
+        versus = f"; vs plain rel L2 {results[name + '_vs_plain_rel_l2']:.2e}" if name != "plain" else ""
+        print(f"{name:>9}: {r['seconds']:.3f} s per block-step ({args.layers} layers; first call {r['first_call_s']:.1f} s, "
+              f"{r['graphs']} graphs{versus}); kernels: {kernels}", flush=True)
     return results
 
 

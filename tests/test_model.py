@@ -209,14 +209,20 @@ def test_chunked_feed_forward_equals_the_whole(monkeypatch):
     torch.testing.assert_close(ff(x), whole)
 
 
-def test_compiled_block_equals_the_plain_block(wan, stage_model):
+@pytest.mark.parametrize("attention_in_graph", [False, True])
+def test_compiled_block_equals_the_plain_block(wan, stage_model, attention_in_graph):
     """Fused q/k/v and torch.compile (the CUDA default): same block output and cached input, within
-    float32 rounding; the fused weights are views, not a second copy."""
+    float32 rounding; the fused weights are views, not a second copy. With the attention as an opaque
+    operator, the block is one compiled graph without a break (without it, the break splits the block and
+    each frame it passes through: four graphs here)."""
     conditioner, _ = stage_model
     weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
-    plain, compiled = WanBlockLayer(wan, 1, weights), WanBlockLayer(wan, 1, weights, compile=True)
+    plain = WanBlockLayer(wan, 1, weights)
+    compiled = WanBlockLayer(wan, 1, weights, compile=True, attention_in_graph=attention_in_graph)
     attn = compiled.attn1
     assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[wan.inner_dim:].data_ptr()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     torch.manual_seed(6)
     temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
     hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
@@ -234,6 +240,10 @@ def test_compiled_block_equals_the_plain_block(wan, stage_model):
     (want, want_captured), (got, got_captured) = outputs
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_captured, want_captured, rtol=1e-5, atol=1e-5)
+    counters = torch._dynamo.utils.counters
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1 if attention_in_graph else graphs > 1, dict(counters["stats"])
+    assert bool(counters["graph_break"]) is not attention_in_graph, dict(counters["graph_break"])
 
 
 def test_the_private_names_the_model_relies_on_still_exist(wan):

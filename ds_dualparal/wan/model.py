@@ -158,11 +158,26 @@ def _attention(query, key, value, backend):
     return dispatch_attention_fn(query, key, value, backend=backend)
 
 
+@torch.library.custom_op("ds_dualparal::window_attention", mutates_args=())
+def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str) -> torch.Tensor:
+    """The same attention as an opaque operator: `torch.compile` keeps it in the block's one graph (no graph
+    break) and calls the eager kernel, so the backend PyTorch picks is kept. Contiguous (batch, tokens,
+    heads, head_dim) out, as the fake below promises the compiler."""
+    return dispatch_attention_fn(query, key, value, backend=AttentionBackendName(backend) if backend else None
+                                 ).contiguous()
+
+
+@window_attention.register_fake
+def _window_attention_shape(query, key, value, backend):
+    return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+
 class WindowAttnProcessor:
     """Self-attention of a window over itself plus the cached frames of the next block."""
 
-    def __init__(self, backend: AttentionBackendName | None = None):
+    def __init__(self, backend: AttentionBackendName | None = None, in_graph: bool = False):
         self.backend = backend
+        self.in_graph = in_graph  # through `window_attention`: one compiled graph for the whole block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         window: AttentionWindow = rotary_emb
@@ -180,7 +195,11 @@ class WindowAttnProcessor:
         cos, sin = window.rope
         query = apply_rotary(query, cos[:, :num_query], sin[:, :num_query])
         key = apply_rotary(key, cos[:, : key.shape[1]], sin[:, : key.shape[1]])
-        out = _attention(query, key, value, self.backend).flatten(2, 3).type_as(query)
+        if self.in_graph:
+            out = window_attention(query, key, value, self.backend.value if self.backend else "")
+        else:
+            out = _attention(query, key, value, self.backend)
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -258,11 +277,13 @@ class WanBlockLayer(WanTransformerBlock):
     """One Wan transformer block, run by diffusers' own forward with the windowed self-attention.
 
     `compile=True` (the `compile` setting; its default on CUDA) fuses the q/k/v projections and runs the block through
-    `torch.compile`: one compiled graph per window shape, shared by every layer of the stage.
+    `torch.compile`: per window shape, shared by every layer of the stage, two compiled graphs (before and
+    after the self-attention, which runs eagerly between them) or, with `attention_in_graph`, one graph
+    that calls the attention as the opaque operator `window_attention`.
     """
 
     def __init__(self, config: WanConfig, index: int, weights: WeightSource, backend: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, attention_in_graph: bool = False):
         with torch.device("meta"):
             super().__init__(
                 config.inner_dim,
@@ -275,7 +296,7 @@ class WanBlockLayer(WanTransformerBlock):
             )
             self.ffn = ChunkedFeedForward(config.inner_dim, inner_dim=config.ffn_dim, activation_fn="gelu-approximate")
         self.index = index
-        self.attn1.set_processor(WindowAttnProcessor())
+        self.attn1.set_processor(WindowAttnProcessor(in_graph=compile and attention_in_graph))
         self.set_attention_backend(backend)
         _materialized(self, weights, f"blocks.{index}.")
         self._compute = self._block
@@ -291,7 +312,7 @@ class WanBlockLayer(WanTransformerBlock):
 
     def _block(self, hidden, text, timestep_proj, rope, cached, capture):
         window = AttentionWindow(rope=rope, cached=cached, capture=None if capture is None else slice(*capture))
-        hidden = WanTransformerBlock.forward(self, hidden, text, timestep_proj, window)
+        hidden = super().forward(hidden, text, timestep_proj, window)
         return hidden, window.captured
 
     def forward(self, state: WindowState) -> WindowState:
