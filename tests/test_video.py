@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from ds_dualparal.output.video import (
     Mp4Writer,
     StreamingDecoder,
     save_frames,
+    to_memory_format,
     to_uint8_frames,
 )
 
@@ -112,6 +114,89 @@ def test_cache_stays_bounded_with_video_length(vae):
         decoder.decode(block)
     cached = [c for c in decoder._feat_cache if isinstance(c, torch.Tensor)]
     assert cached and all(c.shape[2] <= 2 for c in cached)
+
+
+def _strictly(tensor, fmt):
+    """In memory format `fmt` and not also plain contiguous (as a tensor with size-1 dims can be both)."""
+    return tensor.is_contiguous(memory_format=fmt) and not tensor.is_contiguous()
+
+
+def _convs(module, kind):
+    """`module`'s convs of class `kind` with a kernel wider than 1 (a 1x1 kernel's weight is both formats)."""
+    return [m for m in module.modules() if isinstance(m, kind) and m.kernel_size[-1] > 1]
+
+
+def test_channels_last_decodes_as_contiguous_within_one_level(vae):
+    latents = _latents(vae, 6)
+    plain = torch.cat(_stream(StreamingDecoder(vae, channels_last=False), latents, [3, 3]), dim=2)
+
+    converted = copy.deepcopy(vae)  # the fixture is shared: the decoder converts its VAE in place
+    decoder = StreamingDecoder(converted, channels_last=True)
+    inputs = []
+    hook = converted.post_quant_conv.register_forward_pre_hook(
+        lambda module, args: inputs.append(_strictly(args[0], torch.channels_last_3d)))
+    try:
+        fast = torch.cat(_stream(decoder, latents, [3, 3]), dim=2)  # two blocks: through the temporal cache
+    finally:
+        hook.remove()
+
+    assert inputs == [True, True]  # each block's latents went in channels-last
+    assert fast.shape == plain.shape == (1, 3, 1 + 4 * 5, *plain.shape[3:])
+    levels = np.abs(to_uint8_frames(fast).astype(int) - to_uint8_frames(plain).astype(int))
+    assert levels.max() <= 1
+
+
+def test_channels_last_converts_the_conv_weights_in_place(vae):
+    converted = copy.deepcopy(vae)
+    StreamingDecoder(converted, channels_last=True)
+
+    conv3d, conv2d = _convs(converted, torch.nn.Conv3d), _convs(converted, torch.nn.Conv2d)
+    assert conv3d and conv2d  # the Wan VAE has both (Conv2d: the spatial upsamplers)
+    assert all(_strictly(m.weight, torch.channels_last_3d) for m in conv3d)
+    assert all(_strictly(m.weight, torch.channels_last) for m in conv2d)
+    assert any(_strictly(m.weight, torch.channels_last_3d) for m in _convs(converted.encoder, torch.nn.Conv3d))
+    for (name, before), after in zip(vae.named_parameters(), converted.parameters()):
+        assert torch.equal(before, after), name  # the values are the same, only their order in memory
+    assert all(p.is_contiguous() for p in vae.parameters())  # the copy's, not the original's
+
+    to_memory_format(converted, torch.contiguous_format)
+    assert all(m.weight.is_contiguous() for m in conv3d + conv2d)
+
+
+def test_channels_last_is_off_by_default_on_the_cpu(vae):
+    own = copy.deepcopy(vae)
+    decoder = StreamingDecoder(own)
+
+    assert decoder.channels_last is False
+    assert all(p.is_contiguous() for p in own.parameters())
+    decoder.decode(_latents(vae, 2))
+    assert all(p.is_contiguous() for p in own.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_channels_last_is_on_by_default_on_cuda(vae):
+    own = copy.deepcopy(vae).cuda()
+    decoder = StreamingDecoder(own)
+
+    assert decoder.channels_last is True
+    assert all(_strictly(m.weight, torch.channels_last_3d) for m in _convs(own, torch.nn.Conv3d))
+    latents = _latents(vae, 6)
+    fast = torch.cat(_stream(decoder, latents.cuda(), [3, 3]), dim=2).cpu()
+    plain = torch.cat(_stream(StreamingDecoder(vae, channels_last=False), latents, [3, 3]), dim=2)
+    levels = np.abs(to_uint8_frames(fast).astype(int) - to_uint8_frames(plain).astype(int))
+    assert levels.max() <= 1
+
+
+def test_vae_encode_is_unchanged_by_the_channels_last_weights(vae):
+    # The engine's VAE also encodes (a clip to continue, an image condition), on weights the decoder converted.
+    video = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    converted = to_memory_format(copy.deepcopy(vae), torch.channels_last_3d)
+    with torch.no_grad():
+        want = vae.encode(video).latent_dist.mode()
+        got = converted.encode(video).latent_dist.mode()
+
+    assert got.shape == want.shape and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_to_uint8_frames_matches_diffusers_postprocess():
