@@ -61,8 +61,8 @@ def test_tiny_config_is_the_cpu_demo():
     cfg = load_config(CONFIG_DIR / "tiny.json").dualparal
     assert cfg.model is None
     assert (cfg.height, cfg.width, cfg.num_frames, cfg.latent_frames) == (64, 64, 21, 6)
-    assert (cfg.num_inference_steps, cfg.block_size, cfg.context) == (10, 2, 1)
-    assert (cfg.dtype, cfg.guidance_scale, cfg.seed, cfg.fps) == ("float32", 3.0, 0, 8)
+    assert (cfg.num_inference_steps, cfg.block_size, cfg.context) == (20, 2, 1)
+    assert (cfg.dtype, cfg.guidance_scale, cfg.seed, cfg.fps) == ("float32", 4.0, 0, 8)
     assert cfg.output == "outputs/tiny.mp4"
 
 

@@ -320,6 +320,25 @@ def test_a_flat_or_blurred_away_background_is_not_a_pattern():
     assert quality.background_texture(stripes) == "striped"
 
 
+def test_wavy_stripes_read_striped_and_a_grid_does_not():
+    """Stripes whose orientation wanders (as the trained model draws them) spread over a fan of angles:
+    here two gratings 30 degrees apart, neither holding STRIPE_CONCENTRATION within STRIPE_ANGLE. Still
+    striped, since nothing lies across them; two gratings 90 degrees apart are a grid."""
+    from unittest import mock
+
+    y, x = np.mgrid[0:64, 0:64] / 64.0
+
+    def video(*degrees):
+        waves = sum(np.sin(2 * np.pi * 5 * (x * np.cos(np.radians(d)) + y * np.sin(np.radians(d)))) for d in degrees)
+        grey = np.where(waves > 0, 170, 90).astype(np.uint8)
+        return np.repeat(np.repeat(grey[None, :, :, None], 3, axis=3), 4, axis=0)
+
+    assert quality.background_texture(video(0, 30)) == "striped"
+    with mock.patch.object(quality, "ACROSS_SHARE", -1.0):  # the narrow rule alone calls it a grid
+        assert quality.background_texture(video(0, 30)) != "striped"
+    assert quality.background_texture(video(0, 90)) in ("checkered", "dotted")
+
+
 def test_seconds_windows():
     assert quality.seconds_windows(161, 8) == {"first": slice(0, 8), "middle": slice(76, 84),
                                                "last": slice(153, 161)}

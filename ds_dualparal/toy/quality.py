@@ -86,6 +86,11 @@ CLOUDY_CYCLES = 3.4  # cycles per frame side below which spectral energy counts 
 CLOUDY_SHARE = 0.5  # share of the background's spectral energy below CLOUDY_CYCLES that makes it cloudy
 STRIPE_CONCENTRATION = 0.6  # share of the periodic energy within STRIPE_ANGLE of one orientation: stripes
 STRIPE_ANGLE = 12.0  # degrees
+# Wavy stripes spread their energy over a wider fan of angles, but a grid (checkers, dots) puts as much
+# across it: STRIPE_CONCENTRATION within WAVY_ANGLE of one orientation and at most ACROSS_SHARE within
+# WAVY_ANGLE of the orientation across it also reads striped.
+WAVY_ANGLE = 30.0  # degrees
+ACROSS_SHARE = 0.1
 DOT_MINORITY = 0.38  # the minority tone covers less than this share of the background: dots (else checkers)
 # Motion (`object_motion`): how far the object's centroid travels across a window, pixels (5th to 95th
 # percentile of its coordinates) and the ratio of the shorter axis to the longer below which it moves along one.
@@ -338,7 +343,8 @@ def background_texture(frames: np.ndarray) -> str:
 
     From the background's power spectrum (Hann window, mean removed), in cycles per frame side: mostly
     below CLOUDY_CYCLES is "cloudy"; else, if most of the periodic energy lies along one orientation,
-    "striped"; else a grid: "dotted" when its minority tone (above or below the middle of the 5th and
+    "striped" (also when a wider fan of angles about one orientation holds it and little lies across it:
+    wavy stripes); else a grid: "dotted" when its minority tone (above or below the middle of the 5th and
     95th percentile levels) covers less than DOT_MINORITY of the frame, "checkered" when the two tones
     are about even.
     """
@@ -362,9 +368,14 @@ def background_texture(frames: np.ndarray) -> str:
     energy = power[periodic]
     # the dominant orientation, then the share of energy within STRIPE_ANGLE of it (angles mod 180)
     candidates = np.arange(0.0, 180.0, 2.0)
-    near = np.abs((angle[None] - candidates[:, None] + 90.0) % 180.0 - 90.0) <= STRIPE_ANGLE
-    concentration = (near * energy[None]).sum(axis=1).max() / energy.sum()
-    if concentration >= STRIPE_CONCENTRATION:
+    offset = np.abs((angle[None] - candidates[:, None] + 90.0) % 180.0 - 90.0)  # (candidates, bins), degrees
+    shares = lambda width: ((offset <= width) * energy[None]).sum(axis=1) / energy.sum()  # noqa: E731
+    if shares(STRIPE_ANGLE).max() >= STRIPE_CONCENTRATION:
+        return "striped"
+    wide = shares(WAVY_ANGLE)
+    best = int(wide.argmax())
+    across = wide[(best + len(candidates) // 2) % len(candidates)]  # the candidate 90 degrees away
+    if wide[best] >= STRIPE_CONCENTRATION and across <= ACROSS_SHARE:
         return "striped"
     low, high = np.percentile(image, [5, 95])
     bright = (image > (low + high) / 2).mean()
