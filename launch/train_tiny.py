@@ -1020,7 +1020,10 @@ def _check_up_front(parser, args) -> None:
         config_file = args.dit_init / "transformer" / "config.json"
         if not config_file.is_file():
             parser.error(f"--dit-init {args.dit_init} holds no transformer/config.json (a tiny model folder)")
-        layers = json.loads(config_file.read_text()).get("num_layers")
+        try:
+            layers = json.loads(config_file.read_text()).get("num_layers")
+        except (ValueError, AttributeError):
+            parser.error(f"--dit-init {config_file} is not a JSON object of a transformer's config")
         if not isinstance(layers, int) or layers < 1 or args.dit_layers % layers:
             parser.error(f"--dit-layers {args.dit_layers} must be a multiple of the --dit-init model's "
                          f"{layers} layers")

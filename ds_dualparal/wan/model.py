@@ -277,9 +277,10 @@ class WanBlockLayer(WanTransformerBlock):
     """One Wan transformer block, run by diffusers' own forward with the windowed self-attention.
 
     `compile=True` (the `compile` setting; its default on CUDA) fuses the q/k/v projections and runs the block through
-    `torch.compile`: per window shape, shared by every layer of the stage, two compiled graphs (before and
-    after the self-attention, which runs eagerly between them) or, with `attention_in_graph`, one graph
-    that calls the attention as the opaque operator `window_attention`.
+    `torch.compile`: per window shape, shared by every layer of the stage, the graphs around the
+    self-attention, which runs eagerly between them (four: the break splits each frame it passes
+    through), or, with `attention_in_graph`, one graph that calls the attention as the opaque operator
+    `window_attention` (measured 1% slower on an H200, BENCHMARKS.md, so not the engine's choice).
     """
 
     def __init__(self, config: WanConfig, index: int, weights: WeightSource, backend: str | None = None,
