@@ -1021,9 +1021,16 @@ def _check_up_front(parser, args) -> None:
         if not config_file.is_file():
             parser.error(f"--dit-init {args.dit_init} holds no transformer/config.json (a tiny model folder)")
         try:
-            layers = json.loads(config_file.read_text()).get("num_layers")
+            config = json.loads(config_file.read_text())
+            layers = config.get("num_layers")
         except (ValueError, AttributeError):
             parser.error(f"--dit-init {config_file} is not a JSON object of a transformer's config")
+        sizes = {"num_attention_heads": "dit_heads", "attention_head_dim": "dit_head_dim", "ffn_dim": "dit_ffn",
+                 "freq_dim": "dit_freq_dim"}
+        for key, flag in sizes.items():
+            if config.get(key) != getattr(args, flag):
+                parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} differs from the --dit-init model's "
+                             f"{key} {config.get(key)}; only the number of layers may grow")
         if not isinstance(layers, int) or layers < 1 or args.dit_layers % layers:
             parser.error(f"--dit-layers {args.dit_layers} must be a multiple of the --dit-init model's "
                          f"{layers} layers")

@@ -245,3 +245,7 @@ def test_a_dit_init_of_another_depth_must_divide_the_new_one(tmp_path):
     assert "--dit-layers 6 must be a multiple" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x").exists()
+    result = train(tmp_path, "--out", tmp_path / "y", "--smoke", "--dit-init", ROOT / "ds_dualparal" / "assets" /
+                   "tiny-wan", "--dit-layers", "8", "--dit-ffn", "64", code=2)
+    assert "--dit-ffn 64 differs from the --dit-init model's ffn_dim 512" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "y").exists()
