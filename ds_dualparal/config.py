@@ -61,7 +61,8 @@ TEXT_TOKENS = 512
 WAN22_BOUNDARY_RATIO = 0.875
 
 # diffusers attention backends that run without downloading kernels and accept a key/value
-# sequence longer than the query (the feature cache makes it so).
+# sequence longer than the query (the feature cache makes it so), and "flash_4": FlashAttention 4
+# (the flash-attn-4 package) for the self-attention, called by this project (wan/model.py).
 AttentionBackend = Literal[
     "native",
     "_native_cudnn",
@@ -72,6 +73,7 @@ AttentionBackend = Literal[
     "_flash_3",
     "sage",
     "xformers",
+    "flash_4",
 ]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
 Scheduler = Literal["unipc", "euler"]
@@ -253,7 +255,8 @@ class DualParalConfig(BaseModel):
         scope="model", latents=False, flag="stages", ge=1,
     )
     attention_backend: AttentionBackend | None = setting(
-        None, "diffusers attention backend; unset: diffusers' default.",
+        None, "diffusers attention backend, or flash_4 (FlashAttention 4 for the self-attention: the "
+        "flash-attn-4 package, not installed with this project); unset: diffusers' default.",
         scope="model", latents=True, flag="attention_backend",
     )
     compile: bool | None = setting(

@@ -145,7 +145,7 @@ def worker(args) -> int:
         digest = hashlib.sha256(result.latents.float().cpu().numpy().tobytes()).hexdigest()[:16] if rank0 else None
         # the command's path once per case: overlapped (the default), the first segment count given
         real_run = args.real_path and overlap and segments == args.segments[0]
-        real = real_path(generator, cfg, args.shape, args.repeats) if real_run else None
+        real = real_path(generator, cfg, args.shape, args.repeats, args.decode) if real_run else None
         if not rank0:
             continue
         plan = request.plan
@@ -280,11 +280,12 @@ class RandomTextEncoder:
         return torch.stack(stack)
 
 
-def real_path(generator, cfg, shape: str, repeats: int) -> dict:
+def real_path(generator, cfg, shape: str, repeats: int, decode: str = "auto") -> dict:
     """The command's path after loading: text encoding (the encoder is then freed, as the CLI does),
     the pipeline with every finished block decoded by the VAE beside it and its frames converted for
     the writer (a null sink: no ffmpeg on the GPU machine). Median of `repeats` runs after one
-    warm-up; peak memory of the generation (after the encoder is freed)."""
+    warm-up; peak memory of the generation (after the encoder is freed). `decode`: where a single stage
+    decodes ("auto": as the command, "inline" between block-steps, "beside": on a stream of its own)."""
     import torch
 
     from ds_dualparal.cli.runner import generate_streaming
@@ -309,7 +310,8 @@ def real_path(generator, cfg, shape: str, repeats: int) -> dict:
         encoded, restarted = encoded - started, time.perf_counter()
         request = generator.request(cfg, text)
         if generator.is_first:
-            generate_streaming(generator, request, [lambda frames, first: None])
+            generate_streaming(generator, request, [lambda frames, first: None],
+                               decode_inline={"auto": None, "inline": True, "beside": False}[decode])
         else:
             generator.generate(request)
         if cuda:
@@ -326,7 +328,7 @@ def real_path(generator, cfg, shape: str, repeats: int) -> dict:
     encode = statistics.median(r[0] for r in first)
     generate = statistics.median(r[1] for r in first)
     return dict(real_encode_s=encode, real_generate_s=generate, real_total_s=encode + generate,
-                real_runs=first, real_peak_gib=[s["peak"] / 2**30 for s in stats], vae_dtype=cfg.vae_dtype)
+                real_runs=first, real_peak_gib=[s["peak"] / 2**30 for s in stats], vae_dtype=cfg.vae_dtype, decode=decode)
 
 
 def shape_image(shape: str):
@@ -532,7 +534,7 @@ def driver(args) -> int:
     if args.compile is not None:
         common += ["--compile" if args.compile else "--no-compile"]
     if args.real_path:
-        common += ["--real-path"]
+        common += ["--real-path", "--decode", args.decode]
     common += ["--vae-dtype", args.vae_dtype, "--guidance", str(args.guidance), "--scheduler", args.scheduler]
     common += ["--first-stage-vae-layers", str(args.first_stage_vae_layers)]
     common += ["--segments", ",".join(map(str, args.segments)), "--transition", str(args.transition)]
@@ -597,6 +599,9 @@ def main(argv=None) -> int:
     parser.add_argument("--real-path", action="store_true",
                         help="also time the command's path: text encoding, pipeline, streaming VAE decode")
     parser.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--decode", default="auto", choices=["auto", "inline", "beside"],
+                        help="with --real-path: where one stage decodes (auto: as the command does; inline: "
+                             "between its block-steps; beside: on a stream of its own)")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (1: CFG off, batch of 1)")
     parser.add_argument("--scheduler", default="unipc", choices=["unipc", "euler"])
     parser.add_argument("--first-stage-vae-layers", type=float, default=0.0,

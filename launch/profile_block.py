@@ -12,8 +12,10 @@ The VAE part decodes as the command does (Wan2.1's VAE, random weights of seed 0
 ``output.video.StreamingDecoder``): block 0 (8 latent frames of 60x104), then the timed second 8-frame
 block, in float32 and bfloat16 for each variant: ``eager`` (diffusers' module as is), ``channels_last``
 (the module's conv weights and the latents in channels-last memory format: ``StreamingDecoder(vae,
-channels_last=True)``, the engine's default on CUDA) and ``compiled`` (the decoder
-under ``torch.compile(dynamic=False)``; its first call, the compile, is reported apart). Per variant: median
+channels_last=True)``, the engine's default on CUDA), ``compiled`` (the decoder
+under ``torch.compile(dynamic=False)``; its first call, the compile, is reported apart) and
+``channels_last_benchmark`` (channels-last with ``torch.backends.cudnn.benchmark``: cuDNN times its
+convolution algorithms on each new shape, in the first call, and keeps the fastest). Per variant: median
 seconds per 8-latent-frame block, first-call seconds (blocks 0 and 1, cold), peak extra GiB, the share of
 conv inputs in channels-last format, and its frames against eager float32 (relative L2, max abs, and
 uint8 mean / max abs levels). ``--vae-only`` skips the transformer and runs only this part;
@@ -117,13 +119,15 @@ def breakdown(fn) -> dict[str, float]:
     return totals
 
 
-# name: (StreamingDecoder's channels_last, compile the decoder). Eager is the reference. channels_last is
-# passed either way: its default (None) would turn it on for every variant on CUDA.
+# name: (StreamingDecoder's channels_last, compile the decoder, cuDNN's benchmark mode). Eager is the reference.
+# channels_last is passed either way: its default (None) would turn it on for every variant on CUDA. The
+# benchmark mode times cuDNN's convolution algorithms on each new shape and keeps the fastest.
 VAE_VARIANTS = {
-    "eager": (False, False),
-    "channels_last": (True, False),
-    "compiled": (False, True),
-    "channels_last_compiled": (True, True),
+    "eager": (False, False, False),
+    "channels_last": (True, False, False),
+    "compiled": (False, True, False),
+    "channels_last_compiled": (True, True, False),
+    "channels_last_benchmark": (True, False, True),
 }
 DEFAULT_VAE_VARIANTS = "eager,channels_last,compiled"
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
@@ -211,14 +215,18 @@ def vae_numbers(device, repeats: int, variants=DEFAULT_VAE_VARIANTS.split(","), 
     out = {"variants": [name for name in VAE_VARIANTS if name == "eager" or name in variants]}
     ref = None
     for name in out["variants"]:
-        channels_last, compiled = VAE_VARIANTS[name]
+        channels_last, compiled, benchmark = VAE_VARIANTS[name]
         out[name] = {}
         for dtype in (torch.float32, torch.bfloat16):
             dtype_name = str(dtype).removeprefix("torch.")
             vae = AutoencoderKLWan(**config)
             vae.load_state_dict(state)
             vae = vae.to(device, dtype).eval()
-            numbers, video = decode_variant(vae, latents, channels_last, compiled, repeats, device)
+            torch.backends.cudnn.benchmark = benchmark
+            try:
+                numbers, video = decode_variant(vae, latents, channels_last, compiled, repeats, device)
+            finally:
+                torch.backends.cudnn.benchmark = False
             if ref is None:  # eager float32 runs first
                 ref = video
             numbers["vs_eager_float32"] = compare(ref, video)

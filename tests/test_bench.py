@@ -95,3 +95,17 @@ def test_write_random_wan_writes_a_folder_the_command_runs(tmp_path):
     with pytest.raises(SystemExit) as refused:
         writer.main(["--shape", "debug", "--out", str(folder)])
     assert refused.value.code == 2
+
+
+def test_profile_attention_debug_times_each_shape_and_reports_a_backend_that_cannot_run(tmp_path):
+    """launch/profile_attention.py's CPU smoke run: each anchor window shape (scaled down) is timed with the math
+    kernel; flash_4 cannot run on a CPU, and its rows say so instead of failing the run."""
+    out = tmp_path / "attention.json"
+    assert launch_script("profile_attention.py").main(["--debug", "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["backend"], r["queries"], r["keys"]) for r in rows] == [
+        ("16+8 cached frames", "math", 96, 144), ("16+8 cached frames", "flash_4", 96, 144),
+        ("16 frames (last block)", "math", 96, 96), ("16 frames (last block)", "flash_4", 96, 96)]
+    math, flash = rows[0::2], rows[1::2]
+    assert all(r["ms"] > 0 and r["tflops"] > 0 and r["first_s"] > 0 for r in math)
+    assert all(r["error"] and "ms" not in r for r in flash)

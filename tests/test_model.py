@@ -246,6 +246,60 @@ def test_compiled_block_equals_the_plain_block(wan, stage_model, attention_in_gr
     assert bool(counters["graph_break"]) is not attention_in_graph, dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("attention_in_graph", [False, True])
+def test_flash_4_runs_the_self_attention_through_flash_attn_cute(wan, stage_model, monkeypatch, attention_in_graph):
+    """The flash_4 backend hands FlashAttention 4's `flash_attn_func` (batch, tokens, heads, head_dim) q, k, v
+    (keys longer than queries: the cached frames) and takes its (out, lse); the cross-attention stays on
+    diffusers' default. A stand-in module computes the same attention with PyTorch, so the block equals the
+    default backend's (the real kernels run on the GPU machine only: BENCHMARKS.md)."""
+    import sys
+    import types
+
+    calls = []
+
+    def flash_attn_func(q, k, v):
+        calls.append((q.shape, k.shape, v.shape))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2), torch.zeros(q.shape[:3])
+
+    package, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    conditioner, _ = stage_model
+    weights = FolderWeights(TRANSFORMER, torch.float32, "cpu")
+    default = WanBlockLayer(wan, 1, weights)
+    flash = WanBlockLayer(wan, 1, weights, backend="flash_4", compile=attention_in_graph,
+                          attention_in_graph=attention_in_graph)
+    assert flash.attn2.processor._attention_backend is None
+    torch._dynamo.reset()
+    torch.manual_seed(7)
+    temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
+    hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
+    outputs = []
+    for layer in (default, flash):
+        cache = FeatureCache()
+        cache.put(1, 2, cached)
+        state = WindowState(
+            block=1, grid=(3, 2, 2), own_frames=2, guidance=None, temb=temb, timestep_proj=proj, text=text,
+            rope=conditioner.rotary(4, 2, 2, "cpu"), cache=cache, read_cache=True, hidden=hidden.clone(),
+        )
+        with torch.no_grad():
+            outputs.append(layer(state).hidden)
+    heads, head_dim = wan.num_attention_heads, wan.attention_head_dim
+    assert calls and all(c == ((2, 12, heads, head_dim), (2, 16, heads, head_dim), (2, 16, heads, head_dim))
+                         for c in calls), calls
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    flash.set_attention_backend(None)  # back to diffusers' default: the stand-in is no longer called
+    calls.clear()
+    with torch.no_grad():
+        flash(WindowState(block=0, grid=(3, 2, 2), own_frames=2, guidance=None, temb=temb, timestep_proj=proj,
+                          text=text, rope=conditioner.rotary(3, 2, 2, "cpu"), cache=FeatureCache(),
+                          hidden=hidden.clone()))
+    assert not calls
+
+
 def test_the_private_names_the_model_relies_on_still_exist(wan):
     """No public API for these; an upgrade that renames them must fail here, not silently."""
     from diffusers.models.attention_dispatch import AttentionBackendName

@@ -42,6 +42,25 @@ def test_worker_writes_the_frames_of_a_synchronous_streaming_decode_in_order(vae
     assert firsts == [0, 9, 17]  # each sink call knows the index of its first frame
 
 
+def test_an_inline_decode_writes_the_same_frames(vae):
+    """`inline` (one stage on CUDA): the caller decodes at submit, the worker only writes; frames and indices as
+    the worker's decode gives them, and the clip's own frames still replace a block's."""
+    blocks = _blocks()
+    want_decoder = StreamingDecoder(vae)
+    want = [to_uint8_frames(want_decoder.decode(block)) for block in blocks]
+    own = np.full_like(want[0], 7)
+    got, firsts = [], []
+    output = BlockOutput(StreamingDecoder(vae), [lambda frames, first: (got.append(frames), firsts.append(first))],
+                         torch.device("cpu"), inline=True)
+    output.submit(0, blocks[0], frames=own)
+    for b, block in enumerate(blocks[1:], start=1):
+        output.submit(b, block)
+    output.close()
+    assert output.decoder.latent_frames_decoded == 7  # the clip's latents went through the decoder too
+    assert np.array_equal(got[0], own) and all(np.array_equal(g, w) for g, w in zip(got[1:], want[1:]))
+    assert firsts == [0, 9, 17]
+
+
 def test_a_failing_sink_fails_the_caller_and_stops_writing(vae):
     calls = []
 

@@ -220,7 +220,19 @@ def check_model(cfg, device_type: str = "cpu", keep_tokenizer: bool = False):
         gpu_only = [b for b in ATTENTION_BACKENDS if b not in CPU_ATTENTION_BACKENDS]
         raise ConfigError(f"dualparal.attention_backend: {backend!r} needs a GPU ({', '.join(gpu_only)} do); "
                           f"on CPU use {', '.join(CPU_ATTENTION_BACKENDS)} or null")
+    if backend == "flash_4" and not _importable("flash_attn.cute"):
+        raise ConfigError("dualparal.attention_backend: 'flash_4' needs FlashAttention 4 (pip install flash-attn-4 "
+                          "nvidia-cutlass-dsl[cu13] for CUDA 13), which is not installed")
     return wan
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # its parent package is missing
+        return False
 
 
 def check_work(args, jobs: list[Job], wan, device_type: str) -> list[tuple[int, str]]:

@@ -66,7 +66,7 @@ def check_finite(block: int, latents: torch.Tensor, cfg=None) -> None:
 
 
 def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step: bool = False,
-                       cfg=None, clip: Clip | None = None) -> tuple[Result, int]:
+                       cfg=None, clip: Clip | None = None, decode_inline: bool | None = None) -> tuple[Result, int]:
     """First stage: runs `request` with each finished block decoded and passed to `sinks` beside the
     pipeline (see stream.py); returns once every frame is written, with the number of frames.
 
@@ -78,8 +78,14 @@ def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step:
     A job-level failure on the first stage (an output that cannot be written, non-finite latents)
     fails this job only: with one stage it stops at once; with more, the first stage stops writing and
     runs on in step with the others to the end of the generation (`keep_in_step`), then raises it.
+
+    `decode_inline` (None: with a single stage on CUDA) queues each block's decode on the pipeline's stream
+    between block-steps instead of beside them (output/stream.py says why).
     """
-    output = BlockOutput(StreamingDecoder(generator.vae), sinks, generator.device)
+    if decode_inline is None:
+        decode_inline = generator.device.type == "cuda" and generator.topology.get_dim("pipe") == 1
+    output = BlockOutput(StreamingDecoder(generator.vae), sinks, generator.device, inline=decode_inline,
+                         stream=generator.stream)
     failure: list[BaseException] = []  # the first job-level failure, kept while the other stages run on
 
     def on_block_done(block, latents):

@@ -9,6 +9,13 @@ the GPU schedules the pipeline's first (it runs on a stream of the highest prior
 difference has to come from there). Blocks are decoded in the order they are submitted, which is temporal order, so
 the video equals a decode of the whole latent video. A failure in the worker is raised on the
 caller's thread at the next `submit` or at `close`.
+
+With `inline` (a single stage on CUDA: cli/runner.py) `submit` itself queues the decode's kernels, on the
+pipeline's stream (`stream`), between two block-steps, and the worker only waits for the frames and writes them.
+A single GPU has no idle time for a decode beside the pipeline to fill (its kernels add to the
+transformer's either way), while a decode on a stream of its own takes its memory from a pool of its
+own, on top of the transformer's: inline it reuses the memory the block-step's activations were freed
+to, and the stage's peak is the larger of the two, not their sum.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .video import StreamingDecoder, to_uint8_frames
+from .video import StreamingDecoder, to_uint8_frames, uint8_frames
 
 FrameSink = Callable[[np.ndarray, int], object]  # (frames (n, H, W, 3) uint8, index of the first frame)
 
@@ -30,13 +37,17 @@ FrameSink = Callable[[np.ndarray, int], object]  # (frames (n, H, W, 3) uint8, i
 class BlockOutput:
     """Decodes submitted latent blocks in order on a worker thread and feeds their frames to `sinks`."""
 
-    def __init__(self, decoder: StreamingDecoder, sinks: list[FrameSink], device: torch.device):
+    def __init__(self, decoder: StreamingDecoder, sinks: list[FrameSink], device: torch.device,
+                 inline: bool = False, stream: torch.cuda.Stream | None = None):
         self.decoder = decoder
         self.sinks = sinks
         self.frames_written = 0
         self.seconds = 0.0  # decode and write time on the worker (it overlaps the denoising)
+        self.inline = inline  # decode in `submit`, on `stream` (CUDA; None: the current one), module docstring
+        self._device = device
+        self._inline_stream = stream
         self._stream = None
-        if device.type == "cuda":
+        if device.type == "cuda" and not inline:
             least, _ = torch.cuda.Stream.priority_range()  # (least, greatest): a higher number is a lower priority
             self._stream = torch.cuda.Stream(device, priority=least)
         self._queue: queue.Queue = queue.Queue()
@@ -52,6 +63,12 @@ class BlockOutput:
         `frames` (n, H, W, 3) uint8 are written instead of the decoded frames (a continued video clip's
         own); the latents are decoded all the same, to carry the decoder's temporal cache on."""
         self._raise_failure()
+        if self.inline:
+            started = time.perf_counter()
+            decoded, ready = self._decode_here(latents)
+            self.seconds += time.perf_counter() - started
+            self._queue.put((block, decoded, ready, frames, True))
+            return
         ready = None
         if self._stream is not None:
             # the worker's stream waits for the kernels that produced the latents, and the allocator
@@ -59,7 +76,25 @@ class BlockOutput:
             ready = torch.cuda.Event()
             ready.record()
             latents.record_stream(self._stream)
-        self._queue.put((block, latents, ready, frames))
+        self._queue.put((block, latents, ready, frames, False))
+
+    def _decode_here(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """The block's uint8 frames, on the host; on CUDA copied without waiting, with the event the worker
+        waits for before reading them."""
+        if self._device.type != "cuda":
+            return uint8_frames(self.decoder.decode(latents)), None
+        caller = torch.cuda.current_stream(self._device)
+        stream = self._inline_stream or caller
+        with torch.cuda.stream(stream):
+            if stream != caller:  # every decode on one stream: the decoder's cache lives in its memory pool
+                stream.wait_stream(caller)
+                latents.record_stream(stream)
+            frames = uint8_frames(self.decoder.decode(latents))
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return host, ready
 
     def close(self, cancel: bool = False) -> None:
         """Waits for every submitted block to be written; raises the worker's failure, if any.
@@ -94,13 +129,18 @@ class BlockOutput:
         while (item := self._queue.get()) is not None:
             if self._error is not None or self._cancelled:
                 continue  # drain: the caller learns of the failure at its next call, or is failing
-            block, latents, ready, given = item
+            block, latents, ready, given, decoded = item
             started = time.perf_counter()
             try:
-                with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                if decoded:  # `latents` are the frames already, on the host once `ready` has happened
                     if ready is not None:
-                        self._stream.wait_event(ready)
-                    frames = to_uint8_frames(self.decoder.decode(latents))  # to the CPU: waits for the decode
+                        ready.synchronize()
+                    frames = latents.numpy()
+                else:
+                    with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+                        if ready is not None:
+                            self._stream.wait_event(ready)
+                        frames = to_uint8_frames(self.decoder.decode(latents))  # to the CPU: waits for the decode
                 if given is not None:
                     assert given.shape == frames.shape, f"block {block}: frames {given.shape}, decoded {frames.shape}"
                     frames = given

@@ -122,10 +122,15 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     As ``VideoProcessor.postprocess_video(output_type="np")`` then ``numpy_to_pil``: clamp(x / 2 + 0.5, 0, 1),
     in fp32, times 255, rounded. (diffusers' ``export_to_video`` truncates instead of rounding.)
     """
+    return uint8_frames(video).cpu().numpy()
+
+
+def uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """`to_uint8_frames` on the video's device: (n, H, W, 3) uint8, the same values (fp32, round half to even)."""
     if video.ndim != 5 or video.shape[0] != 1 or video.shape[1] != 3:
         raise ValueError(f"video must be (1, 3, n, H, W), got {tuple(video.shape)}")
     frames = (video[0].permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp(0, 1)
-    return (frames.cpu().numpy() * 255).round().astype(np.uint8)
+    return (frames * 255).round().to(torch.uint8)
 
 
 class Mp4Writer:

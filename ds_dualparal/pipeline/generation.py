@@ -212,6 +212,11 @@ class Generator:
             torch.cuda.synchronize(self.device)
         return Result(output.latents, time.perf_counter() - started, output.stats)
 
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The CUDA stream every generation's kernels run on (None on the CPU)."""
+        return self._stream
+
     @contextlib.contextmanager
     def _pipeline_stream(self):
         """The generation's kernels on the pipeline's stream (on CUDA), after the work that made its inputs.

@@ -151,11 +151,31 @@ def _cached_key_value(attn, cached: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return attn.to_k(cached), attn.to_v(cached)
 
 
+# FlashAttention 4: the CuTe kernels of the `flash-attn-4` package (`flash_attn.cute`), called directly
+# (diffusers offers them only as a kernel downloaded from the Hub). Self-attention only; the
+# cross-attention (512 text tokens) keeps diffusers' default.
+FLASH_4 = "flash_4"
+
+
+def flash_4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """(batch, tokens, heads, head_dim) in, the same layout out, as diffusers' backends."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(query, key, value)
+    return out[0] if isinstance(out, tuple) else out  # some versions also return the log-sum-exp
+
+
+def _attend(query, key, value, backend: str | None) -> torch.Tensor:
+    if backend == FLASH_4:
+        return flash_4_attention(query, key, value)
+    return dispatch_attention_fn(query, key, value, backend=AttentionBackendName(backend) if backend else None)
+
+
 @torch.compiler.disable
 def _attention(query, key, value, backend):
     # Outside the compiled graph: eager SDPA keeps the backend PyTorch picks for these shapes (cuDNN on
     # an H200, ~575 TFLOP/s), which the compiled graph did not (~10% slower, measured).
-    return dispatch_attention_fn(query, key, value, backend=backend)
+    return _attend(query, key, value, backend)
 
 
 @torch.library.custom_op("ds_dualparal::window_attention", mutates_args=())
@@ -163,8 +183,7 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """The same attention as an opaque operator: `torch.compile` keeps it in the block's one graph (no graph
     break) and calls the eager kernel, so the backend PyTorch picks is kept. Contiguous (batch, tokens,
     heads, head_dim) out, as the fake below promises the compiler."""
-    return dispatch_attention_fn(query, key, value, backend=AttentionBackendName(backend) if backend else None
-                                 ).contiguous()
+    return _attend(query, key, value, backend or None).contiguous()
 
 
 @window_attention.register_fake
@@ -175,8 +194,8 @@ def _window_attention_shape(query, key, value, backend):
 class WindowAttnProcessor:
     """Self-attention of a window over itself plus the cached frames of the next block."""
 
-    def __init__(self, backend: AttentionBackendName | None = None, in_graph: bool = False):
-        self.backend = backend
+    def __init__(self, backend: str | None = None, in_graph: bool = False):
+        self.backend = backend  # a diffusers backend's name, FLASH_4, or None (diffusers' default)
         self.in_graph = in_graph  # through `window_attention`: one compiled graph for the whole block
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
@@ -196,7 +215,7 @@ class WindowAttnProcessor:
         query = apply_rotary(query, cos[:, :num_query], sin[:, :num_query])
         key = apply_rotary(key, cos[:, : key.shape[1]], sin[:, : key.shape[1]])
         if self.in_graph:
-            out = window_attention(query, key, value, self.backend.value if self.backend else "")
+            out = window_attention(query, key, value, self.backend or "")
         else:
             out = _attention(query, key, value, self.backend)
         out = out.flatten(2, 3).type_as(query)
@@ -306,10 +325,11 @@ class WanBlockLayer(WanTransformerBlock):
             self._compute = torch.compile(self._block, dynamic=False)
 
     def set_attention_backend(self, backend: str | None) -> None:
-        """Self- and cross-attention through this diffusers backend (None: diffusers' default)."""
-        name = AttentionBackendName(backend) if backend else None
-        self.attn1.processor.backend = name
-        self.attn2.processor._attention_backend = name
+        """Self- and cross-attention through this diffusers backend (None: diffusers' default); FLASH_4:
+        the self-attention through FlashAttention 4, the cross-attention through diffusers' default."""
+        diffusers_name = AttentionBackendName(backend) if backend and backend != FLASH_4 else None
+        self.attn1.processor.backend = backend or None
+        self.attn2.processor._attention_backend = diffusers_name
 
     def _block(self, hidden, text, timestep_proj, rope, cached, capture):
         window = AttentionWindow(rope=rope, cached=cached, capture=None if capture is None else slice(*capture))
