@@ -85,7 +85,7 @@ def generate_streaming(generator, request, sinks: list[FrameSink], keep_in_step:
     if decode_inline is None:
         decode_inline = generator.device.type == "cuda" and generator.topology.get_dim("pipe") == 1
     output = BlockOutput(StreamingDecoder(generator.vae), sinks, generator.device, inline=decode_inline,
-                         stream=generator.stream)
+                         stream=generator.stream if decode_inline else None)
     failure: list[BaseException] = []  # the first job-level failure, kept while the other stages run on
 
     def on_block_done(block, latents):

@@ -35,7 +35,8 @@ FrameSink = Callable[[np.ndarray, int], object]  # (frames (n, H, W, 3) uint8, i
 
 
 class BlockOutput:
-    """Decodes submitted latent blocks in order on a worker thread and feeds their frames to `sinks`."""
+    """Decodes submitted latent blocks in order, on a worker thread (or, `inline`, at `submit`), and feeds their
+    frames to `sinks` on the worker thread."""
 
     def __init__(self, decoder: StreamingDecoder, sinks: list[FrameSink], device: torch.device,
                  inline: bool = False, stream: torch.cuda.Stream | None = None):
