@@ -97,17 +97,21 @@ def test_partition_and_attention_backend_that_cannot_run_here(cfg):
     check_model(cfg.with_overrides(attention_backend="_native_math"), device_type="cpu")
 
 
-def test_flash_4_without_its_package_is_a_config_error(cfg, monkeypatch):
+@pytest.mark.parametrize("backend,module", [("flash_4", "flash_attn.cute"), ("flash", "flash_attn"),
+                                            ("sage", "sageattention"), ("xformers", "xformers"),
+                                            ("_flash_3", "flash_attn_interface")])
+def test_a_backend_without_its_package_is_a_config_error(cfg, monkeypatch, backend, module):
+    """Named before loading, in one line, instead of diffusers' traceback at the first attention call."""
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.startswith("flash_attn") else find_spec(name, *a))
-    with pytest.raises(ConfigError, match=r"attention_backend: 'flash_4' needs FlashAttention 4 \(pip install "
-                                          r"flash-attn-4.*not installed$"):
-        check_model(cfg.with_overrides(attention_backend="flash_4"), device_type="cuda")
-    with pytest.raises(ConfigError, match="attention_backend: 'flash_4' needs a GPU"):
-        check_model(cfg.with_overrides(attention_backend="flash_4"), device_type="cpu")
+                        lambda name, *a: None if name.split(".")[0] == module.split(".")[0] else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=rf"^dualparal.attention_backend: '{backend}' needs the module {module} "
+                                          r"\(.+\), which is not installed$"):
+        check_model(cfg.with_overrides(attention_backend=backend), device_type="cuda")
+    with pytest.raises(ConfigError, match=f"attention_backend: '{backend}' needs a GPU"):
+        check_model(cfg.with_overrides(attention_backend=backend), device_type="cpu")
 
 
 def test_the_fingerprint_follows_the_weights_not_the_path(tmp_path):

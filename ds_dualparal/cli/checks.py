@@ -220,10 +220,21 @@ def check_model(cfg, device_type: str = "cpu", keep_tokenizer: bool = False):
         gpu_only = [b for b in ATTENTION_BACKENDS if b not in CPU_ATTENTION_BACKENDS]
         raise ConfigError(f"dualparal.attention_backend: {backend!r} needs a GPU ({', '.join(gpu_only)} do); "
                           f"on CPU use {', '.join(CPU_ATTENTION_BACKENDS)} or null")
-    if backend == "flash_4" and not _importable("flash_attn.cute"):
-        raise ConfigError("dualparal.attention_backend: 'flash_4' needs FlashAttention 4 (pip install flash-attn-4 "
-                          "nvidia-cutlass-dsl[cu13] for CUDA 13), which is not installed")
+    if backend in BACKEND_MODULES and not _importable(BACKEND_MODULES[backend][0]):
+        module, install = BACKEND_MODULES[backend]
+        raise ConfigError(f"dualparal.attention_backend: {backend!r} needs the module {module} ({install}), "
+                          f"which is not installed")
     return wan
+
+
+# the module each attention backend imports, and what installs it (diffusers fails later, with a traceback)
+BACKEND_MODULES = {
+    "flash": ("flash_attn", "pip install flash-attn"),
+    "_flash_3": ("flash_attn_interface", "FlashAttention 3, built from its hopper/ folder"),
+    "sage": ("sageattention", "pip install sageattention"),
+    "xformers": ("xformers", "pip install xformers"),
+    "flash_4": ("flash_attn.cute", "FlashAttention 4: pip install flash-attn-4 'nvidia-cutlass-dsl[cu13]' for CUDA 13"),
+}
 
 
 def _importable(module: str) -> bool:
