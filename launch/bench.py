@@ -145,7 +145,10 @@ def worker(args) -> int:
         digest = hashlib.sha256(result.latents.float().cpu().numpy().tobytes()).hexdigest()[:16] if rank0 else None
         # the command's path once per case: overlapped (the default), the first segment count given
         real_run = args.real_path and overlap and segments == args.segments[0]
-        real = real_path(generator, cfg, args.shape, args.repeats, args.decode) if real_run else None
+        real = None
+        if real_run:  # one real path per --decode mode; the first one's numbers are the row's
+            reals = [real_path(generator, cfg, args.shape, args.repeats, mode) for mode in args.decode]
+            real = dict(reals[0], other_decodes=reals[1:])
         if not rank0:
             continue
         plan = request.plan
@@ -507,6 +510,10 @@ def table(records: list[dict]) -> str:
             f"{r['mfu']:>6.1%} {r.get('bubble') or 0:>6.1%} {r.get('bytes_sent', 0) / 1e6:>8.0f}"
             f" {r.get('real_total_s', 0):>7.2f} {'/'.join(f'{p:.2f}' for p in r.get('real_peak_gib', [])):>14}"
         )
+    for r in records:
+        for other in r.get("other_decodes", []):
+            lines.append(f"{r['label']:<10} real path with decode={other['decode']}: {other['real_total_s']:.2f} s, "
+                         f"peak {'/'.join(f'{p:.2f}' for p in other['real_peak_gib'])} GiB")
     if any(r["kind"] == "diffusers" and r.get("image") for r in records):
         lines.append(BASELINE_NOTE)
     return "\n".join(lines)
@@ -534,7 +541,7 @@ def driver(args) -> int:
     if args.compile is not None:
         common += ["--compile" if args.compile else "--no-compile"]
     if args.real_path:
-        common += ["--real-path", "--decode", args.decode]
+        common += ["--real-path", "--decode", ",".join(args.decode)]
     common += ["--vae-dtype", args.vae_dtype, "--guidance", str(args.guidance), "--scheduler", args.scheduler]
     common += ["--first-stage-vae-layers", str(args.first_stage_vae_layers)]
     common += ["--segments", ",".join(map(str, args.segments)), "--transition", str(args.transition)]
@@ -576,6 +583,13 @@ def flags_problem(args) -> str | None:
     return None
 
 
+def _decodes(text: str) -> list[str]:
+    modes = text.split(",")
+    if not modes or any(m not in ("auto", "inline", "beside") for m in modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected modes auto, inline or beside, comma-separated")
+    return modes
+
+
 def _counts(text: str) -> list[int]:
     counts = [int(item) for item in text.split(",") if item]
     if not counts or min(counts) < 1:
@@ -599,9 +613,10 @@ def main(argv=None) -> int:
     parser.add_argument("--real-path", action="store_true",
                         help="also time the command's path: text encoding, pipeline, streaming VAE decode")
     parser.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--decode", default="auto", choices=["auto", "inline", "beside"],
-                        help="with --real-path: where one stage decodes (auto: as the command does; inline: "
-                             "between its block-steps; beside: on a stream of its own)")
+    parser.add_argument("--decode", default=["auto"], type=_decodes,
+                        help="with --real-path: where one stage decodes, comma-separated modes, each a real path "
+                             "of its own (auto: as the command does; inline: between its block-steps; beside: on a "
+                             "stream of its own)")
     parser.add_argument("--guidance", type=float, default=5.0, help="CFG scale (1: CFG off, batch of 1)")
     parser.add_argument("--scheduler", default="unipc", choices=["unipc", "euler"])
     parser.add_argument("--first-stage-vae-layers", type=float, default=0.0,
