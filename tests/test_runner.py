@@ -136,3 +136,26 @@ def test_check_finite():
     with pytest.raises(JobFailed, match="block 3: 1 of 2 latent values are not finite"):
         check_finite(3, torch.tensor([0.0, float("inf")]))
     assert issubclass(OutputError, OSError)
+
+
+@pytest.mark.parametrize("device,stages,inline", [("cuda", 1, True), ("cuda", 2, False), ("cpu", 1, False)])
+def test_a_single_stage_on_cuda_decodes_inline_on_the_pipelines_stream(vae, monkeypatch, device, stages, inline):
+    """generate_streaming's choice (output/stream.py says why): inline, on the generator's stream, only where one
+    stage has the GPU to itself. The decode itself runs here on the CPU; BlockOutput is watched, not replaced."""
+    from ds_dualparal.cli import runner
+    from ds_dualparal.output.stream import BlockOutput
+
+    made = []
+
+    def watched(decoder, sinks, _device, inline=False, stream=None):
+        made.append((inline, stream))
+        return BlockOutput(decoder, sinks, torch.device("cpu"), inline=inline)
+
+    monkeypatch.setattr(runner, "BlockOutput", watched)
+    generator = FakeGenerator(vae, stages)
+    generator.device, generator.stream = torch.device(device), "the pipeline's stream"
+    job = batch_job(Path("unused"))
+    frames = []
+    _, written = runner.generate_streaming(generator, generator.request(job.config), [lambda f, first: frames.append(f)])
+    assert made == [(inline, "the pipeline's stream" if inline else None)]
+    assert written == sum(len(f) for f in frames) == 9
