@@ -209,6 +209,27 @@ def test_chunked_feed_forward_equals_the_whole(monkeypatch):
     torch.testing.assert_close(ff(x), whole)
 
 
+def run_block_layers(conditioner, wan, layers, seed, capture=None):
+    """Each block layer (index 1) on the same window, 3 frames of 2x2 tokens reading 1 cached frame of the next
+    block, CFG batch 2; per layer (its hidden output, the attention input it captured for block -1 or None)."""
+    torch.manual_seed(seed)
+    temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
+    hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
+    outputs = []
+    for layer in layers:
+        cache = FeatureCache()
+        cache.put(1, 1, cached)
+        state = WindowState(
+            block=0, grid=(3, 2, 2), own_frames=2, guidance=None, temb=temb, timestep_proj=proj, text=text,
+            rope=conditioner.rotary(4, 2, 2, "cpu"), cache=cache, read_cache=True, capture=capture,
+            hidden=hidden.clone(),
+        )
+        with torch.no_grad():
+            out = layer(state).hidden
+        outputs.append((out, cache.pop(1, 0) if capture else None))
+    return outputs
+
+
 @pytest.mark.parametrize("attention_in_graph", [False, True])
 def test_compiled_block_equals_the_plain_block(wan, stage_model, attention_in_graph):
     """Fused q/k/v and torch.compile (the CUDA default): same block output and cached input, within
@@ -223,21 +244,7 @@ def test_compiled_block_equals_the_plain_block(wan, stage_model, attention_in_gr
     assert attn.to_k.weight.data_ptr() == attn.to_qkv.weight[wan.inner_dim:].data_ptr()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    torch.manual_seed(6)
-    temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
-    hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
-    outputs = []
-    for layer in (plain, compiled):
-        cache = FeatureCache()
-        cache.put(1, 1, cached)
-        state = WindowState(
-            block=0, grid=(3, 2, 2), own_frames=2, guidance=None, temb=temb, timestep_proj=proj, text=text,
-            rope=conditioner.rotary(4, 2, 2, "cpu"), cache=cache, read_cache=True, capture=(4, 8),
-            hidden=hidden.clone(),
-        )
-        with torch.no_grad():
-            outputs.append((layer(state).hidden, cache.pop(1, 0)))
-    (want, want_captured), (got, got_captured) = outputs
+    (want, want_captured), (got, got_captured) = run_block_layers(conditioner, wan, (plain, compiled), 6, (4, 8))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_captured, want_captured, rtol=1e-5, atol=1e-5)
     counters = torch._dynamo.utils.counters
@@ -274,29 +281,14 @@ def test_flash_4_runs_the_self_attention_through_flash_attn_cute(wan, stage_mode
                           attention_in_graph=attention_in_graph)
     assert flash.attn2.processor._attention_backend is None
     torch._dynamo.reset()
-    torch.manual_seed(7)
-    temb, proj, text = conditioner.embed(torch.tensor([900.0, 900.0]), torch.randn(2, 512, 32))
-    hidden, cached = torch.randn(2, 12, wan.inner_dim), torch.randn(2, 4, wan.inner_dim)
-    outputs = []
-    for layer in (default, flash):
-        cache = FeatureCache()
-        cache.put(1, 2, cached)
-        state = WindowState(
-            block=1, grid=(3, 2, 2), own_frames=2, guidance=None, temb=temb, timestep_proj=proj, text=text,
-            rope=conditioner.rotary(4, 2, 2, "cpu"), cache=cache, read_cache=True, hidden=hidden.clone(),
-        )
-        with torch.no_grad():
-            outputs.append(layer(state).hidden)
+    outputs = [hidden for hidden, _ in run_block_layers(conditioner, wan, (default, flash), 7)]
     heads, head_dim = wan.num_attention_heads, wan.attention_head_dim
     assert calls and all(c == ((2, 12, heads, head_dim), (2, 16, heads, head_dim), (2, 16, heads, head_dim))
                          for c in calls), calls
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     flash.set_attention_backend(None)  # back to diffusers' default: the stand-in is no longer called
     calls.clear()
-    with torch.no_grad():
-        flash(WindowState(block=0, grid=(3, 2, 2), own_frames=2, guidance=None, temb=temb, timestep_proj=proj,
-                          text=text, rope=conditioner.rotary(3, 2, 2, "cpu"), cache=FeatureCache(),
-                          hidden=hidden.clone()))
+    run_block_layers(conditioner, wan, (flash,), 7)
     assert not calls
 
 
