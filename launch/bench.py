@@ -585,7 +585,7 @@ def flags_problem(args) -> str | None:
 
 def _decodes(text: str) -> list[str]:
     modes = text.split(",")
-    if not modes or any(m not in ("auto", "inline", "beside") for m in modes):
+    if any(m not in ("auto", "inline", "beside") for m in modes):  # "" too: split gives at least one
         raise argparse.ArgumentTypeError(f"{text!r}: expected modes auto, inline or beside, comma-separated")
     return modes
 
