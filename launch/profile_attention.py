@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                 print(f"{label:24s} {name:10s} not run: {row['error']}", flush=True)
                 continue
             seconds = statistics.median(times)
-            row.update(first_s=round(first, 3), ms=round(seconds * 1000, 3), tflops=round(flops / seconds / 1e12, 3))
+            row.update(first_s=first, ms=seconds * 1000, tflops=flops / seconds / 1e12)  # unrounded: the print rounds
             if name == reference:
                 want = out
             elif want is not None:
